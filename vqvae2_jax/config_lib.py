@@ -1,0 +1,200 @@
+"""Shared config schema, `stage[,preset...]` parsing and validation.
+
+Each file in `configs/` defines an experiment's values and calls `build(...)`; the
+command line then selects a stage and presets: `--config=configs/demo.py:vqvae,tiny`.
+All stages of one experiment share one config, so `sample` can rebuild the models that
+`vqvae` and `prior_*` trained. Configs are locked: an unknown key fails at start.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import ml_collections
+
+STAGES = ("vqvae", "extract", "prior_top", "prior_mid", "prior_bottom", "classifier",
+          "sample", "evaluate", "pipeline")
+UPSAMPLE_MODES = ("transpose", "subpixel", "resize")
+DEFAULT_AXIS_RULES = (("batch", ("data", "fsdp")), ("mlp", "fsdp"), ("embed", None),
+                      ("vocab", None), ("heads", None), ("classes", None), ("kh", None),
+                      ("kw", None))
+
+
+def train_config(**overrides) -> ml_collections.ConfigDict:
+  """Optimisation and bookkeeping fields shared by every training stage."""
+  c = ml_collections.ConfigDict(dict(
+      batch_size=16, steps=1000, learning_rate=3e-4, warmup_steps=0, grad_clip_norm=0.0,
+      weight_decay=0.0, param_ema_decay=0.0, log_every=50, eval_every=500,
+      eval_batches=4, image_every=500, checkpoint_every=500, keep_checkpoints=3,
+      dtype="float32"))
+  c.update(overrides)
+  return c
+
+
+def prior_config(**overrides) -> ml_collections.ConfigDict:
+  """A prior's architecture (see vqvae2_jax.models.prior for the mapping to the paper)
+  plus its training fields."""
+  c = ml_collections.ConfigDict(dict(
+      hidden=512, res_hidden=2048, num_layers=20, attention_every=5, num_heads=8,
+      kernel_size=5, dropout=0.1, attn_dropout=0.1, num_output_layers=0,
+      num_cond_layers=0, class_conditional=True, train=train_config(
+          batch_size=32, learning_rate=3e-4, param_ema_decay=0.999)))
+  c.update(overrides)
+  return c
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every field any stage reads, with the paper's Table 5 stage-1 values."""
+  c = ml_collections.ConfigDict()
+  c.experiment = ""
+  c.stage = "vqvae"
+  c.seed = 0
+  c.data = ml_collections.ConfigDict(dict(
+      source="demo", image_size=64, root="", layout="classes", train_split="train",
+      val_split="val", flat_val_count=1000, tfds_name="imagenet2012", tfds_data_dir="",
+      on_bad_image="error", demo_train_size=2048, demo_val_size=64, seed=0,
+      num_threads=4))
+  c.vqvae = ml_collections.ConfigDict(dict(
+      num_levels=2, hidden=128, res_hidden=64, num_res_layers=2, num_codes=512,
+      code_dim=64, beta=0.25, decay=0.99, epsilon=1e-5, dead_code_threshold=0.0,
+      upsample="transpose"))
+  c.vqvae_train = train_config(batch_size=128, steps=2_207_444)
+  c.priors = ml_collections.ConfigDict()
+  c.extract = ml_collections.ConfigDict(dict(batch_size=64, splits=("train", "val")))
+  c.classifier = ml_collections.ConfigDict(dict(
+      width=32, depth=2, train=train_config(batch_size=64, steps=1000)))
+  c.sample = ml_collections.ConfigDict(dict(
+      num_images=16, batch_size=16, labels=(), temperature=1.0, top_k=0, top_p=1.0,
+      sampler="incremental", seed=0,
+      rejection=ml_collections.ConfigDict(dict(
+          classifier="none", keep_fraction=0.5, threshold=0.0, candidates_per_image=4))))
+  c.evaluate = ml_collections.ConfigDict(dict(
+      num_images=512, batch_size=32, inception_weights="", vgg16_weights="",
+      keep_fractions=(1.0, 0.5, 0.25)))
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+  c.axis_rules = DEFAULT_AXIS_RULES
+  c.distributed = ml_collections.ConfigDict(dict(
+      initialize=False, coordinator_address="", num_processes=0, process_id=-1))
+  return c
+
+
+def parse_arg(arg: str | None, default_stage: str = "vqvae") -> tuple[str, list[str]]:
+  """'vqvae,tiny' -> ('vqvae', ['tiny'])."""
+  parts = [p.strip() for p in (arg or default_stage).split(",") if p.strip()]
+  stage, presets = (parts[0], parts[1:]) if parts else (default_stage, [])
+  if stage not in STAGES:
+    raise ValueError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
+  return stage, presets
+
+
+def build(experiment: str, arg: str | None,
+          make: Callable[[], ml_collections.ConfigDict],
+          presets: dict[str, Callable[[ml_collections.ConfigDict], None]]
+          ) -> ml_collections.ConfigDict:
+  """Builds the locked config of `experiment` for `arg` = 'stage[,preset...]'."""
+  stage, names = parse_arg(arg)
+  config = make()
+  config.experiment, config.stage = experiment, stage
+  for name in names:
+    if name not in presets:
+      raise ValueError(f"unknown preset {name!r} for {experiment}; choose from "
+                       f"{', '.join(sorted(presets))}")
+    presets[name](config)
+  config.lock()
+  return config
+
+
+def get_field(config: ml_collections.ConfigDict, dotted: str):
+  """config['a']['b'] for dotted = 'a.b'."""
+  for key in dotted.split("."):
+    config = config[key]
+  return config
+
+
+def prior_levels(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """Level names top first, as the VQ-VAE of this config defines them."""
+  from vqvae2_jax.models.vqvae import level_names  # pylint: disable=g-import-not-at-top
+  return level_names(config.vqvae.num_levels)
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Fails early, naming the key, on values no stage could run with."""
+  def bad(key, value, why):
+    raise ValueError(f"config.{key}={value!r}: {why}")
+  if config.stage not in STAGES:
+    bad("stage", config.stage, f"must be one of {STAGES}")
+  v = config.vqvae
+  if v.num_levels < 1:
+    bad("vqvae.num_levels", v.num_levels, "must be >= 1")
+  if v.upsample not in UPSAMPLE_MODES:
+    bad("vqvae.upsample", v.upsample, f"must be one of {UPSAMPLE_MODES}")
+  if not 0 < v.decay < 1:
+    bad("vqvae.decay", v.decay, "EMA decay must be in (0, 1)")
+  for key in ("num_codes", "code_dim", "hidden", "res_hidden"):
+    if v[key] < 1:
+      bad(f"vqvae.{key}", v[key], "must be positive")
+  stride = 4 * 2**(v.num_levels - 1)
+  if config.data.image_size % stride:
+    bad("data.image_size", config.data.image_size,
+        f"must be divisible by {stride} for {v.num_levels} levels")
+  if config.data.source not in ("demo", "folder", "tfds"):
+    bad("data.source", config.data.source, "must be 'demo', 'folder' or 'tfds'")
+  if config.data.source == "folder" and not config.data.root:
+    bad("data.root", config.data.root, "set it to the image folder for data.source='folder'")
+  if config.data.on_bad_image not in ("error", "skip"):
+    bad("data.on_bad_image", config.data.on_bad_image, "must be 'error' or 'skip'")
+  levels = prior_levels(config)
+  for name in config.priors:
+    if name not in levels:
+      bad(f"priors.{name}", "...", f"this VQ-VAE has levels {levels}")
+  if config.stage.startswith("prior_") and config.stage[6:] not in config.priors:
+    bad("stage", config.stage, f"experiment has priors for {tuple(config.priors)}")
+  for section in ["vqvae_train", "classifier.train"] + [f"priors.{p}.train" for p in config.priors]:
+    t = get_field(config, section)
+    if t.batch_size < 1 or t.steps < 0 or t.learning_rate <= 0:
+      bad(f"{section}", "...", "batch_size >= 1, steps >= 0 and learning_rate > 0 are needed")
+    if t.dtype not in ("float32", "bfloat16", "float16"):
+      bad(f"{section}.dtype", t.dtype, "must be float32, bfloat16 or float16")
+  if config.sample.sampler not in ("incremental", "reference"):
+    bad("sample.sampler", config.sample.sampler, "must be 'incremental' or 'reference'")
+  if config.sample.rejection.classifier not in ("none", "efficientnet_lite0", "trained"):
+    bad("sample.rejection.classifier", config.sample.rejection.classifier,
+        "must be 'none', 'efficientnet_lite0' or 'trained'")
+  if config.mesh.fsdp < 1 or (config.mesh.data < 1 and config.mesh.data != -1):
+    bad("mesh", dict(config.mesh), "data is -1 (all devices) or >= 1, fsdp >= 1")
+
+
+def _tiny(c: ml_collections.ConfigDict) -> None:
+  """Shrinks any experiment so each stage runs in seconds on a CPU (tests, smoke checks)."""
+  stride = 4 * 2**(c.vqvae.num_levels - 1)
+  c.data.image_size = max(32, 2 * stride)
+  c.data.demo_train_size = 64
+  c.data.demo_val_size = 8
+  c.data.flat_val_count = min(c.data.flat_val_count, 8)
+  c.vqvae.update(dict(hidden=16, res_hidden=8, num_res_layers=1, num_codes=16,
+                      code_dim=8, upsample="subpixel"))
+  tiny_train = dict(batch_size=8, steps=4, log_every=2, eval_every=4, eval_batches=1,
+                    image_every=4, checkpoint_every=2, warmup_steps=0)
+  c.vqvae_train.update(tiny_train)
+  c.classifier.update(dict(width=8, depth=1))
+  c.classifier.train.update(tiny_train)
+  for name in c.priors:
+    c.priors[name].update(dict(
+        hidden=16, res_hidden=16, num_layers=2, attention_every=min(
+            c.priors[name].attention_every, 1), num_heads=2, kernel_size=3,
+        num_output_layers=min(c.priors[name].num_output_layers, 1),
+        num_cond_layers=min(c.priors[name].num_cond_layers, 1)))
+    c.priors[name].train.update(tiny_train)
+  c.extract.batch_size = 8
+  c.sample.update(dict(num_images=4, batch_size=4))
+  c.sample.rejection.candidates_per_image = 2
+  c.evaluate.update(dict(num_images=8, batch_size=8))
+
+
+def _bf16(c: ml_collections.ConfigDict) -> None:
+  """bfloat16 compute (float32 params and losses) for every training stage."""
+  c.vqvae_train.dtype = "bfloat16"
+  for name in c.priors:
+    c.priors[name].train.dtype = "bfloat16"
+
+
+PRESETS = {"tiny": _tiny, "bf16": _bf16}

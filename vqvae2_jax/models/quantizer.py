@@ -1,0 +1,179 @@
+"""EMA vector quantizer (VQ-VAE, van den Oord et al. 2017; VQ-VAE-2 eq. 1-2).
+
+The codebook is not trained by the optimizer: it lives in the `vq_stats` variable
+collection and is updated by exponential moving averages of the per-code counts N_i
+and sums m_i of the encoder outputs assigned to it (paper eq. after (2)):
+
+  N_i <- gamma N_i + (1 - gamma) n_i,   m_i <- gamma m_i + (1 - gamma) sum_j E(x)_j,
+  e_i = m_i / N~_i,  with N~ the Laplace-smoothed counts (N_i + eps) / (N + K eps) * N,
+
+so a code that is never used keeps a finite embedding instead of dividing by zero.
+The counts and sums are reductions over the *whole* batch array; under `jax.jit` with the
+batch sharded over a mesh XLA inserts the cross-device sums, so the update is the one
+of the global batch, exactly as on one device.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+VQ_COLLECTION = "vq_stats"
+
+
+class QuantizerOutput(NamedTuple):
+  """What `VectorQuantizerEMA` returns.
+
+  quantized: float [B, H, W, D], straight-through (forward = codes' embeddings,
+    backward = identity to the encoder output).
+  codes: int32 [B, H, W], index of the nearest codebook vector.
+  commitment_loss: float32 scalar, mean ||sg[e] - E(x)||^2 per element.
+  perplexity: float32 scalar, exp(entropy) of the batch's code histogram.
+  usage: float32 scalar, fraction of the K codes used at least once in the batch.
+  """
+  quantized: jax.Array
+  codes: jax.Array
+  commitment_loss: jax.Array
+  perplexity: jax.Array
+  usage: jax.Array
+
+
+def nearest_codes(z: jax.Array, codebook: jax.Array) -> jax.Array:
+  """Index of the nearest code by squared distance, computed in float32.
+
+  Args:
+    z: float [..., D] vectors to quantize.
+    codebook: float [K, D].
+
+  Returns:
+    int32 [...] indices. Uses |z|^2 - 2 z.e + |e|^2 (one matmul, no [N, K, D] array).
+  """
+  z = z.astype(jnp.float32)
+  codebook = codebook.astype(jnp.float32)
+  distances = (jnp.sum(z**2, axis=-1, keepdims=True)
+               - 2.0 * jnp.einsum("...d,kd->...k", z, codebook)
+               + jnp.sum(codebook**2, axis=-1))
+  return jnp.argmin(distances, axis=-1).astype(jnp.int32)
+
+
+def lookup_codes(codes: jax.Array, codebook: jax.Array) -> jax.Array:
+  """Embeddings of integer codes by one-hot matmul.
+
+  A one-hot matmul instead of `codebook[codes]` keeps the lookup valid under any mesh
+  axis type (a gather on a sharded operand can raise under Explicit sharding).
+
+  Args:
+    codes: int [...] indices in [0, K).
+    codebook: float [K, D].
+
+  Returns:
+    float32 [..., D].
+  """
+  one_hot = jax.nn.one_hot(codes, codebook.shape[0], dtype=jnp.float32)
+  return jnp.einsum("...k,kd->...d", one_hot, codebook.astype(jnp.float32))
+
+
+def ema_codebook_update(ema_count: jax.Array, ema_sum: jax.Array, z: jax.Array,
+                        codes: jax.Array, decay: float, epsilon: float
+                        ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """One EMA step of the codebook statistics.
+
+  Args:
+    ema_count: float32 [K] running counts N.
+    ema_sum: float32 [K, D] running sums m.
+    z: float [..., D] encoder outputs of the (global) batch.
+    codes: int32 [...] their assigned codes.
+    decay: gamma in (0, 1).
+    epsilon: Laplace smoothing constant.
+
+  Returns:
+    (new_count [K], new_sum [K, D], new_codebook [K, D]).
+  """
+  num_codes = ema_count.shape[0]
+  flat_z = z.reshape(-1, z.shape[-1]).astype(jnp.float32)
+  one_hot = jax.nn.one_hot(codes.reshape(-1), num_codes, dtype=jnp.float32)
+  batch_count = jnp.sum(one_hot, axis=0)
+  batch_sum = one_hot.T @ flat_z
+  new_count = decay * ema_count + (1.0 - decay) * batch_count
+  new_sum = decay * ema_sum + (1.0 - decay) * batch_sum
+  total = jnp.sum(new_count)
+  smoothed = (new_count + epsilon) / (total + num_codes * epsilon) * total
+  return new_count, new_sum, new_sum / smoothed[:, None]
+
+
+def code_statistics(codes: jax.Array, num_codes: int) -> tuple[jax.Array, jax.Array]:
+  """(perplexity, fraction of codes used) of a batch of int codes [...]."""
+  counts = jnp.sum(jax.nn.one_hot(codes.reshape(-1), num_codes, dtype=jnp.float32), axis=0)
+  probs = counts / jnp.maximum(jnp.sum(counts), 1.0)
+  entropy = -jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-10)))
+  return jnp.exp(entropy), jnp.mean((counts > 0).astype(jnp.float32))
+
+
+class VectorQuantizerEMA(nn.Module):
+  """Vector quantizer with an EMA-updated codebook.
+
+  Attributes:
+    num_codes: K, codebook size.
+    code_dim: D, codebook vector size (must equal the input's last axis).
+    decay: EMA decay gamma.
+    epsilon: Laplace smoothing of the counts.
+    dead_code_threshold: if > 0, codes whose EMA count falls below it are re-seeded
+      from random encoder outputs of the current batch (needs the 'reseed' rng in
+      training). 0 turns re-seeding off (the paper's setting).
+  """
+  num_codes: int
+  code_dim: int
+  decay: float = 0.99
+  epsilon: float = 1e-5
+  dead_code_threshold: float = 0.0
+
+  def setup(self):
+    # The initial codebook doubles as the initial EMA sum with unit counts, so the first
+    # EMA steps start from it rather than from zero vectors.
+    def init_codebook():
+      rng = self.make_rng("params")
+      return jax.random.uniform(rng, (self.num_codes, self.code_dim), jnp.float32,
+                                -1.0, 1.0) / self.num_codes**0.5
+    self.codebook = self.variable(VQ_COLLECTION, "codebook", init_codebook)
+    self.ema_count = self.variable(VQ_COLLECTION, "ema_count", jnp.ones,
+                                   (self.num_codes,), jnp.float32)
+    self.ema_sum = self.variable(VQ_COLLECTION, "ema_sum", lambda: self.codebook.value)
+
+  def __call__(self, z: jax.Array, *, train: bool) -> QuantizerOutput:
+    """Quantizes z: float [B, H, W, D]; updates the codebook when `train`."""
+    if z.shape[-1] != self.code_dim:
+      raise ValueError(f"quantizer expects last axis {self.code_dim}, got shape {z.shape}")
+    codebook = self.codebook.value
+    codes = nearest_codes(z, codebook)
+    quantized = lookup_codes(codes, codebook)
+    z32 = z.astype(jnp.float32)
+    commitment = jnp.mean((jax.lax.stop_gradient(quantized) - z32)**2)
+    if train and not self.is_initializing():
+      count, total, new_codebook = ema_codebook_update(
+          self.ema_count.value, self.ema_sum.value, jax.lax.stop_gradient(z32), codes,
+          self.decay, self.epsilon)
+      if self.dead_code_threshold > 0:
+        count, total, new_codebook = self._reseed_dead_codes(
+            count, total, new_codebook, jax.lax.stop_gradient(z32))
+      self.ema_count.value, self.ema_sum.value = count, total
+      self.codebook.value = new_codebook
+    perplexity, usage = code_statistics(codes, self.num_codes)
+    straight_through = z32 + jax.lax.stop_gradient(quantized - z32)
+    return QuantizerOutput(straight_through.astype(z.dtype), codes, commitment,
+                           perplexity, usage)
+
+  def _reseed_dead_codes(self, count, total, codebook, z):
+    """Moves codes with EMA count < threshold onto random encoder outputs of the batch."""
+    flat = z.reshape(-1, z.shape[-1])
+    picks = jax.random.randint(self.make_rng("reseed"), (self.num_codes,), 0, flat.shape[0])
+    dead = count < self.dead_code_threshold
+    new_codebook = jnp.where(dead[:, None], flat[picks], codebook)
+    new_count = jnp.where(dead, 1.0, count)
+    new_total = jnp.where(dead[:, None], new_codebook, total)
+    return new_count, new_total, new_codebook
+
+  def lookup(self, codes: jax.Array) -> jax.Array:
+    """Embeddings float32 [..., D] of int codes [...]."""
+    return lookup_codes(codes, self.codebook.value)

@@ -1,0 +1,105 @@
+"""Device mesh, shardings and host-local <-> global arrays.
+
+One 2-D mesh ('data', 'fsdp') serves every stage. The batch is split over both axes;
+parameters are replicated unless the logical axis rules (config.axis_rules) map one of
+their logical axes to 'fsdp', which shards them ZeRO-3 style.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+import flax.linen as nn
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+BATCH_AXES = ("data", "fsdp")
+
+
+def maybe_initialize_distributed(dist_config) -> None:
+  """Calls `jax.distributed.initialize` when the config or the environment asks for it.
+
+  Multi-host TPU VMs and SLURM set enough environment for a bare `initialize()`; local
+  multi-process runs pass coordinator_address / num_processes / process_id.
+  """
+  asked_by_env = any(k in os.environ for k in ("VQVAE2_DISTRIBUTED", "SLURM_NTASKS_MULTI"))
+  if not (dist_config.initialize or asked_by_env):
+    return
+  kwargs = {}
+  if dist_config.coordinator_address:
+    kwargs = dict(coordinator_address=dist_config.coordinator_address,
+                  num_processes=dist_config.num_processes,
+                  process_id=dist_config.process_id)
+  jax.distributed.initialize(**kwargs)
+  logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
+               jax.process_index(), jax.process_count(), jax.local_device_count(),
+               jax.device_count())
+
+
+def make_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A ('data', 'fsdp') mesh; data=-1 takes all devices left after fsdp.
+
+  Axis types are Auto so a codebook gather or other implicit resharding never fails.
+  """
+  devices = list(devices if devices is not None else jax.devices())
+  fsdp = int(mesh_config.fsdp)
+  data = int(mesh_config.data)
+  if data == -1:
+    if len(devices) % fsdp:
+      raise ValueError(f"mesh.fsdp={fsdp} does not divide the {len(devices)} devices")
+    data = len(devices) // fsdp
+  if data * fsdp != len(devices):
+    raise ValueError(f"mesh data={data} x fsdp={fsdp} needs {data * fsdp} devices, "
+                     f"{len(devices)} are available; set --config.mesh.data=-1")
+  auto = (jax.sharding.AxisType.Auto,) * 2
+  grid = np.asarray(devices).reshape(data, fsdp)
+  return Mesh(grid, BATCH_AXES, axis_types=auto)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) axis split over every device of the mesh."""
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def check_batch_size(global_batch: int, mesh: Mesh, what: str = "batch_size") -> None:
+  if global_batch % mesh.size:
+    raise ValueError(f"{what}={global_batch} must be divisible by the {mesh.size} devices "
+                     "of the mesh")
+
+
+def host_to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """Host-local arrays (this process's slice of the global batch) -> global jax.Arrays."""
+  sharding = batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in batch.items()}
+
+
+def global_to_host(x: jax.Array) -> np.ndarray:
+  """A (possibly multi-process) global array gathered to a NumPy array on every host."""
+  if jax.process_count() == 1:
+    return np.asarray(jax.device_get(x))
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def logical_shardings(abstract_boxed: Any, mesh: Mesh, rules) -> Any:
+  """NamedShardings for a tree of (possibly nn.Partitioned-boxed) abstract values.
+
+  Leaves without logical names are replicated.
+  """
+  specs = nn.get_partition_spec(abstract_boxed)
+  rules = tuple((name, tuple(axes) if isinstance(axes, list) else axes)
+                for name, axes in rules)
+  return nn.logical_to_mesh_sharding(specs, mesh, rules)
+
+
+def to_dtype(name: str):
+  """'bfloat16' -> jnp.bfloat16."""
+  return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]

@@ -1,0 +1,112 @@
+"""Stage 1: train the hierarchical VQ-VAE (paper Algorithm 1).
+
+Loss: MSE(x, D(e)) + beta * sum_l ||sg[e_l] - E_l(x)||^2 on images in [-1, 1]; codebooks
+follow the EMA updates. Writes <workdir>/vqvae/{metrics.jsonl, checkpoints/,
+reconstructions.png} (validation originals on the first row, reconstructions below).
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+
+from vqvae2_jax import images as image_lib
+from vqvae2_jax import parallel
+from vqvae2_jax.data.loader import BatchLoader, iterate_once
+from vqvae2_jax.data.sources import make_source
+from vqvae2_jax.stages import common
+from vqvae2_jax.train import loop
+
+NAME = "vqvae"
+
+
+def make_loss_fn(model, beta: float):
+  """(params, model_state, batch, rng) -> (loss, (metrics, new_model_state))."""
+  def loss_fn(params, model_state, batch, rng):
+    x = image_lib.to_model(batch["image"])
+    out, updates = model.apply({"params": params, **model_state}, x, train=True,
+                               mutable=["vq_stats"], rngs={"reseed": rng})
+    mse = jnp.mean((out.reconstruction - x)**2)
+    loss = mse + beta * out.commitment_loss
+    metrics = dict(mse=mse, psnr=image_lib.psnr_from_mse(mse),
+                   commitment=out.commitment_loss, perplexity=out.perplexity,
+                   code_usage=out.usage)
+    return loss, (metrics, {**model_state, **updates})
+  return loss_fn
+
+
+def make_reconstruct_fn(model, mesh):
+  """Jitted (params, model_state, uint8 images) -> float32 reconstructions."""
+  @functools.partial(jax.jit, out_shardings=parallel.batch_sharding(mesh))
+  def reconstruct(params, model_state, images):
+    return model.apply({"params": params, **model_state}, image_lib.to_model(images),
+                       method=model.reconstruct)
+  return reconstruct
+
+
+def validation_mse(reconstruct, state, val_source, batch_size: int, mesh,
+                   max_batches: int) -> dict[str, float]:
+  """Mean MSE ([-1, 1] scale) over up to max_batches validation batches (0 = all)."""
+  total, count = 0.0, 0
+  for i, batch in enumerate(iterate_once(val_source, batch_size)):
+    if max_batches and i >= max_batches:
+      break
+    arrays = parallel.host_to_global({"image": batch["image"], "valid": batch["valid"]}, mesh)
+    recon = reconstruct(state.params, state.model_state, arrays["image"])
+    err = jnp.mean((recon - image_lib.to_model(arrays["image"]))**2, axis=(1, 2, 3))
+    total += float(jnp.sum(jnp.where(arrays["valid"], err, 0.0)))
+    count += int(jnp.sum(arrays["valid"]))
+  mse = total / max(count, 1)
+  return {"mse": mse, "mse_01": mse / 4, "psnr": float(image_lib.psnr_from_mse(mse)),
+          "num_images": count}
+
+
+def save_reconstruction_grid(reconstruct, state, val_source, path: str, mesh,
+                             num: int = 8) -> str:
+  """Validation originals (row 1) above their reconstructions (row 2)."""
+  num = max(mesh.size, num - num % mesh.size)
+  batch = next(iter(iterate_once(val_source, num)))
+  arrays = parallel.host_to_global({"image": batch["image"]}, mesh)
+  recon = parallel.global_to_host(reconstruct(state.params, state.model_state,
+                                              arrays["image"]))
+  originals = parallel.global_to_host(arrays["image"])
+  grid = image_lib.interleave_rows(originals, image_lib.to_uint8(recon))
+  if jax.process_index() == 0:
+    image_lib.save_grid(path, grid, cols=len(originals),
+                        row_labels=["original", "reconstruction"])
+  return path
+
+
+def build_task(config, mesh, workdir: str) -> loop.TrainTask:
+  """The stage-1 TrainTask: model, loss, demo/folder/tfds loader, validation, grids."""
+  t = config.vqvae_train
+  model = common.build_vqvae(config)
+  train_source = make_source(config.data, "train")
+  val_source = make_source(config.data, "val")
+  loader = BatchLoader(train_source, t.batch_size, seed=config.data.seed,
+                       num_threads=config.data.num_threads)
+  reconstruct = make_reconstruct_fn(model, mesh)
+  grid_path = os.path.join(loop.stage_dir(workdir, NAME), "reconstructions.png")
+
+  def evaluate(state):
+    return validation_mse(reconstruct, state, val_source, t.batch_size, mesh, t.eval_batches)
+
+  def pictures(state, step):
+    del step
+    save_reconstruction_grid(reconstruct, state, val_source, grid_path, mesh)
+
+  return loop.TrainTask(
+      name=NAME, init_variables=common.vqvae_init_fn(model, config.data.image_size),
+      loss_fn=make_loss_fn(model, config.vqvae.beta), loader=loader, evaluate=evaluate,
+      pictures=pictures, progress_keys=("loss", "mse", "psnr", "perplexity", "code_usage"))
+
+
+def run(config, workdir: str) -> None:
+  mesh = common.setup_runtime(config)
+  task = build_task(config, mesh, workdir)
+  loop.train(task, config.vqvae_train, workdir=workdir, mesh=mesh,
+             axis_rules=config.axis_rules, seed=config.seed, config=config)
+  print(f"[vqvae] done. Reconstructions: {os.path.join(workdir, NAME, 'reconstructions.png')}",
+        flush=True)

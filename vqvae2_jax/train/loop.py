@@ -1,0 +1,178 @@
+"""The training loop every stage runs: sharded init, jitted step, resume, eval, save.
+
+A stage describes itself with a `TrainTask` (how to init variables, the loss, its data,
+optional evaluation and pictures); this loop owns everything else, so checkpointing,
+resumption, SIGTERM handling and NaN handling are one piece of code for all stages.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any, Callable, Iterator
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh
+
+from vqvae2_jax import checkpoint as ckpt_lib
+from vqvae2_jax import parallel
+from vqvae2_jax.train import state as state_lib
+from vqvae2_jax.train.writer import MetricWriter
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss became NaN or infinite; the last good checkpoint is left untouched."""
+
+
+@dataclasses.dataclass
+class TrainTask:
+  """What a stage supplies to `train`.
+
+  init_variables: rng -> Flax variables (params possibly boxed with logical names).
+  loss_fn: (params, model_state, batch, rng) -> (loss, (metrics, new_model_state)),
+    traced under jit; batch holds global arrays from `loader`.
+  loader: iterator of host-local numpy batches with get_state()/set_state().
+  evaluate: optional (state) -> dict of validation metrics (host floats).
+  pictures: optional (state, step) -> None, writes image grids.
+  progress_keys: metric names shown on the progress line.
+  images_per_example: how many examples one batch row is, for the throughput figure.
+  """
+  name: str
+  init_variables: Callable[[jax.Array], dict]
+  loss_fn: Callable[..., Any]
+  loader: Iterator[dict[str, np.ndarray]]
+  evaluate: Callable[[state_lib.TrainState], dict[str, float]] | None = None
+  pictures: Callable[[state_lib.TrainState, int], None] | None = None
+  progress_keys: tuple[str, ...] = ("loss",)
+  throughput_name: str = "images_per_sec"
+  throughput_per_example: int = 1
+
+
+def make_train_step(loss_fn, tx, ema_decay: float):
+  """The jitted update: grads, optimizer, model-state and parameter-EMA updates."""
+  def step(state: state_lib.TrainState, batch: dict[str, jax.Array]):
+    rng = jax.random.fold_in(state.rng, state.step)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    (loss, (metrics, model_state)), grads = grad_fn(state.params, state.model_state, batch, rng)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = state.ema_params
+    if ema_decay > 0:
+      ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, ema, params)
+    metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads))
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                              model_state=model_state, ema_params=ema)
+    return new_state, metrics
+  return step
+
+
+def stage_dir(workdir: str, name: str) -> str:
+  return os.path.join(workdir, name)
+
+
+def save_resolved_config(config, directory: str) -> None:
+  """Keeps the resolved config beside the metrics (JSON and ml_collections text)."""
+  if jax.process_index() != 0:
+    return
+  os.makedirs(directory, exist_ok=True)
+  with open(os.path.join(directory, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=2))
+  with open(os.path.join(directory, "config.txt"), "w") as f:
+    f.write(str(config))
+
+
+def train(task: TrainTask, train_config, *, workdir: str, mesh: Mesh, axis_rules,
+          seed: int, config=None) -> state_lib.TrainState:
+  """Trains `task` to train_config.steps, resuming from `<workdir>/<name>` if possible."""
+  directory = stage_dir(workdir, task.name)
+  if config is not None:
+    save_resolved_config(config, directory)
+  parallel.check_batch_size(train_config.batch_size, mesh, f"{task.name} batch_size")
+  tx = state_lib.make_optimizer(train_config)
+  use_ema = train_config.param_ema_decay > 0
+  state, shardings = state_lib.init_sharded_state(
+      task.init_variables, tx, jax.random.PRNGKey(seed), mesh, axis_rules, use_ema)
+  checkpointer = ckpt_lib.Checkpointer(os.path.join(directory, "checkpoints"),
+                                       keep=train_config.keep_checkpoints)
+  writer = MetricWriter(directory, total_steps=train_config.steps, name=task.name)
+  start = 0
+  if checkpointer.latest_step() is not None:
+    target = state_lib.abstract_with_shardings(state, shardings)
+    state, record = checkpointer.restore(target)
+    task.loader.set_state(record["data"])
+    start = int(record["step"])
+    writer.truncate_after(start)
+    print(f"[{task.name}] resumed from step {start} ({checkpointer.directory})", flush=True)
+
+  def save(state, step):
+    checkpointer.save(step, state, {"step": step, "data": task.loader.get_state()})
+
+  step_fn = jax.jit(make_train_step(task.loss_fn, tx, train_config.param_ema_decay),
+                    in_shardings=(shardings, parallel.batch_sharding(mesh)),
+                    out_shardings=(shardings, None), donate_argnums=0)
+  checkpointer.install_sigterm_handler()
+  window_start, window_steps = time.time(), 0
+  step = start
+  try:
+    while step < train_config.steps:
+      batch = parallel.host_to_global(next(task.loader), mesh)
+      state, metrics = step_fn(state, batch)
+      step += 1
+      window_steps += 1
+      # One host sync per step on the loss: a NaN is caught before anything is saved.
+      loss = float(metrics["loss"])
+      if not np.isfinite(loss):
+        raise NonFiniteLossError(
+            f"[{task.name}] loss is {loss} at step {step}. Nothing was saved after the last "
+            f"checkpoint (step {checkpointer.latest_step()}). Lower the learning rate "
+            "(--config...learning_rate), enable grad_clip_norm, or check the data.")
+      if step % train_config.log_every == 0 or step == train_config.steps:
+        elapsed = time.time() - window_start
+        host = jax.tree.map(np.asarray, jax.device_get(metrics))
+        host["step_time"] = elapsed / window_steps
+        host[task.throughput_name] = (window_steps * train_config.batch_size
+                                      * task.throughput_per_example / elapsed)
+        row = writer.write(step, host)
+        writer.progress(step, row, task.progress_keys + (task.throughput_name,))
+        window_start, window_steps = time.time(), 0
+      eval_now = train_config.eval_every and step % train_config.eval_every == 0
+      if task.evaluate is not None and (eval_now or step == train_config.steps):
+        row = writer.write(step, task.evaluate(state), split="val")
+        writer.progress(step, row, tuple(k for k in row if k not in ("step", "split")))
+      if task.pictures is not None and (
+          (train_config.image_every and step % train_config.image_every == 0)
+          or step == train_config.steps):
+        task.pictures(state, step)
+      if step % train_config.checkpoint_every == 0 or step == train_config.steps:
+        save(state, step)
+      if checkpointer.should_stop(step):
+        save(state, step)
+        print(f"[{task.name}] preempted: saved step {step}; rerun the same command to "
+              "resume.", flush=True)
+        break
+  finally:
+    writer.close()
+    checkpointer.close()
+  return state
+
+
+def restore_state(workdir: str, name: str, init_variables, train_config, mesh: Mesh,
+                  axis_rules) -> tuple[state_lib.TrainState, dict]:
+  """Loads the latest checkpoint of a trained stage (for later stages) into `mesh`.
+
+  Returns (state, record) where record holds 'step' and the data position.
+  """
+  tx = state_lib.make_optimizer(train_config)
+  _, abstract, shardings = state_lib.plan_state(
+      init_variables, tx, mesh, axis_rules, train_config.param_ema_decay > 0)
+  checkpointer = ckpt_lib.Checkpointer(
+      os.path.join(stage_dir(workdir, name), "checkpoints"), keep=train_config.keep_checkpoints)
+  try:
+    return checkpointer.restore(state_lib.abstract_with_shardings(abstract, shardings))
+  finally:
+    checkpointer.close()
