@@ -1,0 +1,135 @@
+"""Code shards written by the `extract` stage, and batches of them for prior training.
+
+Layout under `<workdir>/extract/`:
+  manifest.json                      levels, shapes, codebook size, stage-1 step, splits
+  <split>/shard_00000.<level>.npy    uint8/uint16/int32 [n, H_l, W_l] per level
+  <split>/shard_00000.label.npy      int32 [n]
+  <split>/shard_00000.index.npy      int64 [n], the image index in the split
+Shards are memory-mapped, so a split larger than RAM (ImageNet) trains without loading.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+from typing import Iterator, Optional
+
+import numpy as np
+
+from vqvae2_jax.data.errors import DataError
+from vqvae2_jax.data.loader import BatchLoader, _process_layout
+
+MANIFEST = "manifest.json"
+
+
+def code_dtype(num_codes: int) -> np.dtype:
+  """The smallest unsigned dtype that holds codes in [0, num_codes)."""
+  for dtype in (np.uint8, np.uint16, np.uint32):
+    if num_codes - 1 <= np.iinfo(dtype).max:
+      return np.dtype(dtype)
+  raise ValueError(f"num_codes={num_codes} is too large")
+
+
+def shard_prefix(extract_dir: str, split: str, shard: int) -> str:
+  return os.path.join(extract_dir, split, f"shard_{shard:05d}")
+
+
+def write_shard(extract_dir: str, split: str, shard: int, arrays: dict[str, np.ndarray]):
+  """Writes one shard's arrays atomically enough: each .npy via a temp name + rename."""
+  prefix = shard_prefix(extract_dir, split, shard)
+  os.makedirs(os.path.dirname(prefix), exist_ok=True)
+  for key, value in arrays.items():
+    tmp = f"{prefix}.{key}.tmp.npy"
+    np.save(tmp, value)
+    os.replace(tmp, f"{prefix}.{key}.npy")
+
+
+def shard_complete(extract_dir: str, split: str, shard: int, keys) -> bool:
+  prefix = shard_prefix(extract_dir, split, shard)
+  return all(os.path.exists(f"{prefix}.{k}.npy") for k in keys)
+
+
+def read_manifest(extract_dir: str) -> dict:
+  path = os.path.join(extract_dir, MANIFEST)
+  if not os.path.exists(path):
+    raise DataError(f"no code shards at {extract_dir} (missing {MANIFEST}): run the "
+                    "'extract' stage with the same --workdir first")
+  with open(path) as f:
+    return json.load(f)
+
+
+class CodeShards:
+  """Random access to the extracted codes of one split.
+
+  take(indices) -> {'<level>': [b, H_l, W_l] int32 for each level, 'label': int32 [b]}.
+  """
+
+  def __init__(self, extract_dir: str, split: str):
+    self.manifest = read_manifest(extract_dir)
+    self.levels = tuple(self.manifest["levels"])
+    if split not in self.manifest["splits"]:
+      raise DataError(f"split {split!r} was not extracted to {extract_dir}; it has "
+                      f"{sorted(self.manifest['splits'])}")
+    count = self.manifest["splits"][split]["num_shards"]
+    self._shards = []
+    for shard in range(count):
+      prefix = shard_prefix(extract_dir, split, shard)
+      try:
+        self._shards.append({k: np.load(f"{prefix}.{k}.npy", mmap_mode="r")
+                             for k in self.levels + ("label",)})
+      except (OSError, ValueError) as e:
+        raise DataError(f"code shard {prefix}.*.npy is missing or corrupt ({e}); rerun "
+                        "the 'extract' stage") from e
+    sizes = [len(s["label"]) for s in self._shards]
+    self._starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    self.num_classes = int(self.manifest.get("num_classes", 0))
+
+  def __len__(self) -> int:
+    return int(self._starts[-1])
+
+  def take(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+    """Codes and labels of `indices` (any order), as int32 arrays."""
+    indices = np.asarray(indices, np.int64)
+    shard_of = np.searchsorted(self._starts, indices, side="right") - 1
+    out = {k: np.empty((len(indices),) + self._shards[0][k].shape[1:], np.int32)
+           for k in self.levels + ("label",)}
+    for s in np.unique(shard_of):
+      rows = np.nonzero(shard_of == s)[0]
+      local = indices[rows] - self._starts[s]
+      for k in out:
+        out[k][rows] = self._shards[s][k][local]
+    return out
+
+
+class CodeLoader(BatchLoader):
+  """BatchLoader's order, process split and resumable position, over code shards."""
+
+  def __init__(self, codes: CodeShards, global_batch_size: int, *, seed: int, **kwargs):
+    super().__init__(codes, global_batch_size, seed=seed, num_threads=1, **kwargs)
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    here = (self._epoch, self._step)
+    batch = self.source.take(self.indices(*here))
+    self._epoch, self._step = self._following(*here)
+    return batch
+
+
+def iterate_codes_once(codes: CodeShards, global_batch_size: int, *,
+                       process_index: Optional[int] = None,
+                       process_count: Optional[int] = None
+                       ) -> Iterator[dict[str, np.ndarray]]:
+  """Every item once in order, last batch padded; adds 'valid': bool [b]."""
+  p, _, b = _process_layout(global_batch_size, process_index, process_count)
+  n = len(codes)
+  for t in range(math.ceil(n / global_batch_size)):
+    pos = t * global_batch_size + p * b + np.arange(b)
+    valid = pos < n
+    batch = codes.take(np.where(valid, pos, 0))
+    batch["valid"] = valid
+    yield batch
+
+
+def list_splits(extract_dir: str) -> list[str]:
+  return sorted(os.path.basename(d) for d in glob.glob(os.path.join(extract_dir, "*"))
+                if os.path.isdir(d))

@@ -1,0 +1,97 @@
+"""The image-source interface and the factory that builds one from the config.
+
+An `ImageSource` is a random-access list of (image, label) items at one fixed
+size; `loader.BatchLoader` turns it into per-process batches. Three sources:
+
+- 'demo'   (`demo.DemoSource`): crops of real photographs shipped with
+           scikit-image / scikit-learn; works offline everywhere.
+- 'folder' (`folders.FolderSource`): ImageNet-style class folders or an
+           FFHQ-style flat folder.
+- 'tfds'   (`tfds_source.TfdsSource`): a prepared tfds dataset (array_record),
+           read without TensorFlow.
+"""
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import ml_collections
+import numpy as np
+
+from vqvae2_jax.data.errors import DataError
+
+__all__ = ["DataError", "ImageSource", "make_source"]
+
+SPLITS = ("train", "val")
+
+
+@runtime_checkable
+class ImageSource(Protocol):
+  """Random access to (image, label) items of one split.
+
+  Attributes:
+    num_classes: number of classes; 0 when the data has no labels.
+    class_names: the class names, len == num_classes.
+    num_skipped: unreadable images skipped so far (on_bad_image='skip').
+  """
+
+  num_classes: int
+  class_names: list[str]
+  num_skipped: int
+
+  def __len__(self) -> int:
+    """Number of items per epoch."""
+    ...
+
+  def get(self, index: int, epoch: int = 0) -> tuple[np.ndarray, int]:
+    """Returns (uint8 [S, S, 3] image at the configured size S, int label).
+
+    The label is 0 when the data is unlabelled. `epoch` only matters for
+    sources with random augmentation (demo train crops); the same
+    (index, epoch) always gives the same item.
+    """
+    ...
+
+
+def make_source(data_config: ml_collections.ConfigDict, split: str) -> ImageSource:
+  """Builds the image source the config describes.
+
+  Args:
+    data_config: the `config.data` ConfigDict (fields: source, image_size,
+      root, layout, train_split, val_split, flat_val_count, tfds_name,
+      tfds_data_dir, on_bad_image, demo_train_size, demo_val_size, seed).
+    split: 'train' or 'val'; mapped to `train_split` / `val_split`.
+
+  Returns:
+    An `ImageSource` of uint8 [S, S, 3] images with S = data_config.image_size.
+
+  Raises:
+    ValueError: unknown split or source kind.
+    DataError: the data cannot be found or read (the message says what to do).
+  """
+  if split not in SPLITS:
+    raise ValueError(f"split={split!r}; expected one of {SPLITS}.")
+  c = data_config
+  size = int(c.image_size)
+  if size < 1:
+    raise ValueError(f"data.image_size={size}; it must be a positive int.")
+  is_val = split == "val"
+  split_name = c.val_split if is_val else c.train_split
+  kind = c.source
+  if kind == "demo":
+    from vqvae2_jax.data import demo  # pylint: disable=g-import-not-at-top
+    return demo.DemoSource(
+        size, int(c.demo_val_size if is_val else c.demo_train_size),
+        is_val=is_val, seed=int(c.seed))
+  if kind == "folder":
+    from vqvae2_jax.data import folders  # pylint: disable=g-import-not-at-top
+    return folders.FolderSource(
+        c.root, split_name, size, layout=c.layout, train_split=c.train_split,
+        is_val=is_val, flat_val_count=int(c.flat_val_count),
+        on_bad_image=c.on_bad_image)
+  if kind == "tfds":
+    from vqvae2_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
+    return tfds_source.TfdsSource(
+        c.tfds_name, split_name, size, data_dir=c.tfds_data_dir,
+        on_bad_image=c.on_bad_image)
+  raise ValueError(
+      f"data.source={kind!r} is not one of 'demo', 'folder', 'tfds'.")
