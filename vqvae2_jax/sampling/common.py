@@ -1,0 +1,80 @@
+"""Pieces shared by the reference and the incremental sampler.
+
+Both samplers draw position p (raster index i * W + j) with exactly the same function,
+`draw(rng, p, logits, ...)`, using the key `jax.random.fold_in(rng, p)`; so with the same
+rng they produce the same codes whenever their logits agree.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+def filter_logits(logits: jax.Array, temperature: jax.Array | float, top_k: int,
+                  top_p: jax.Array | float) -> jax.Array:
+  """Temperature, then top-k, then nucleus (top-p) filtering.
+
+  Args:
+    logits: float32 [B, K].
+    temperature: > 0 scalar; logits are divided by it.
+    top_k: keep the k largest logits (0 = off). A Python int (static).
+    top_p: keep the smallest set of most likely codes whose probability mass reaches
+      top_p (1.0 = off); the most likely code is always kept.
+
+  Returns:
+    float32 [B, K] with removed codes set to -inf.
+  """
+  logits = logits.astype(jnp.float32) / temperature
+  num_codes = logits.shape[-1]
+  if 0 < top_k < num_codes:
+    kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
+  probs = jax.nn.softmax(sorted_logits, axis=-1)
+  mass_before = jnp.cumsum(probs, axis=-1) - probs
+  # top_p >= 1 must keep everything, even codes whose mass rounds away in the cumsum.
+  keep = (mass_before < top_p) | (jnp.asarray(top_p) >= 1.0)
+  keep = keep.at[..., 0].set(True)
+  # The smallest kept logit is the threshold; ties at the threshold are all kept.
+  threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+  return jnp.where(logits < threshold, -jnp.inf, logits)
+
+
+def draw(rng: jax.Array, position: jax.Array | int, logits: jax.Array,
+         temperature: jax.Array | float, top_k: int, top_p: jax.Array | float) -> jax.Array:
+  """Samples one code per batch row at raster `position`: logits float32 [B, K] -> int32 [B]."""
+  key = jax.random.fold_in(rng, position)
+  return jax.random.categorical(key, filter_logits(logits, temperature, top_k, top_p),
+                                axis=-1).astype(jnp.int32)
+
+
+def plain_params(params: Any) -> Any:
+  """Accepts a prior's 'params' collection (boxed or not, or {'params': ...}); returns
+  the unboxed 'params' collection."""
+  if isinstance(params, Mapping) and set(params.keys()) == {"params"}:
+    params = params["params"]
+  return nn.meta.unbox(params)
+
+
+def check_args(prior: Any, shape: Sequence[int], cond_codes: Sequence[Any], labels: Any,
+               temperature: float, top_k: int, top_p: float) -> tuple[int, int, int]:
+  """Validates sampler arguments; returns shape as a tuple (B, H, W)."""
+  shape = tuple(int(s) for s in shape)
+  if len(shape) != 3 or min(shape) < 1:
+    raise ValueError(f"shape must be (B, H, W) with positive entries, got {shape}")
+  if len(tuple(cond_codes)) != prior.num_cond_levels:
+    raise ValueError(f"this prior needs {prior.num_cond_levels} upper-level code maps, got "
+                     f"{len(tuple(cond_codes))}")
+  if prior.num_classes and labels is None:
+    raise ValueError("this prior is class-conditional: pass labels int32 [B]")
+  if isinstance(temperature, (int, float)) and temperature <= 0:
+    raise ValueError(f"temperature must be > 0, got {temperature}")
+  if not isinstance(top_k, int) or top_k < 0:
+    raise ValueError(f"top_k must be a non-negative Python int (0 = off), got {top_k!r}")
+  if isinstance(top_p, (int, float)) and not 0.0 < top_p <= 1.0:
+    raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+  return shape

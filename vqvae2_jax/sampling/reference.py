@@ -1,0 +1,61 @@
+"""Reference ancestral sampler: one full forward pass of the prior per position.
+
+Slow (H * W teacher-forced passes per sample) but obviously correct; the incremental
+sampler (`sampling/incremental.py`) must reproduce its codes exactly.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from vqvae2_jax.models.prior import PixelSNAILPrior
+from vqvae2_jax.sampling import common
+
+
+@functools.partial(jax.jit, static_argnames=("prior", "shape", "top_k", "positions"))
+def _sample(prior, params, rng, cond_codes, labels, temperature, top_p, *, shape, top_k,
+            positions):
+  b, hgt, wid = shape
+  variables = {"params": params}
+
+  def body(p, codes):
+    logits = prior.apply(variables, codes, cond_codes, labels, train=False)
+    i, j = p // wid, p % wid
+    code = common.draw(rng, p, logits[:, i, j], temperature, top_k, top_p)
+    return codes.at[:, i, j].set(code)
+
+  codes = jnp.zeros(shape, jnp.int32)
+  return jax.lax.fori_loop(0, positions, body, codes)
+
+
+def sample_reference(prior: PixelSNAILPrior, params: Any, rng: jax.Array, *,
+                     shape: tuple[int, int, int], cond_codes: Sequence[jax.Array] = (),
+                     labels: jax.Array | None = None, temperature: float = 1.0,
+                     top_k: int = 0, top_p: float = 1.0,
+                     num_positions: int | None = None) -> jax.Array:
+  """Raster-order ancestral sampling running the whole prior once per position.
+
+  Args:
+    prior: the prior module.
+    params: its 'params' collection (boxed or plain).
+    rng: PRNG key; position p uses jax.random.fold_in(rng, p).
+    shape: (B, H, W) of the codes to sample.
+    cond_codes: int32 [B, H/s, W/s] upper-level codes (top first); may be batch-sharded.
+    labels: int32 [B] class labels (class-conditional priors only).
+    temperature: softmax temperature (> 0).
+    top_k: keep only the k most likely codes (0 = off).
+    top_p: nucleus sampling mass (1.0 = off).
+    num_positions: sample only the first n raster positions (the rest stay 0); for
+      timing a subset of a long run. None = all H * W.
+
+  Returns:
+    int32 [B, H, W] codes.
+  """
+  shape = common.check_args(prior, shape, cond_codes, labels, temperature, top_k, top_p)
+  n = shape[1] * shape[2] if num_positions is None else int(num_positions)
+  return _sample(prior, common.plain_params(params), rng, tuple(cond_codes), labels,
+                 jnp.float32(temperature), jnp.float32(top_p), shape=shape, top_k=top_k,
+                 positions=n)
