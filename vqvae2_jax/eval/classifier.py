@@ -1,0 +1,106 @@
+"""A compact ResNet classifier trained on the project's own labelled data.
+
+Serves classifier-based rejection sampling on data without an ImageNet
+classifier (the demo sets) and the Classification Accuracy Score (train on
+samples, test on real). GroupNorm instead of BatchNorm keeps it stateless:
+one params collection, identical train/eval behaviour apart from dropout,
+and nothing to synchronise across data-parallel replicas.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vqvae2_jax.eval import layers
+
+
+class ResidualBlock(nn.Module):
+  """Pre-activation residual block: (GN, ReLU, conv3x3) x 2 plus a skip."""
+  features: int
+  stride: int = 1
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    """float32 [B, H, W, C] -> float32 [B, H/stride, W/stride, features]."""
+    h = nn.relu(layers.group_norm(x.shape[-1], name="norm1")(x))
+    skip = x
+    if self.stride != 1 or x.shape[-1] != self.features:
+      skip = layers.conv(self.features, 1, stride=self.stride, name="proj")(h)
+    h = layers.conv(self.features, 3, stride=self.stride, padding=1, name="conv1")(h)
+    h = nn.relu(layers.group_norm(self.features, name="norm2")(h))
+    h = layers.conv(self.features, 3, padding=1, name="conv2")(h)
+    return skip + h
+
+
+class ResNetClassifier(nn.Module):
+  """Small ResNet: stem conv, stages of residual blocks, pooled linear head.
+
+  Attributes:
+    num_classes: number of labels.
+    width: channels of the first stage; each later stage doubles them.
+    stage_sizes: residual blocks per stage; every stage after the first
+      halves the resolution.
+    dropout_rate: dropout before the linear head (active when train=True).
+  """
+  num_classes: int
+  width: int = 32
+  stage_sizes: Sequence[int] = (1, 1, 1)
+  dropout_rate: float = 0.0
+
+  @nn.compact
+  def __call__(self, images: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+    """Classifies images.
+
+    Args:
+      images: uint8 [B, H, W, 3] (mapped to [-1, 1]) or float [B, H, W, 3]
+        already in [-1, 1].
+      train: enables dropout (needs a 'dropout' rng).
+
+    Returns:
+      float32 logits [B, num_classes].
+    """
+    if images.dtype == jnp.uint8:
+      x = images.astype(jnp.float32) / 127.5 - 1.0
+    else:
+      x = images.astype(jnp.float32)
+    x = layers.conv(self.width, 3, padding=1, name="stem")(x)
+    for s, n_blocks in enumerate(self.stage_sizes):
+      for b in range(n_blocks):
+        stride = 2 if (s > 0 and b == 0) else 1
+        x = ResidualBlock(self.width * 2**s, stride, name=f"stage{s}_block{b}")(x)
+    x = nn.relu(layers.group_norm(x.shape[-1], name="norm_out")(x))
+    x = layers.global_avg_pool(x)
+    x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+    return layers.dense(self.num_classes, name="head")(x)
+
+
+def predict_probs(model: nn.Module, variables: Any, images: np.ndarray,
+                  batch_size: int = 256) -> np.ndarray:
+  """Class probabilities of a classifier in eval mode, batch by batch.
+
+  Args:
+    model: a ResNetClassifier (or any module mapping images -> logits).
+    variables: its variables.
+    images: uint8 [N, H, W, 3] (or float in [-1, 1]).
+    batch_size: images per jitted call (the last batch is padded).
+
+  Returns:
+    float32 [N, num_classes] softmax probabilities.
+  """
+  images = np.asarray(images)
+  n = images.shape[0]
+  if n == 0:
+    raise ValueError("no images to classify")
+  fn = jax.jit(lambda v, x: jax.nn.softmax(model.apply(v, x), axis=-1))
+  out = []
+  for i in range(0, n, batch_size):
+    chunk = images[i:i + batch_size]
+    m = chunk.shape[0]
+    if m < batch_size and n > batch_size:  # Keep one compiled shape.
+      chunk = np.concatenate([chunk, np.zeros((batch_size - m,) + chunk.shape[1:], chunk.dtype)])
+    out.append(np.asarray(fn(variables, chunk))[:m])
+  return np.concatenate(out)
