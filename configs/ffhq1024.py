@@ -17,7 +17,8 @@ def make():
   c = config_lib.base_config()
   c.data.update(dict(source="folder", layout="flat", root="", image_size=1024,
                      flat_val_count=1000))
-  c.vqvae.update(dict(num_levels=3, hidden=128, res_hidden=64, num_res_layers=2,
+  # 1024 / 128 = 8: the bottom encoder downsamples x8 to give the paper's 128x128 map.
+  c.vqvae.update(dict(num_levels=3, bottom_down=3, hidden=128, res_hidden=64, num_res_layers=2,
                       num_codes=512, code_dim=64, beta=0.25, decay=0.99,
                       upsample="transpose"))
   c.vqvae_train = config_lib.train_config(batch_size=128, steps=304_741,

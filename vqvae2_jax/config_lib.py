@@ -54,7 +54,7 @@ def base_config() -> ml_collections.ConfigDict:
       on_bad_image="error", demo_train_size=2048, demo_val_size=64, seed=0,
       num_threads=4))
   c.vqvae = ml_collections.ConfigDict(dict(
-      num_levels=2, hidden=128, res_hidden=64, num_res_layers=2, num_codes=512,
+      num_levels=2, bottom_down=2, hidden=128, res_hidden=64, num_res_layers=2, num_codes=512,
       code_dim=64, beta=0.25, decay=0.99, epsilon=1e-5, dead_code_threshold=0.0,
       upsample="transpose"))
   c.vqvae_train = train_config(batch_size=128, steps=2_207_444)
@@ -132,7 +132,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for key in ("num_codes", "code_dim", "hidden", "res_hidden"):
     if v[key] < 1:
       bad(f"vqvae.{key}", v[key], "must be positive")
-  stride = 4 * 2**(v.num_levels - 1)
+  if v.bottom_down < 1:
+    bad("vqvae.bottom_down", v.bottom_down, "must be >= 1")
+  stride = 2**v.bottom_down * 2**(v.num_levels - 1)
   if config.data.image_size % stride:
     bad("data.image_size", config.data.image_size,
         f"must be divisible by {stride} for {v.num_levels} levels")
@@ -165,7 +167,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 def _tiny(c: ml_collections.ConfigDict) -> None:
   """Shrinks any experiment so each stage runs in seconds on a CPU (tests, smoke checks)."""
-  stride = 4 * 2**(c.vqvae.num_levels - 1)
+  stride = 2**c.vqvae.bottom_down * 2**(c.vqvae.num_levels - 1)
   c.data.image_size = max(32, 2 * stride)
   c.data.demo_train_size = 64
   c.data.demo_val_size = 8

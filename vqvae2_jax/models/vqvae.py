@@ -1,12 +1,13 @@
 """The N-level hierarchical VQ-VAE of VQ-VAE-2 (paper section 3.1, Algorithm 1).
 
 Levels are ordered top first: level 0 is the smallest map (32x32 for ImageNet-256), level
-N-1 the largest ("bottom", 64x64). The bottom encoder downsamples the pixels by 4 and each
-further level by 2 more, so level l has stride 4 * 2**(N-1-l).
+N-1 the largest ("bottom", 64x64). The bottom encoder downsamples the pixels by 4 (ImageNet-256:
+64x64 bottom map; `bottom_down=3` gives the x8 FFHQ-1024 needs for its 128x128 bottom map)
+and each further level by 2 more, so level l has stride 2**bottom_down * 2**(N-1-l).
 
 Encoding (Algorithm 1, generalised to N levels):
-  f_{N-1} = E_{N-1}(x)                      pixel features at stride 4
-  f_l     = E_l(f_{l+1})                    pixel features at stride 4 * 2**(N-1-l)
+  f_{N-1} = E_{N-1}(x)                      pixel features at the bottom stride
+  f_l     = E_l(f_{l+1})                    pixel features, 2x smaller per level
   q_0     = Quantize(conv1x1(f_0))
   q_l     = Quantize(conv1x1([f_l, U_l(q_{l-1})]))   for l = 1..N-1
 where U_l decodes the quantized level above up to level l's resolution, so each lower
@@ -35,9 +36,13 @@ def level_names(num_levels: int) -> tuple[str, ...]:
   return LEVEL_NAMES.get(num_levels, tuple(f"level{i}" for i in range(num_levels)))
 
 
-def level_strides(num_levels: int) -> tuple[int, ...]:
-  """Downsampling factor of each level, top first: (8, 4) for 2 levels."""
-  return tuple(4 * 2**(num_levels - 1 - l) for l in range(num_levels))
+def level_strides(num_levels: int, bottom_down: int = 2) -> tuple[int, ...]:
+  """Downsampling factor of each level, top first: (8, 4) for 2 levels.
+
+  bottom_down: number of x2 downsamplings of the bottom encoder (2 -> stride 4 as for
+  ImageNet-256's 64x64 bottom map; 3 -> stride 8 for FFHQ-1024's 128x128 bottom map).
+  """
+  return tuple(2**bottom_down * 2**(num_levels - 1 - l) for l in range(num_levels))
 
 
 class VQVAEOutput(NamedTuple):
@@ -60,6 +65,7 @@ class VQVAE2(nn.Module):
 
   Attributes:
     num_levels: N latent maps (2 for ImageNet-256, 3 for FFHQ-1024).
+    bottom_down: x2 downsamplings from pixels to the bottom map (2 = stride 4).
     hidden: "hidden units" of encoders and decoders.
     res_hidden: "residual units", width inside each residual block.
     num_res_layers: residual blocks per stack ("layers").
@@ -69,6 +75,7 @@ class VQVAE2(nn.Module):
     dtype: compute dtype of the convolutions (params and quantizer stay float32).
   """
   num_levels: int = 2
+  bottom_down: int = 2
   hidden: int = 128
   res_hidden: int = 64
   num_res_layers: int = 2
@@ -85,7 +92,7 @@ class VQVAE2(nn.Module):
     # encoders[l] computes level l's pixel features; the bottom one sees the pixels.
     self.encoders = [
         Encoder(self.hidden, self.res_hidden, self.num_res_layers,
-                num_down=2 if l == n - 1 else 1, **kw) for l in range(n)]
+                num_down=self.bottom_down if l == n - 1 else 1, **kw) for l in range(n)]
     self.pre_quant = [conv(self.code_dim, 1, **kw) for _ in range(n)]
     self.quantizers = [
         VectorQuantizerEMA(self.num_codes, self.code_dim, self.decay, self.epsilon,
@@ -98,11 +105,12 @@ class VQVAE2(nn.Module):
     self.to_bottom = [
         [Upsample2x(self.code_dim, self.upsample, **kw) for _ in range(n - 1 - l)]
         for l in range(n - 1)]
-    self.decoder = Decoder(3, self.hidden, self.res_hidden, self.num_res_layers, num_up=2,
+    self.decoder = Decoder(3, self.hidden, self.res_hidden, self.num_res_layers,
+                           num_up=self.bottom_down,
                            upsample=self.upsample, **kw)
 
   def _check_image(self, x: jax.Array):
-    stride = level_strides(self.num_levels)[0]
+    stride = level_strides(self.num_levels, self.bottom_down)[0]
     if x.ndim != 4 or x.shape[-1] != 3 or x.shape[1] % stride or x.shape[2] % stride:
       raise ValueError(f"images must be [B, H, W, 3] with H and W divisible by {stride} "
                        f"for {self.num_levels} levels; got {x.shape}")

@@ -18,7 +18,7 @@ def setup_runtime(config) -> Mesh:
 def build_vqvae(config, dtype=None) -> VQVAE2:
   """The stage-1 model of `config` (compute dtype from vqvae_train.dtype by default)."""
   v = config.vqvae
-  return VQVAE2(num_levels=v.num_levels, hidden=v.hidden, res_hidden=v.res_hidden,
+  return VQVAE2(num_levels=v.num_levels, bottom_down=v.bottom_down, hidden=v.hidden, res_hidden=v.res_hidden,
                 num_res_layers=v.num_res_layers, num_codes=v.num_codes,
                 code_dim=v.code_dim, decay=v.decay, epsilon=v.epsilon,
                 dead_code_threshold=v.dead_code_threshold, upsample=v.upsample,
@@ -30,4 +30,41 @@ def vqvae_init_fn(model: VQVAE2, image_size: int):
   def init(rng):
     x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
     return model.init({"params": rng}, x, train=False)
+  return init
+
+
+def prior_level_info(manifest: dict, level: str) -> tuple[int, tuple[str, ...], tuple[int, ...]]:
+  """(index of `level`, names of the levels above it, their upsampling scales to it)."""
+  levels = tuple(manifest["levels"])
+  if level not in levels:
+    raise ValueError(f"level {level!r} is not one of the extracted levels {levels}")
+  index = levels.index(level)
+  size = manifest["shapes"][level][0]
+  scales = tuple(size // manifest["shapes"][u][0] for u in levels[:index])
+  return index, levels[:index], scales
+
+
+def build_prior(config, level: str, manifest: dict, dtype=None):
+  """The PixelSNAILPrior of `level` (config.priors[level]) for the extracted codes."""
+  from vqvae2_jax.models.prior import PixelSNAILPrior  # pylint: disable=g-import-not-at-top
+  p = config.priors[level]
+  _, upper, scales = prior_level_info(manifest, level)
+  num_classes = int(manifest.get("num_classes", 0)) if p.class_conditional else 0
+  return PixelSNAILPrior(
+      num_codes=int(manifest["num_codes"]), hidden=p.hidden, res_hidden=p.res_hidden,
+      num_layers=p.num_layers, attention_every=p.attention_every, num_heads=p.num_heads,
+      kernel_size=p.kernel_size, dropout=p.dropout, attn_dropout=p.attn_dropout,
+      num_output_layers=p.num_output_layers, num_cond_layers=p.num_cond_layers,
+      num_cond_levels=len(upper), cond_scales=scales, num_classes=num_classes,
+      dtype=dtype or parallel.to_dtype(p.train.dtype))
+
+
+def prior_init_fn(prior, manifest: dict, level: str):
+  """rng -> the prior's variables, traced with one example of each input."""
+  _, upper, _ = prior_level_info(manifest, level)
+  def init(rng):
+    codes = jnp.zeros((1, *manifest["shapes"][level]), jnp.int32)
+    cond = tuple(jnp.zeros((1, *manifest["shapes"][u]), jnp.int32) for u in upper)
+    labels = jnp.zeros((1,), jnp.int32) if prior.num_classes else None
+    return prior.init({"params": rng}, codes, cond, labels, train=False)
   return init

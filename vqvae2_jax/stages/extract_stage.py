@@ -1,0 +1,121 @@
+"""Stage 2a: encode the data set to discrete codes (paper Algorithm 2, lines 1-7).
+
+Reads the stage-1 checkpoint in the same workdir, encodes the configured splits batch by
+batch (batch sharded over the mesh, every process reading its own slice), and writes
+code shards (see `vqvae2_jax.data.codes`). Shards already on disk are skipped, so an
+interrupted extraction resumes where it stopped. The manifest is written last.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+
+import jax
+import numpy as np
+
+from vqvae2_jax import checkpoint as ckpt_lib
+from vqvae2_jax import images as image_lib
+from vqvae2_jax import parallel
+from vqvae2_jax.data import codes as codes_lib
+from vqvae2_jax.data.loader import iterate_once
+from vqvae2_jax.data.sources import make_source
+from vqvae2_jax.models.vqvae import level_names, level_strides
+from vqvae2_jax.stages import common
+from vqvae2_jax.train import loop
+
+NAME = "extract"
+IMAGES_PER_SHARD_BATCHES = 16  # global batches per shard file
+
+
+class _Slice:
+  """Items [start, stop) of a source, for encoding one shard at a time."""
+
+  def __init__(self, source, start: int, stop: int):
+    self.source, self.start, self.stop = source, start, stop
+
+  def __len__(self):
+    return self.stop - self.start
+
+  def get(self, index: int, epoch: int = 0):
+    return self.source.get(self.start + index, epoch)
+
+
+def load_vqvae(config, workdir: str, mesh):
+  """(model, variables, step) of the trained stage-1 checkpoint in `workdir`."""
+  model = common.build_vqvae(config)
+  try:
+    state, record = loop.restore_state(
+        workdir, "vqvae", common.vqvae_init_fn(model, config.data.image_size),
+        config.vqvae_train, mesh, config.axis_rules)
+  except ckpt_lib.CheckpointError as e:
+    raise ckpt_lib.CheckpointError(f"stage-1 (vqvae) checkpoint problem: {e}") from e
+  return model, {"params": state.params, **state.model_state}, int(record["step"])
+
+
+def make_encode_fn(model, mesh):
+  @functools.partial(jax.jit, out_shardings=parallel.batch_sharding(mesh))
+  def encode(variables, images):
+    return model.apply(variables, image_lib.to_model(images), method=model.encode)
+  return encode
+
+
+def run(config, workdir: str) -> None:
+  mesh = common.setup_runtime(config)
+  batch_size = config.extract.batch_size
+  parallel.check_batch_size(batch_size, mesh, "extract.batch_size")
+  model, variables, vqvae_step = load_vqvae(config, workdir, mesh)
+  encode = make_encode_fn(model, mesh)
+  names = level_names(config.vqvae.num_levels)
+  size = config.data.image_size
+  shapes = {n: [size // s, size // s] for n, s in
+            zip(names, level_strides(config.vqvae.num_levels, config.vqvae.bottom_down))}
+  dtype = codes_lib.code_dtype(config.vqvae.num_codes)
+  out_dir = loop.stage_dir(workdir, NAME)
+  manifest_path = os.path.join(out_dir, codes_lib.MANIFEST)
+  if os.path.exists(manifest_path):
+    previous = codes_lib.read_manifest(out_dir)
+    if previous.get("vqvae_step") != vqvae_step:
+      raise ckpt_lib.CheckpointError(
+          f"{out_dir} holds codes of stage-1 step {previous.get('vqvae_step')}, but the "
+          f"checkpoint is at step {vqvae_step}: delete {out_dir} to extract again")
+  loop.save_resolved_config(config, out_dir)
+  splits, num_classes, class_names = {}, 0, []
+  shard_size = batch_size * IMAGES_PER_SHARD_BATCHES
+  for split in config.extract.splits:
+    source = make_source(config.data, split)
+    num_classes, class_names = source.num_classes, list(source.class_names)
+    num_shards = -(-len(source) // shard_size)
+    start_time, done = time.time(), 0
+    for shard in range(num_shards):
+      keys = names + ("label", "index")
+      if codes_lib.shard_complete(out_dir, split, shard, keys):
+        continue
+      lo, hi = shard * shard_size, min(len(source), (shard + 1) * shard_size)
+      arrays = {k: [] for k in keys}
+      for batch in iterate_once(_Slice(source, lo, hi), batch_size):
+        global_batch = parallel.host_to_global(
+            {"image": batch["image"], "label": batch["label"], "valid": batch["valid"]}, mesh)
+        level_codes = encode(variables, global_batch["image"])
+        valid = parallel.global_to_host(global_batch["valid"])
+        for name, c in zip(names, level_codes):
+          arrays[name].append(parallel.global_to_host(c)[valid].astype(dtype))
+        arrays["label"].append(parallel.global_to_host(global_batch["label"])[valid])
+      arrays["index"] = [np.arange(lo, hi, dtype=np.int64)]
+      if jax.process_index() == 0:
+        codes_lib.write_shard(out_dir, split, shard,
+                              {k: np.concatenate(v) for k, v in arrays.items()})
+      done += hi - lo
+      rate = done / max(time.time() - start_time, 1e-9)
+      print(f"[extract] {split}: shard {shard + 1}/{num_shards} ({hi}/{len(source)} images,"
+            f" {rate:.1f} img/s)", flush=True)
+    splits[split] = {"num_images": len(source), "num_shards": num_shards}
+  manifest = dict(vqvae_step=vqvae_step, levels=list(names), shapes=shapes,
+                  num_codes=config.vqvae.num_codes, dtype=dtype.name, splits=splits,
+                  num_classes=num_classes, class_names=class_names,
+                  image_size=size)
+  if jax.process_index() == 0:
+    with open(manifest_path, "w") as f:
+      json.dump(manifest, f, indent=2)
+  print(f"[extract] wrote {manifest_path}", flush=True)
