@@ -15,7 +15,9 @@ def make():
   c.data.demo_train_size = 4096
   c.data.demo_val_size = 64
   c.vqvae.update(dict(num_levels=2, hidden=64, res_hidden=32, num_res_layers=2,
-                      num_codes=128, code_dim=32, upsample="subpixel"))
+                      num_codes=128, code_dim=32, upsample="subpixel",
+                      # Short runs from scratch leave many codes unused: re-seed them.
+                      dead_code_threshold=1.0))
   c.vqvae_train = config_lib.train_config(
       batch_size=16, steps=1500, learning_rate=1e-3, log_every=50, eval_every=250,
       image_every=500, checkpoint_every=500)

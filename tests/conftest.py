@@ -10,12 +10,26 @@ for _flag in ("--xla_force_host_platform_device_count=8", "--xla_backend_optimiz
 
 import tempfile  # noqa: E402
 
-import jax  # noqa: E402
-
 # Many tests compile the same tiny programs (init, train step, encode): a persistent
-# compilation cache shared by the whole run compiles each of them once.
-jax.config.update("jax_compilation_cache_dir",
-                  os.environ.get("VQVAE2_TEST_JAX_CACHE",
-                                 os.path.join(tempfile.gettempdir(), "vqvae2_jax_test_cache")))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+# compilation cache shared by the whole run (subprocesses included, through the
+# environment) compiles each of them once.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), "vqvae2_jax_test_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+import pytest  # noqa: E402
+
+TINY_PIPELINE_STAGES = ("vqvae", "extract", "prior_top", "prior_bottom", "classifier",
+                        "sample")
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory):
+  """A workdir where every `demo:<stage>,tiny` stage up to `sample` has run once."""
+  from vqvae2_jax import main  # pylint: disable=g-import-not-at-top
+  from helpers import load_config  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path_factory.mktemp("tiny_pipeline"))
+  for stage in TINY_PIPELINE_STAGES:
+    main.run_stage(load_config("demo", f"{stage},tiny"), workdir)
+  return workdir

@@ -66,10 +66,20 @@ def base_config() -> ml_collections.ConfigDict:
       num_images=16, batch_size=16, labels=(), temperature=1.0, top_k=0, top_p=1.0,
       sampler="incremental", seed=0,
       rejection=ml_collections.ConfigDict(dict(
-          classifier="none", keep_fraction=0.5, threshold=0.0, candidates_per_image=4))))
+          classifier="none", keep_fraction=0.25, threshold=0.0, class_map=()))))
+  # num_images: accepted samples per keep fraction (50,000 for published FID/IS).
+  # Feature networks: Inception (FID/IS) and VGG-16 (precision/recall) from the given
+  # paths or the default search; without them fallback_network ('efficientnet_lite0' or
+  # 'none') stands in, labelled as not comparable with published numbers.
+  # rejection_classifier '' follows sample.rejection.classifier. max_real_images /
+  # mse_max_images / nll_max_batches cap the real data used (0 = the whole split);
+  # pr_max_images caps the features kept per set for precision/recall.
   c.evaluate = ml_collections.ConfigDict(dict(
       num_images=512, batch_size=32, inception_weights="", vgg16_weights="",
-      keep_fractions=(1.0, 0.5, 0.25)))
+      efficientnet_weights="", fallback_network="efficientnet_lite0",
+      keep_fractions=(1.0, 0.5, 0.25), rejection_classifier="", seed=1,
+      max_real_images=0, mse_max_images=10_000, nll_max_batches=0,
+      pr_max_images=10_000, pr_k=3, is_splits=10, cas=True))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
   c.axis_rules = DEFAULT_AXIS_RULES
   c.distributed = ml_collections.ConfigDict(dict(
@@ -187,9 +197,9 @@ def _tiny(c: ml_collections.ConfigDict) -> None:
         num_cond_layers=min(c.priors[name].num_cond_layers, 1)))
     c.priors[name].train.update(tiny_train)
   c.extract.batch_size = 8
-  c.sample.update(dict(num_images=4, batch_size=4))
-  c.sample.rejection.candidates_per_image = 2
-  c.evaluate.update(dict(num_images=8, batch_size=8))
+  c.sample.update(dict(num_images=4, batch_size=8))
+  c.evaluate.update(dict(num_images=8, batch_size=8, keep_fractions=(1.0, 0.5),
+                         pr_max_images=64))
 
 
 def _bf16(c: ml_collections.ConfigDict) -> None:

@@ -22,18 +22,41 @@ BATCH_AXES = ("data", "fsdp")
 def maybe_initialize_distributed(dist_config) -> None:
   """Calls `jax.distributed.initialize` when the config or the environment asks for it.
 
-  Multi-host TPU VMs and SLURM set enough environment for a bare `initialize()`; local
-  multi-process runs pass coordinator_address / num_processes / process_id.
+  Turned on by `config.distributed.initialize=True` or the environment variable
+  VQVAE2_DISTRIBUTED=1. Fields left at their defaults (coordinator_address '',
+  num_processes 0, process_id -1) are not passed, so JAX detects them: on Cloud TPU VMs,
+  under SLURM (`srun`) and Open MPI a bare `initialize()` finds the whole cluster, and
+  JAX_COORDINATOR_ADDRESS / JAX_LOCAL_DEVICE_IDS in the environment are honoured. Local
+  multi-process runs (launch/local_multiprocess.py) pass all three fields. Calling it
+  again in an initialised process (several stages in one run) does nothing.
+
+  Raises:
+    ValueError: inconsistent fields, or no cluster was detected and the fields are unset.
   """
-  asked_by_env = any(k in os.environ for k in ("VQVAE2_DISTRIBUTED", "SLURM_NTASKS_MULTI"))
-  if not (dist_config.initialize or asked_by_env):
+  flag = os.environ.get("VQVAE2_DISTRIBUTED", "").strip().lower()
+  if not (dist_config.initialize or flag in ("1", "true", "yes", "on")):
+    return
+  if jax.distributed.is_initialized():
     return
   kwargs = {}
   if dist_config.coordinator_address:
-    kwargs = dict(coordinator_address=dist_config.coordinator_address,
-                  num_processes=dist_config.num_processes,
-                  process_id=dist_config.process_id)
-  jax.distributed.initialize(**kwargs)
+    kwargs["coordinator_address"] = str(dist_config.coordinator_address)
+  if int(dist_config.num_processes) > 0:
+    kwargs["num_processes"] = int(dist_config.num_processes)
+  if int(dist_config.process_id) >= 0:
+    kwargs["process_id"] = int(dist_config.process_id)
+  if ("num_processes" in kwargs and "process_id" in kwargs
+      and kwargs["process_id"] >= kwargs["num_processes"]):
+    raise ValueError(f"config.distributed.process_id={kwargs['process_id']} must be below "
+                     f"config.distributed.num_processes={kwargs['num_processes']}")
+  try:
+    jax.distributed.initialize(**kwargs)
+  except ValueError as e:
+    raise ValueError(
+        f"jax.distributed.initialize({kwargs or ''}) failed: {e}. Outside a TPU VM, SLURM "
+        "or Open MPI job, set --config.distributed.coordinator_address=HOST:PORT, "
+        "--config.distributed.num_processes and --config.distributed.process_id on every "
+        "process (launch/local_multiprocess.py does this on one machine).") from e
   logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count())

@@ -68,3 +68,33 @@ def prior_init_fn(prior, manifest: dict, level: str):
     labels = jnp.zeros((1,), jnp.int32) if prior.num_classes else None
     return prior.init({"params": rng}, codes, cond, labels, train=False)
   return init
+
+
+def load_vqvae(config, workdir: str, mesh):
+  """(model, variables, step) of the trained stage-1 checkpoint in `workdir`."""
+  from vqvae2_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from vqvae2_jax.train import loop  # pylint: disable=g-import-not-at-top
+  model = build_vqvae(config)
+  try:
+    state, record = loop.restore_state(
+        workdir, "vqvae", vqvae_init_fn(model, config.data.image_size),
+        config.vqvae_train, mesh, config.axis_rules)
+  except ckpt_lib.CheckpointError as e:
+    raise ckpt_lib.CheckpointError(f"stage-1 (vqvae) checkpoint: {e}") from e
+  return model, {"params": state.params, **state.model_state}, int(record["step"])
+
+
+def load_prior(config, workdir: str, level: str, manifest: dict, mesh):
+  """(prior module, params) of `prior_<level>`, the parameter EMA when it was kept."""
+  from vqvae2_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from vqvae2_jax.train import loop  # pylint: disable=g-import-not-at-top
+  prior = build_prior(config, level, manifest)
+  t = config.priors[level].train
+  try:
+    state, _ = loop.restore_state(workdir, f"prior_{level}",
+                                  prior_init_fn(prior, manifest, level), t, mesh,
+                                  config.axis_rules)
+  except ckpt_lib.CheckpointError as e:
+    raise ckpt_lib.CheckpointError(
+        f"prior_{level} checkpoint: {e} (train it with the prior_{level} stage)") from e
+  return prior, (state.ema_params if t.param_ema_decay > 0 else state.params)

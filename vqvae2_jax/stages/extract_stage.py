@@ -42,18 +42,6 @@ class _Slice:
     return self.source.get(self.start + index, epoch)
 
 
-def load_vqvae(config, workdir: str, mesh):
-  """(model, variables, step) of the trained stage-1 checkpoint in `workdir`."""
-  model = common.build_vqvae(config)
-  try:
-    state, record = loop.restore_state(
-        workdir, "vqvae", common.vqvae_init_fn(model, config.data.image_size),
-        config.vqvae_train, mesh, config.axis_rules)
-  except ckpt_lib.CheckpointError as e:
-    raise ckpt_lib.CheckpointError(f"stage-1 (vqvae) checkpoint problem: {e}") from e
-  return model, {"params": state.params, **state.model_state}, int(record["step"])
-
-
 def make_encode_fn(model, mesh):
   @functools.partial(jax.jit, out_shardings=parallel.batch_sharding(mesh))
   def encode(variables, images):
@@ -65,7 +53,7 @@ def run(config, workdir: str) -> None:
   mesh = common.setup_runtime(config)
   batch_size = config.extract.batch_size
   parallel.check_batch_size(batch_size, mesh, "extract.batch_size")
-  model, variables, vqvae_step = load_vqvae(config, workdir, mesh)
+  model, variables, vqvae_step = common.load_vqvae(config, workdir, mesh)
   encode = make_encode_fn(model, mesh)
   names = level_names(config.vqvae.num_levels)
   size = config.data.image_size

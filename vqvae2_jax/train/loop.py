@@ -64,7 +64,7 @@ def make_train_step(loss_fn, tx, ema_decay: float):
     ema = state.ema_params
     if ema_decay > 0:
       ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, ema, params)
-    metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads))
+    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                               model_state=model_state, ema_params=ema)
     return new_state, metrics

@@ -1,0 +1,124 @@
+"""The command line and the stages wired end to end on the tiny demo."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from vqvae2_jax import checkpoint as ckpt_lib
+from vqvae2_jax import images as image_lib
+from vqvae2_jax import main
+from vqvae2_jax import parallel
+from vqvae2_jax.data import codes as codes_lib
+from vqvae2_jax.data.loader import iterate_once
+from vqvae2_jax.data.sources import make_source
+from vqvae2_jax.stages import common
+
+from helpers import ROOT, load_config
+
+
+def run_cli(*args, timeout=600):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", "vqvae2_jax.main", *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def test_cli_runs_demo_vqvae_tiny(tmp_path):
+  result = run_cli("--config=configs/demo.py:vqvae,tiny", f"--workdir={tmp_path}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  stage = tmp_path / "vqvae"
+  rows = [json.loads(l) for l in open(stage / "metrics.jsonl")]
+  train = [r for r in rows if r["split"] == "train"]
+  assert train[-1]["step"] == 4 and np.isfinite(train[-1]["loss"])
+  assert {"mse", "psnr", "commitment", "perplexity", "code_usage", "images_per_sec",
+          "step_time"} <= set(train[-1])
+  assert len(train[-1]["perplexity"]) == 2
+  assert any(r["split"] == "val" and "mse" in r for r in rows)
+  assert (stage / "reconstructions.png").exists() and (stage / "config.json").exists()
+  assert json.load(open(stage / "config.json"))["vqvae"]["hidden"] == 16
+  assert "[vqvae] step 4/4" in result.stdout
+
+
+def test_cli_unknown_key_and_bad_value_fail_naming_the_key(tmp_path):
+  result = run_cli("--config=configs/demo.py:vqvae,tiny", f"--workdir={tmp_path}",
+                   "--config.vqvae.hiden=3", timeout=120)
+  assert result.returncode != 0 and "hiden" in result.stderr
+  config = load_config("demo", "vqvae,tiny", **{"vqvae.upsample": "bogus"})
+  with pytest.raises(ValueError, match="vqvae.upsample"):
+    main.run_stage(config, str(tmp_path))
+  with pytest.raises(ValueError, match="unknown preset"):
+    load_config("demo", "vqvae,huge")
+  with pytest.raises(ValueError, match="unknown stage"):
+    load_config("demo", "train_everything")
+
+
+def test_extract_without_stage1_checkpoint_is_a_clear_error(tmp_path):
+  with pytest.raises(ckpt_lib.CheckpointError, match="vqvae.*run the stage"):
+    main.run_stage(load_config("demo", "extract,tiny"), str(tmp_path))
+
+
+def test_stored_codes_decode_to_the_models_reconstruction(tiny_pipeline):
+  config = load_config("demo", "extract,tiny")
+  mesh = parallel.make_mesh(config.mesh)
+  model, variables, step = common.load_vqvae(config, tiny_pipeline, mesh)
+  extract_dir = os.path.join(tiny_pipeline, "extract")
+  manifest = codes_lib.read_manifest(extract_dir)
+  assert manifest["vqvae_step"] == step and manifest["levels"] == ["top", "bottom"]
+  assert manifest["dtype"] == "uint8" and manifest["shapes"] == {"top": [4, 4],
+                                                                  "bottom": [8, 8]}
+  shards = codes_lib.CodeShards(extract_dir, "val")
+  val = make_source(config.data, "val")
+  assert len(shards) == len(val)
+  stored = shards.take(np.arange(len(val)))
+  batch = next(iter(iterate_once(val, len(val), process_index=0, process_count=1)))
+  np.testing.assert_array_equal(stored["label"], batch["label"])
+  from_codes = jax.jit(lambda v, c: model.apply(v, c, method=model.decode_codes))(
+      variables, (stored["top"], stored["bottom"]))
+  recon = jax.jit(lambda v, x: model.apply(v, x, method=model.reconstruct))(
+      variables, image_lib.to_model(batch["image"]))
+  np.testing.assert_allclose(from_codes, recon, atol=1e-5)
+
+
+def test_extract_resumes_missing_shards(tiny_pipeline, tmp_path):
+  import shutil  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path)
+  shutil.copytree(os.path.join(tiny_pipeline, "vqvae"), os.path.join(workdir, "vqvae"))
+  config = load_config("demo", "extract,tiny")
+  main.run_stage(config, workdir)
+  prefix = codes_lib.shard_prefix(os.path.join(workdir, "extract"), "train", 0)
+  before = np.load(f"{prefix}.bottom.npy")
+  os.remove(f"{prefix}.bottom.npy")
+  main.run_stage(config, workdir)
+  np.testing.assert_array_equal(np.load(f"{prefix}.bottom.npy"), before)
+
+
+def test_priors_log_nll_and_sample_writes_outputs(tiny_pipeline):
+  for level in ("top", "bottom"):
+    rows = [json.loads(l) for l in open(os.path.join(tiny_pipeline, f"prior_{level}",
+                                                     "metrics.jsonl"))]
+    val = [r for r in rows if r["split"] == "val"][-1]
+    assert np.isfinite(val["nll_nats"]) and abs(val["nll_bits"] * np.log(2) -
+                                                 val["nll_nats"]) < 1e-6
+  out = os.path.join(tiny_pipeline, "sample")
+  data = np.load(os.path.join(out, "samples.npz"))
+  n = len(data["label"])
+  assert data["image"].shape == (n, 32, 32, 3) and data["image"].dtype == np.uint8
+  assert data["top"].shape == (n, 4, 4) and data["bottom"].shape == (n, 8, 8)
+  assert data["top"].max() < 16 and data["bottom"].max() < 16
+  assert os.path.exists(os.path.join(out, "samples.png"))
+  summary = json.load(open(os.path.join(out, "rejection.json")))
+  assert summary["acceptance_rate"] == pytest.approx(0.25)
+  assert summary["mean_score_accepted"] >= summary["mean_score_all"]
+
+
+def test_sample_refuses_a_prior_of_another_configuration(tiny_pipeline, tmp_path):
+  import shutil  # pylint: disable=g-import-not-at-top
+  for stage in ("vqvae", "extract", "prior_top", "prior_bottom"):
+    shutil.copytree(os.path.join(tiny_pipeline, stage), os.path.join(tmp_path, stage))
+  config = load_config("demo", "sample,tiny", **{"priors.top.hidden": 24,
+                                                 "sample.rejection.classifier": "none"})
+  with pytest.raises(ckpt_lib.CheckpointError, match="prior_top.*another shape"):
+    main.run_stage(config, str(tmp_path))

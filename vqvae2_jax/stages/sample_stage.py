@@ -1,0 +1,100 @@
+"""Generate images: ancestral sampling over all levels, then rejection sampling.
+
+Writes under <workdir>/sample/:
+  samples.png            every generated image, one row per class (class names shown)
+  samples.npz            codes per level, labels, uint8 images, classifier scores
+  images/00000.png ...   the individual images
+  rejection.png          with a classifier: the accepted samples per class, best first
+  rejection.json         the acceptance rate and the settings
+With rejection sampling, each of the num_images intended images gets 1 / keep_fraction
+candidates of its class, and the best keep_fraction of each class is kept.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import jax
+import numpy as np
+
+from vqvae2_jax import images as image_lib
+from vqvae2_jax.sampling import rejection
+from vqvae2_jax.sampling.hierarchical import HierarchicalSampler
+from vqvae2_jax.sampling.scorers import load_scorer
+from vqvae2_jax.stages import common
+from vqvae2_jax.train import loop
+
+NAME = "sample"
+
+
+def class_grid(path: str, images: np.ndarray, labels: np.ndarray, class_names, cols: int,
+               order: np.ndarray | None = None) -> str:
+  """A grid with one row per class (in label order), labelled with the class name."""
+  order = np.arange(len(images)) if order is None else order
+  rows, names = [], []
+  for c in np.unique(labels):
+    members = [i for i in order if labels[i] == c][:cols]
+    row = np.zeros((cols,) + images.shape[1:], np.uint8) + 255
+    row[:len(members)] = images[members]
+    rows.append(row)
+    names.append(class_names[c] if c < len(class_names) else str(c))
+  return image_lib.save_grid(path, np.concatenate(rows), cols=cols,
+                             row_labels=[n[:14] for n in names])
+
+
+def run(config, workdir: str) -> None:
+  mesh = common.setup_runtime(config)
+  s = config.sample
+  out_dir = loop.stage_dir(workdir, NAME)
+  loop.save_resolved_config(config, out_dir)
+  sampler = HierarchicalSampler(config, workdir, mesh)
+  use_rejection = s.rejection.classifier != "none" and sampler.num_classes > 0
+  labels = sampler.default_labels(s.num_images)
+  if use_rejection:
+    # Every intended image gets 1 / keep_fraction candidates of its class to choose from.
+    labels = np.repeat(labels, math.ceil(1 / s.rejection.keep_fraction))
+  n = s.num_images if labels is None else len(labels)
+  print(f"[sample] {n} images, levels {sampler.levels}, sampler={s.sampler}, "
+        f"temperature={s.temperature}", flush=True)
+  result = sampler.generate(n, labels, s.seed)
+  images, labels = result["image"], result["label"]
+  names = sampler.class_names or [str(i) for i in range(max(sampler.num_classes, 1))]
+  cols = max(1, min(8, math.ceil(len(images) / max(len(np.unique(labels)), 1))))
+  scores = np.full(len(images), np.nan, np.float32)
+  if jax.process_index() == 0:
+    os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
+    for i, img in enumerate(images):
+      image_lib.save_grid(os.path.join(out_dir, "images", f"{i:05d}.png"), img[None], 1, pad=0)
+    grid = class_grid(os.path.join(out_dir, "samples.png"), images, labels, names, cols)
+    print(f"[sample] wrote {grid}", flush=True)
+  if use_rejection:
+    r = s.rejection
+    scorer = load_scorer(r.classifier, config, workdir, mesh, sampler.num_classes)
+    class_map = np.asarray(r.class_map, np.int64) if r.class_map else None
+    scores = rejection.intended_class_scores(scorer(images), labels, class_map)
+    accepted = rejection.accept(scores, labels, keep_fraction=r.keep_fraction,
+                                threshold=r.threshold)
+    summary = {"classifier": r.classifier, "keep_fraction": r.keep_fraction,
+               "threshold": r.threshold, "candidates": int(len(images)),
+               "accepted": int(accepted.sum()),
+               "acceptance_rate": float(accepted.mean()),
+               "mean_score_all": float(scores.mean()),
+               "mean_score_accepted": float(scores[accepted].mean()) if accepted.any() else 0.0}
+    if jax.process_index() == 0:
+      order = np.argsort(-scores, kind="stable")
+      order = order[accepted[order]]
+      path = class_grid(os.path.join(out_dir, "rejection.png"), images, labels, names,
+                        cols=max(1, min(8, math.ceil(s.num_images / len(np.unique(labels))))),
+                        order=order)
+      with open(os.path.join(out_dir, "rejection.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+      print(f"[sample] rejection sampling with the {r.classifier} classifier: accepted "
+            f"{summary['accepted']}/{summary['candidates']} "
+            f"({100 * summary['acceptance_rate']:.0f}%), mean p(class) "
+            f"{summary['mean_score_all']:.3f} -> {summary['mean_score_accepted']:.3f}; "
+            f"wrote {path}", flush=True)
+  if jax.process_index() == 0:
+    np.savez_compressed(os.path.join(out_dir, "samples.npz"), scores=scores,
+                        **{k: v for k, v in result.items()})
+    print(f"[sample] wrote {os.path.join(out_dir, 'samples.npz')}", flush=True)
