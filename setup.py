@@ -27,6 +27,9 @@ EXTRAS = {
     "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4", "nbclient>=0.10,<0.12", "nbformat>=5.9,<6", "ipykernel>=6.29,<8"],
     # Preparing tfds builders (ImageNet from the manual download, ImageFolder) needs TensorFlow.
     "tf": ["tensorflow-cpu>=2.16,<3"],
+    # Accelerator builds of jaxlib.
+    "tpu": ["jax[tpu]>=0.10,<0.13"],
+    "cuda12": ["jax[cuda12]>=0.10,<0.13"],
     # Weight conversion from PyTorch files and the parity tests of the feature networks.
     # torch-fidelity (the FID reference) declares torchvision, which would replace a CPU
     # torch by a multi-GB CUDA build: install it with --no-deps (see .ci/run).

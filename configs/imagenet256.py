@@ -3,7 +3,7 @@ r"""ImageNet 256x256, the paper's main experiment (Table 5 stage 1, Table 3 prio
 Two levels: 64x64 bottom and 32x32 top latents, K=512 codes of D=64. Data: the tfds
 `imagenet2012` dataset prepared from the manual download (see README, "ImageNet-256").
 
-  python -m vqvae2_jax.main --config=configs/imagenet256.py:vqvae --workdir=gs://.../in256
+  python -m vqvae2_jax.main --config=configs/imagenet256.py:vqvae --workdir=/shared/runs/in256
   python -m vqvae2_jax.main --config=configs/imagenet256.py:prior_top --workdir=...
 """
 from vqvae2_jax import config_lib

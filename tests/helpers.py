@@ -1,6 +1,11 @@
-"""Shared test utilities: loading configs/<experiment>.py by path."""
+"""Shared test utilities: configs by path, random prior parameters without PRNG kernels."""
 import importlib.util
 import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -20,3 +25,16 @@ def load_config(experiment: str, arg: str, **overrides):
         node = node[p]
       node[last] = value
   return config
+
+
+def numpy_params(model, codes, cond, labels, seed=0):
+  """Random 'params' for `model` from numpy (fast on CPU: no PRNG kernels to compile)."""
+  shapes = nn.meta.unbox(jax.eval_shape(
+      lambda: model.init(jax.random.key(0), codes, cond, labels, train=False)))["params"]
+  rng = np.random.default_rng(seed)
+
+  def fill(s):
+    fan_in = int(np.prod(s.shape[:-1])) if len(s.shape) > 1 else 10
+    return jnp.asarray(rng.normal(size=s.shape) / np.sqrt(fan_in), s.dtype)
+
+  return jax.tree.map(fill, shapes)

@@ -13,6 +13,8 @@ import pytest
 
 from vqvae2_jax.models.prior import PixelSNAILPrior
 
+from helpers import numpy_params
+
 K = 8
 TOP = dict(num_codes=K, hidden=16, res_hidden=16, num_layers=4, attention_every=2,
            num_heads=2, num_output_layers=1, num_classes=3, dropout=0.3, attn_dropout=0.3)
@@ -33,19 +35,6 @@ def _inputs(model, b, h, w, seed=0):
   labels = (jnp.asarray(rng.integers(0, model.num_classes, (b,)), jnp.int32)
             if model.num_classes else None)
   return codes, cond, labels
-
-
-def numpy_params(model, codes, cond, labels, seed=0):
-  """Random 'params' for `model` from numpy (fast on CPU: no PRNG kernels to compile)."""
-  shapes = nn.meta.unbox(jax.eval_shape(
-      lambda: model.init(jax.random.key(0), codes, cond, labels, train=False)))["params"]
-  rng = np.random.default_rng(seed)
-
-  def fill(s):
-    fan_in = int(np.prod(s.shape[:-1])) if len(s.shape) > 1 else 10
-    return jnp.asarray(rng.normal(size=s.shape) / np.sqrt(fan_in), s.dtype)
-
-  return jax.tree.map(fill, shapes)
 
 
 @functools.lru_cache(maxsize=None)

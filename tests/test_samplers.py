@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import functools
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,6 +13,8 @@ from vqvae2_jax.models.prior import PixelSNAILPrior
 from vqvae2_jax.sampling import common
 from vqvae2_jax.sampling.incremental import sample_incremental
 from vqvae2_jax.sampling.reference import sample_reference
+
+from helpers import numpy_params
 
 K = 8
 CASES = {
@@ -34,19 +35,6 @@ CASES = {
                    num_heads=2, num_cond_layers=1, num_cond_levels=2, cond_scales=(4, 2)),
         hw=(8, 8), batch=2, sample=dict(temperature=1.3)),
 }
-
-
-def numpy_params(model, codes, cond, labels, seed=0):
-  """Random 'params' for `model` from numpy (fast on CPU: no PRNG kernels to compile)."""
-  shapes = nn.meta.unbox(jax.eval_shape(
-      lambda: model.init(jax.random.key(0), codes, cond, labels, train=False)))["params"]
-  rng = np.random.default_rng(seed)
-
-  def fill(s):
-    fan_in = int(np.prod(s.shape[:-1])) if len(s.shape) > 1 else 10
-    return jnp.asarray(rng.normal(size=s.shape) / np.sqrt(fan_in), s.dtype)
-
-  return jax.tree.map(fill, shapes)
 
 
 @functools.lru_cache(maxsize=None)

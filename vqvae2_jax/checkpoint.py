@@ -53,6 +53,7 @@ class Checkpointer:
     self._sigterm = False
 
   def latest_step(self) -> int | None:
+    """The newest saved step, or None when the directory holds no checkpoint."""
     return self._manager.latest_step()
 
   def save(self, step: int, state: Any, extra: dict[str, Any]) -> None:
@@ -103,7 +104,15 @@ class Checkpointer:
 
   # Preemption: SIGTERM (what schedulers and TPU maintenance send) or orbax's own signal.
   def install_sigterm_handler(self) -> None:
-    """Makes SIGTERM request a save-and-exit at the next step instead of killing."""
+    """Makes SIGTERM request a save-and-exit at the next step instead of killing.
+
+    Single-process only: with several processes JAX's distributed runtime already turns
+    SIGTERM into a preemption notice that every process sees at the same step (through
+    `reached_preemption`); a per-process flag would make one process save alone and wait
+    forever for the others.
+    """
+    if jax.process_count() > 1:
+      return
     def handler(signum, frame):
       del signum, frame
       logging.warning("SIGTERM received: saving a checkpoint and exiting.")
@@ -114,8 +123,10 @@ class Checkpointer:
       pass
 
   def should_stop(self, step: int) -> bool:
+    """True once SIGTERM arrived or orbax reports a preemption at `step`."""
     return self._sigterm or self._manager.reached_preemption(step)
 
   def close(self) -> None:
+    """Waits for pending writes and releases the manager."""
     self._manager.wait_until_finished()
     self._manager.close()

@@ -38,6 +38,7 @@ def run_stage(config, workdir: str) -> None:
 
 
 def main(argv):
+  """absl entry: runs the stage named by --config on --workdir."""
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if _CONFIG.value is None:

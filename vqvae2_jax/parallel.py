@@ -62,6 +62,12 @@ def maybe_initialize_distributed(dist_config) -> None:
                jax.device_count())
 
 
+def print0(message: str) -> None:
+  """Prints progress from process 0 only (one line per job, not per host)."""
+  if jax.process_index() == 0:
+    print(message, flush=True)
+
+
 def make_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A ('data', 'fsdp') mesh; data=-1 takes all devices left after fsdp.
 
@@ -88,10 +94,12 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
+  """Fully replicated placement on `mesh`."""
   return NamedSharding(mesh, P())
 
 
 def check_batch_size(global_batch: int, mesh: Mesh, what: str = "batch_size") -> None:
+  """Raises unless the global batch splits evenly over the mesh's devices."""
   if global_batch % mesh.size:
     raise ValueError(f"{what}={global_batch} must be divisible by the {mesh.size} devices "
                      "of the mesh")

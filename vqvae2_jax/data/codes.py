@@ -32,6 +32,7 @@ def code_dtype(num_codes: int) -> np.dtype:
 
 
 def shard_prefix(extract_dir: str, split: str, shard: int) -> str:
+  """Path prefix of one shard's files: <extract_dir>/<split>/shard_00000."""
   return os.path.join(extract_dir, split, f"shard_{shard:05d}")
 
 
@@ -46,11 +47,13 @@ def write_shard(extract_dir: str, split: str, shard: int, arrays: dict[str, np.n
 
 
 def shard_complete(extract_dir: str, split: str, shard: int, keys) -> bool:
+  """True when every array of the shard is on disk (interrupted runs skip it)."""
   prefix = shard_prefix(extract_dir, split, shard)
   return all(os.path.exists(f"{prefix}.{k}.npy") for k in keys)
 
 
 def read_manifest(extract_dir: str) -> dict:
+  """The extraction manifest; a clear error when `extract` has not run."""
   path = os.path.join(extract_dir, MANIFEST)
   if not os.path.exists(path):
     raise DataError(f"no code shards at {extract_dir} (missing {MANIFEST}): run the "
@@ -131,5 +134,6 @@ def iterate_codes_once(codes: CodeShards, global_batch_size: int, *,
 
 
 def list_splits(extract_dir: str) -> list[str]:
+  """Split folders present under the extraction directory."""
   return sorted(os.path.basename(d) for d in glob.glob(os.path.join(extract_dir, "*"))
                 if os.path.isdir(d))

@@ -92,8 +92,8 @@ class HierarchicalSampler:
                            else np.zeros(batch, np.int32))[:keep])
       for level in self.levels:
         out[level].append(parallel.global_to_host(codes[level])[:keep])
-      if progress and jax.process_index() == 0:
+      if progress:
         done = lo + keep
-        print(f"[sample] {done}/{n} images ({done / (time.time() - start):.2f} img/s)",
-              flush=True)
+        parallel.print0(f"[sample] {done}/{n} images "
+                        f"({done / (time.time() - start):.2f} img/s)")
     return {k: np.concatenate(v) for k, v in out.items()}

@@ -23,12 +23,14 @@ NAME = "classifier"
 
 
 def build_classifier(config, num_classes: int) -> ResNetClassifier:
+  """The ResNet classifier of config.classifier for `num_classes` labels."""
   c = config.classifier
   return ResNetClassifier(num_classes=num_classes, width=c.width,
                           stage_sizes=(c.depth,) * 3, dropout_rate=0.1)
 
 
 def classifier_init_fn(model, image_size: int):
+  """rng -> the classifier's variables for [1, S, S, 3] images."""
   def init(rng):
     return model.init({"params": rng}, jnp.zeros((1, image_size, image_size, 3)),
                       train=False)
@@ -36,6 +38,7 @@ def classifier_init_fn(model, image_size: int):
 
 
 def make_loss_fn(model):
+  """(params, model_state, batch, rng) -> (cross-entropy, (metrics, model_state))."""
   def loss_fn(params, model_state, batch, rng):
     logits = model.apply({"params": params}, image_lib.to_model(batch["image"]), train=True,
                          rngs={"dropout": rng})
@@ -46,6 +49,7 @@ def make_loss_fn(model):
 
 
 def make_logits_fn(model, mesh):
+  """Jitted (params, uint8 images [B, S, S, 3]) -> float32 logits [B, C]."""
   @functools.partial(jax.jit, out_shardings=parallel.batch_sharding(mesh))
   def logits_fn(params, images):
     return model.apply({"params": params}, image_lib.to_model(images), train=False)
@@ -107,9 +111,10 @@ def load_classifier(config, workdir: str, num_classes: int, mesh, name: str = NA
 
 
 def run(config, workdir: str) -> None:
+  """Trains the classifier stage into <workdir>/classifier."""
   from vqvae2_jax.stages import common  # pylint: disable=g-import-not-at-top
   mesh = common.setup_runtime(config)
   task = build_task(config, mesh)
   loop.train(task, config.classifier.train, workdir=workdir, mesh=mesh,
              axis_rules=config.axis_rules, seed=config.seed, config=config)
-  print(f"[{NAME}] done.", flush=True)
+  parallel.print0(f"[{NAME}] done.")

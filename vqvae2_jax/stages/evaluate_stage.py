@@ -51,7 +51,7 @@ _START = [time.time()]
 
 
 def log(msg: str) -> None:
-  print(f"[{NAME}] {msg} | {time.time() - _START[0]:.0f}s elapsed", flush=True)
+  parallel.print0(f"[{NAME}] {msg} | {time.time() - _START[0]:.0f}s elapsed")
 
 
 @dataclasses.dataclass

@@ -43,6 +43,7 @@ class _Slice:
 
 
 def make_encode_fn(model, mesh):
+  """Jitted (variables, uint8 images [B, S, S, 3]) -> int32 codes per level."""
   @functools.partial(jax.jit, out_shardings=parallel.batch_sharding(mesh))
   def encode(variables, images):
     return model.apply(variables, image_lib.to_model(images), method=model.encode)
@@ -50,6 +51,7 @@ def make_encode_fn(model, mesh):
 
 
 def run(config, workdir: str) -> None:
+  """Encodes config.extract.splits into code shards under <workdir>/extract."""
   mesh = common.setup_runtime(config)
   batch_size = config.extract.batch_size
   parallel.check_batch_size(batch_size, mesh, "extract.batch_size")
@@ -96,8 +98,8 @@ def run(config, workdir: str) -> None:
                               {k: np.concatenate(v) for k, v in arrays.items()})
       done += hi - lo
       rate = done / max(time.time() - start_time, 1e-9)
-      print(f"[extract] {split}: shard {shard + 1}/{num_shards} ({hi}/{len(source)} images,"
-            f" {rate:.1f} img/s)", flush=True)
+      parallel.print0(f"[extract] {split}: shard {shard + 1}/{num_shards} ({hi}/{len(source)} images,"
+            f" {rate:.1f} img/s)")
     splits[split] = {"num_images": len(source), "num_shards": num_shards}
   manifest = dict(vqvae_step=vqvae_step, levels=list(names), shapes=shapes,
                   num_codes=config.vqvae.num_codes, dtype=dtype.name, splits=splits,
@@ -106,4 +108,4 @@ def run(config, workdir: str) -> None:
   if jax.process_index() == 0:
     with open(manifest_path, "w") as f:
       json.dump(manifest, f, indent=2)
-  print(f"[extract] wrote {manifest_path}", flush=True)
+  parallel.print0(f"[extract] wrote {manifest_path}")

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import time
 
+from vqvae2_jax import parallel
 from vqvae2_jax import config_lib
 
 
 def stage_list(config) -> list[str]:
+  """The stages the pipeline runs for `config`, in order."""
   stages = ["vqvae", "extract"] + [f"prior_{l}" for l in config_lib.prior_levels(config)]
   if config.sample.rejection.classifier == "trained":
     stages.append("classifier")
@@ -19,14 +21,15 @@ def stage_list(config) -> list[str]:
 
 
 def run(config, workdir: str) -> None:
+  """Runs every stage of `stage_list` on `workdir`."""
   from vqvae2_jax import main  # pylint: disable=g-import-not-at-top
   start = time.time()
   for stage in stage_list(config):
     stage_config = config.copy_and_resolve_references()
     with stage_config.unlocked():
       stage_config.stage = stage
-    print(f"=== {stage} ({time.time() - start:.0f}s since start) ===", flush=True)
+    parallel.print0(f"=== {stage} ({time.time() - start:.0f}s since start) ===")
     main.run_stage(stage_config, workdir)
-  print(f"=== pipeline done in {time.time() - start:.0f}s. Pictures: {workdir}/vqvae/"
+  parallel.print0(f"=== pipeline done in {time.time() - start:.0f}s. Pictures: {workdir}/vqvae/"
         f"reconstructions.png, {workdir}/sample/samples.png, {workdir}/sample/rejection.png"
-        " ===", flush=True)
+        " ===")

@@ -21,6 +21,7 @@ from vqvae2_jax.train import loop
 
 
 def stage_name(level: str) -> str:
+  """'top' -> 'prior_top', the stage and directory name."""
   return f"prior_{level}"
 
 
@@ -38,6 +39,7 @@ def nll_terms(logits, codes):
 
 
 def make_loss_fn(prior, level, upper):
+  """(params, model_state, code batch, rng) -> (mean NLL, (metrics, model_state))."""
   conditional = prior.num_classes > 0
 
   def loss_fn(params, model_state, batch, rng):
@@ -52,6 +54,7 @@ def make_loss_fn(prior, level, upper):
 
 
 def make_eval_fn(prior, level, upper, mesh):
+  """Jitted (params, code batch) -> per-example NLL and accuracy, float32 [B] each."""
   conditional = prior.num_classes > 0
 
   @functools.partial(jax.jit, out_shardings=parallel.batch_sharding(mesh))
@@ -81,6 +84,7 @@ def dataset_nll(eval_fn, params, codes: codes_lib.CodeShards, batch_size: int, m
 
 
 def build_task(config, level: str, mesh, workdir: str) -> loop.TrainTask:
+  """The TrainTask of prior_<level> on the code shards in <workdir>/extract."""
   extract_dir = loop.stage_dir(workdir, "extract")
   train_codes = codes_lib.CodeShards(extract_dir, "train")
   manifest = train_codes.manifest
@@ -106,9 +110,10 @@ def build_task(config, level: str, mesh, workdir: str) -> loop.TrainTask:
 
 
 def run(config, workdir: str) -> None:
+  """Trains the prior named by config.stage (prior_top / prior_mid / prior_bottom)."""
   level = config.stage[len("prior_"):]
   mesh = common.setup_runtime(config)
   task = build_task(config, level, mesh, workdir)
   loop.train(task, config.priors[level].train, workdir=workdir, mesh=mesh,
              axis_rules=config.axis_rules, seed=config.seed, config=config)
-  print(f"[{task.name}] done.", flush=True)
+  parallel.print0(f"[{task.name}] done.")

@@ -18,6 +18,7 @@ import os
 import jax
 import numpy as np
 
+from vqvae2_jax import parallel
 from vqvae2_jax import images as image_lib
 from vqvae2_jax.sampling import rejection
 from vqvae2_jax.sampling.hierarchical import HierarchicalSampler
@@ -44,6 +45,7 @@ def class_grid(path: str, images: np.ndarray, labels: np.ndarray, class_names, c
 
 
 def run(config, workdir: str) -> None:
+  """Generates config.sample.num_images images and writes them under <workdir>/sample."""
   mesh = common.setup_runtime(config)
   s = config.sample
   out_dir = loop.stage_dir(workdir, NAME)
@@ -55,8 +57,8 @@ def run(config, workdir: str) -> None:
     # Every intended image gets 1 / keep_fraction candidates of its class to choose from.
     labels = np.repeat(labels, math.ceil(1 / s.rejection.keep_fraction))
   n = s.num_images if labels is None else len(labels)
-  print(f"[sample] {n} images, levels {sampler.levels}, sampler={s.sampler}, "
-        f"temperature={s.temperature}", flush=True)
+  parallel.print0(f"[sample] {n} images, levels {sampler.levels}, sampler={s.sampler}, "
+        f"temperature={s.temperature}")
   result = sampler.generate(n, labels, s.seed)
   images, labels = result["image"], result["label"]
   names = sampler.class_names or [str(i) for i in range(max(sampler.num_classes, 1))]
@@ -67,7 +69,7 @@ def run(config, workdir: str) -> None:
     for i, img in enumerate(images):
       image_lib.save_grid(os.path.join(out_dir, "images", f"{i:05d}.png"), img[None], 1, pad=0)
     grid = class_grid(os.path.join(out_dir, "samples.png"), images, labels, names, cols)
-    print(f"[sample] wrote {grid}", flush=True)
+    parallel.print0(f"[sample] wrote {grid}")
   if use_rejection:
     r = s.rejection
     scorer = load_scorer(r.classifier, config, workdir, mesh, sampler.num_classes)
@@ -89,12 +91,12 @@ def run(config, workdir: str) -> None:
                         order=order)
       with open(os.path.join(out_dir, "rejection.json"), "w") as f:
         json.dump(summary, f, indent=2)
-      print(f"[sample] rejection sampling with the {r.classifier} classifier: accepted "
+      parallel.print0(f"[sample] rejection sampling with the {r.classifier} classifier: accepted "
             f"{summary['accepted']}/{summary['candidates']} "
             f"({100 * summary['acceptance_rate']:.0f}%), mean p(class) "
             f"{summary['mean_score_all']:.3f} -> {summary['mean_score_accepted']:.3f}; "
-            f"wrote {path}", flush=True)
+            f"wrote {path}")
   if jax.process_index() == 0:
     np.savez_compressed(os.path.join(out_dir, "samples.npz"), scores=scores,
                         **{k: v for k, v in result.items()})
-    print(f"[sample] wrote {os.path.join(out_dir, 'samples.npz')}", flush=True)
+    parallel.print0(f"[sample] wrote {os.path.join(out_dir, 'samples.npz')}")

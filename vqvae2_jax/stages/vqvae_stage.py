@@ -104,9 +104,10 @@ def build_task(config, mesh, workdir: str) -> loop.TrainTask:
 
 
 def run(config, workdir: str) -> None:
+  """Trains stage 1 into <workdir>/vqvae."""
   mesh = common.setup_runtime(config)
   task = build_task(config, mesh, workdir)
   loop.train(task, config.vqvae_train, workdir=workdir, mesh=mesh,
              axis_rules=config.axis_rules, seed=config.seed, config=config)
-  print(f"[vqvae] done. Reconstructions: {os.path.join(workdir, NAME, 'reconstructions.png')}",
-        flush=True)
+  parallel.print0(f"[vqvae] done. Reconstructions: "
+                  f"{os.path.join(workdir, NAME, 'reconstructions.png')}")

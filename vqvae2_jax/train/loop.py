@@ -7,7 +7,6 @@ resumption, SIGTERM handling and NaN handling are one piece of code for all stag
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from typing import Any, Callable, Iterator
@@ -72,6 +71,7 @@ def make_train_step(loss_fn, tx, ema_decay: float):
 
 
 def stage_dir(workdir: str, name: str) -> str:
+  """<workdir>/<name>, where a stage writes everything."""
   return os.path.join(workdir, name)
 
 
@@ -107,7 +107,7 @@ def train(task: TrainTask, train_config, *, workdir: str, mesh: Mesh, axis_rules
     task.loader.set_state(record["data"])
     start = int(record["step"])
     writer.truncate_after(start)
-    print(f"[{task.name}] resumed from step {start} ({checkpointer.directory})", flush=True)
+    parallel.print0(f"[{task.name}] resumed from step {start} ({checkpointer.directory})")
 
   def save(state, step):
     checkpointer.save(step, state, {"step": step, "data": task.loader.get_state()})
@@ -152,8 +152,8 @@ def train(task: TrainTask, train_config, *, workdir: str, mesh: Mesh, axis_rules
         save(state, step)
       if checkpointer.should_stop(step):
         save(state, step)
-        print(f"[{task.name}] preempted: saved step {step}; rerun the same command to "
-              "resume.", flush=True)
+        parallel.print0(f"[{task.name}] preempted: saved step {step}; rerun the same command to "
+              "resume.")
         break
   finally:
     writer.close()

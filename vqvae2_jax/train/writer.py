@@ -83,5 +83,6 @@ class MetricWriter:
           + " ".join(parts) + f" | {elapsed:.0f}s elapsed", flush=True)
 
   def close(self) -> None:
+    """Flushes and closes the TensorBoard writer."""
     if self._tb is not None:
       self._tb.close()
