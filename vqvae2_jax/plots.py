@@ -1,0 +1,326 @@
+"""Pictures of a run: training curves, codebook usage, reconstructions from level subsets.
+
+matplotlib (Agg backend) and JAX are imported inside the functions, so importing the
+package stays light. Every function writes a PNG and returns its path; figure sizes are
+fixed per panel (see the constants) so callers and tests can rely on the layout.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+# Metrics drawn by `plot_training_curves`, in panel order.
+CURVE_METRICS = ("loss", "mse", "psnr", "commitment", "perplexity", "code_usage",
+                 "nll_bits", "accuracy", "top1")
+LOG_SCALE_METRICS = ("loss", "mse")
+CURVE_COLUMNS = 3  # panels per row of the curves figure
+CURVE_PANEL_PX = (400, 300)  # (width, height) of one curves panel
+HISTOGRAM_PANEL_PX = (500, 350)  # (width, height) of one level's histogram
+DPI = 100
+
+
+def _pyplot():
+  """matplotlib.pyplot on the Agg backend (no display needed)."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  return plt
+
+
+def _level_name(index: int, num_levels: int) -> str:
+  from vqvae2_jax.models.vqvae import level_names  # pylint: disable=g-import-not-at-top
+  return level_names(num_levels)[index]
+
+
+def read_metrics(stage_dir: str) -> list[dict[str, Any]]:
+  """Rows of `<stage_dir>/metrics.jsonl` (blank lines skipped)."""
+  path = os.path.join(stage_dir, "metrics.jsonl")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} does not exist: train the stage first (its "
+                            "metrics.jsonl is written while it trains)")
+  rows = []
+  with open(path) as f:
+    for number, line in enumerate(f, 1):
+      if line.strip():
+        try:
+          rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+          raise ValueError(f"{path}:{number} is not a JSON object: {e}") from e
+  return rows
+
+
+def _is_number(value: Any) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _series(rows: Sequence[dict[str, Any]], metric: str, split: str
+            ) -> dict[int | None, tuple[list[int], list[float]]]:
+  """{level index (None for a scalar metric): (steps, values)} of one metric and split."""
+  out: dict[int | None, tuple[list[int], list[float]]] = {}
+  for row in rows:
+    if row.get("split", "train") != split or metric not in row or "step" not in row:
+      continue
+    value = row[metric]
+    values = value if isinstance(value, list) else [value]
+    for i, v in enumerate(values):
+      if _is_number(v) and math.isfinite(v):
+        key = i if isinstance(value, list) else None
+        steps, ys = out.setdefault(key, ([], []))
+        steps.append(int(row["step"]))
+        ys.append(float(v))
+  return out
+
+
+def curve_panels(rows: Sequence[dict[str, Any]]) -> list[str]:
+  """The metrics of CURVE_METRICS with at least one finite value in `rows`, in order."""
+  return [m for m in CURVE_METRICS
+          if any(_series(rows, m, split) for split in ("train", "val"))]
+
+
+def plot_training_curves(stage_dir: str, path: str | None = None) -> str:
+  """Writes `<stage_dir>/curves.png`: one panel per metric logged in metrics.jsonl.
+
+  Panels (those present, in this order): loss, mse, psnr, commitment, perplexity and
+  code_usage (one line per level), nll_bits, accuracy, top1. Train lines are solid,
+  validation lines dashed with markers; loss and mse use a log y axis. The figure is
+  CURVE_COLUMNS panels wide, each panel CURVE_PANEL_PX pixels.
+
+  Args:
+    stage_dir: a stage's output folder holding metrics.jsonl (rows {'step', 'split':
+      'train' | 'val', metric: scalar or per-level list}).
+    path: where to write the PNG (default `<stage_dir>/curves.png`).
+
+  Returns:
+    The PNG's path.
+  """
+  rows = read_metrics(stage_dir)
+  panels = curve_panels(rows)
+  if not panels:
+    raise ValueError(f"{stage_dir}/metrics.jsonl holds none of the metrics "
+                     f"{', '.join(CURVE_METRICS)}")
+  plt = _pyplot()
+  cols = min(CURVE_COLUMNS, len(panels))
+  nrows = -(-len(panels) // cols)
+  fig, axes = plt.subplots(nrows, cols, squeeze=False, dpi=DPI,
+                           figsize=(cols * CURVE_PANEL_PX[0] / DPI,
+                                    nrows * CURVE_PANEL_PX[1] / DPI))
+  colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+  for ax, metric in zip(axes.flat, panels):
+    positive = True
+    for split, style in (("train", dict(linestyle="-", linewidth=1.2)),
+                         ("val", dict(linestyle="--", marker="o", markersize=3))):
+      series = _series(rows, metric, split)
+      num_levels = max((k for k in series if k is not None), default=-1) + 1
+      for key, (steps, ys) in sorted(series.items(), key=lambda kv: -1 if kv[0] is None
+                                     else kv[0]):
+        label = split if key is None else f"{split} {_level_name(key, num_levels)}"
+        color = colors[(0 if key is None else key) % len(colors)]
+        if split == "val" and key is None:
+          color = colors[1 % len(colors)]
+        # A lone point draws no line: give it a marker so a one-row log still shows.
+        marker = style.get("marker", "o" if len(steps) == 1 else None)
+        ax.plot(steps, ys, label=label, color=color,
+                **{**style, "marker": marker, "markersize": 3})
+        positive = positive and min(ys) > 0
+    if metric in LOG_SCALE_METRICS and positive:
+      ax.set_yscale("log")
+    ax.set_title(metric)
+    ax.set_xlabel("step")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+  for ax in list(axes.flat)[len(panels):]:
+    ax.axis("off")
+  fig.suptitle(os.path.basename(os.path.normpath(stage_dir)), fontsize=10)
+  fig.tight_layout()
+  path = path or os.path.join(stage_dir, "curves.png")
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path, dpi=DPI)
+  plt.close(fig)
+  return path
+
+
+def ema_counts(variables_or_counts: Any, level_names: Sequence[str]) -> list[np.ndarray]:
+  """Per-level EMA code counts, float [K] each, top first.
+
+  Accepts the VQ-VAE's variables (reads vq_stats/quantizers_<l>/ema_count), a mapping
+  {level name: counts} or a sequence of count arrays.
+  """
+  if isinstance(variables_or_counts, Mapping) and "vq_stats" in variables_or_counts:
+    stats = variables_or_counts["vq_stats"]
+    missing = [f"quantizers_{l}" for l in range(len(level_names))
+               if f"quantizers_{l}" not in stats]
+    if missing:
+      raise ValueError(f"vq_stats has no {missing}: the variables have {sorted(stats)} for "
+                       f"the {len(level_names)} levels {tuple(level_names)}")
+    counts = [stats[f"quantizers_{l}"]["ema_count"] for l in range(len(level_names))]
+  elif isinstance(variables_or_counts, Mapping):
+    missing = [n for n in level_names if n not in variables_or_counts]
+    if missing:
+      raise ValueError(f"no counts for levels {missing}; got keys "
+                       f"{sorted(variables_or_counts)} (pass the VQ-VAE variables with "
+                       "their 'vq_stats' collection, or {level: counts})")
+    counts = [variables_or_counts[n] for n in level_names]
+  else:
+    counts = list(variables_or_counts)
+  if len(counts) != len(level_names):
+    raise ValueError(f"{len(counts)} count arrays for {len(level_names)} levels")
+  out = [np.asarray(c, np.float64).reshape(-1) for c in counts]
+  for name, c in zip(level_names, out):
+    if not c.size or np.any(c < 0) or not np.all(np.isfinite(c)):
+      raise ValueError(f"level {name}: EMA counts must be finite, >= 0 and non-empty")
+  return out
+
+
+def count_statistics(counts: np.ndarray, min_count: float = 0.01) -> tuple[float, float]:
+  """(perplexity, fraction of codes used) of EMA counts float [K].
+
+  Perplexity is exp(entropy) of the normalised counts. A code counts as used when its
+  EMA count (about the vectors it receives per batch) is at least `min_count`; unused
+  codes decay towards zero but never reach it.
+  """
+  total = counts.sum()
+  probs = counts / total if total > 0 else np.full_like(counts, 1.0 / len(counts))
+  entropy = -np.sum(probs * np.log(np.maximum(probs, 1e-30)))
+  return float(np.exp(entropy)), float(np.mean(counts >= min_count))
+
+
+def codebook_usage_histogram(variables_or_counts: Any, level_names: Sequence[str],
+                             path: str, *, min_count: float = 0.01) -> str:
+  """One bar plot per level of the EMA code counts, sorted in descending order.
+
+  Each panel's title gives the level's perplexity (of the normalised counts) and the
+  fraction of the K codes whose count is at least `min_count`. Panels sit side by side,
+  HISTOGRAM_PANEL_PX pixels each.
+
+  Args:
+    variables_or_counts: the VQ-VAE's variables (with the 'vq_stats' collection), a
+      mapping {level name: float [K]} or a sequence of float [K], top first.
+    level_names: names of the levels, top first.
+    path: the PNG to write.
+    min_count: EMA count from which a code counts as used.
+
+  Returns:
+    path.
+  """
+  counts = ema_counts(variables_or_counts, level_names)
+  plt = _pyplot()
+  fig, axes = plt.subplots(1, len(counts), squeeze=False, dpi=DPI,
+                           figsize=(len(counts) * HISTOGRAM_PANEL_PX[0] / DPI,
+                                    HISTOGRAM_PANEL_PX[1] / DPI))
+  for ax, name, c in zip(axes.flat, level_names, counts):
+    ordered = np.sort(c)[::-1]
+    perplexity, used = count_statistics(c, min_count)
+    # A log axis keeps the tail of rarely used codes visible; zeros are floored.
+    ax.bar(np.arange(len(ordered)), np.maximum(ordered, 1e-6), width=1.0, color="tab:blue")
+    ax.set_yscale("log")
+    ax.axhline(min_count, color="tab:red", linewidth=0.8, linestyle=":",
+               label=f"used threshold {min_count:g}")
+    ax.set_title(f"{name}: perplexity {perplexity:.1f} / {len(c)}, "
+                 f"{100 * used:.0f}% codes used", fontsize=9)
+    ax.set_xlabel("code rank")
+    ax.set_ylabel("EMA count")
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path, dpi=DPI)
+  plt.close(fig)
+  return path
+
+
+def _subset_decode(model, variables, images):
+  """uint8 [N, H, W, 3] -> float [L, N, H, W, 3]: decodes from levels 0..l for each l."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from vqvae2_jax import images as image_lib  # pylint: disable=g-import-not-at-top
+  codes = model.apply(variables, image_lib.to_model(images), method=model.encode)
+  n = model.num_levels
+  outs = [model.apply(variables, codes, tuple(i <= l for i in range(n)),
+                      method=model.decode_codes) for l in range(n)]
+  return jnp.stack(outs)
+
+
+_SUBSET_DECODE = None
+
+
+def level_subset_images(model, variables, images_uint8: np.ndarray) -> np.ndarray:
+  """Reconstructions from the top level only, top + next, ..., all levels.
+
+  Args:
+    model: a VQVAE2 module.
+    variables: its variables ({'params', 'vq_stats'}).
+    images_uint8: uint8 [N, H, W, 3].
+
+  Returns:
+    uint8 [L, N, H, W, 3]; entry l decodes with levels 0..l (top first) and the levels
+    below replaced by zeros (`VQVAE2.decode_codes` with a level mask).
+  """
+  global _SUBSET_DECODE
+  import jax  # pylint: disable=g-import-not-at-top
+  from vqvae2_jax import images as image_lib  # pylint: disable=g-import-not-at-top
+  images_uint8 = np.asarray(images_uint8)
+  if images_uint8.ndim != 4 or images_uint8.shape[-1] != 3 or images_uint8.dtype != np.uint8:
+    raise ValueError(f"images must be uint8 [N, H, W, 3]; got {images_uint8.dtype} "
+                     f"{images_uint8.shape}")
+  if _SUBSET_DECODE is None:
+    # The module is hashable, so one jitted function serves every model (one trace each).
+    _SUBSET_DECODE = jax.jit(_subset_decode, static_argnums=0)
+  pixels = _SUBSET_DECODE(model, variables, images_uint8)
+  return image_lib.to_uint8(jax.device_get(pixels))
+
+
+def subset_labels(level_names: Sequence[str]) -> list[str]:
+  """Column titles of the level-subset figure: 'top', '+mid', '+bottom', 'original'."""
+  return [level_names[0]] + [f"+{n}" for n in level_names[1:]] + ["original"]
+
+
+def level_subset_reconstructions(model, variables, images_uint8: np.ndarray,
+                                 level_names: Sequence[str], path: str, *,
+                                 scale: int = 1, pad: int = 2,
+                                 header: int = 14) -> str:
+  """The paper's Figure 3: reconstructions from growing subsets of levels.
+
+  Rows are images; columns are the reconstruction from the top level only, then top and
+  the next level, ..., all levels, and the original on the right, titled by
+  `subset_labels(level_names)`. The PNG is exactly
+  (L + 1) * (scale * W + pad) + pad pixels wide and
+  header + N * (scale * H + pad) + pad pixels high.
+
+  Args:
+    model: a VQVAE2 module with len(level_names) levels.
+    variables: its variables.
+    images_uint8: uint8 [N, H, W, 3].
+    level_names: names of the levels, top first.
+    path: the PNG to write.
+    scale: integer nearest-neighbour magnification of every tile (small images).
+    pad: pixels between tiles. header: height of the column-title band.
+
+  Returns:
+    path.
+  """
+  from PIL import Image, ImageDraw  # pylint: disable=g-import-not-at-top
+  if len(level_names) != model.num_levels:
+    raise ValueError(f"{len(level_names)} level names for a {model.num_levels}-level model")
+  if scale < 1:
+    raise ValueError(f"scale={scale} must be a positive integer")
+  images_uint8 = np.asarray(images_uint8)
+  recon = level_subset_images(model, variables, images_uint8)
+  columns = list(recon) + [images_uint8]
+  n, h, w, _ = images_uint8.shape
+  th, tw = h * scale, w * scale
+  canvas = Image.new("RGB", (len(columns) * (tw + pad) + pad, header + n * (th + pad) + pad),
+                     (255, 255, 255))
+  draw = ImageDraw.Draw(canvas)
+  for c, (title, column) in enumerate(zip(subset_labels(level_names), columns)):
+    x0 = pad + c * (tw + pad)
+    draw.text((x0 + 1, 1), title[:max(1, tw // 6)], fill=(0, 0, 0))
+    for r in range(n):
+      tile = Image.fromarray(column[r])
+      if scale > 1:
+        tile = tile.resize((tw, th), Image.NEAREST)
+      canvas.paste(tile, (x0, header + pad + r * (th + pad)))
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  canvas.save(path)
+  return path
