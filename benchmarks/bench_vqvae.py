@@ -178,7 +178,8 @@ def fmt_params(n: int | None) -> str:
 class JaxVQVAEBench:
   """Compiled train step, encoder and decoder of one JAX VQ-VAE config."""
 
-  def __init__(self, config, name: str, batch: int, image_size: int, dtype, seed: int = 0):
+  def __init__(self, config, name: str, batch: int, image_size: int, dtype, seed: int = 0,
+               ops=OPS):
     self.name, self.batch, self.framework = name, batch, "jax"
     self.upsample = config.vqvae.upsample
     model = common.build_vqvae(config, dtype)
@@ -192,9 +193,14 @@ class JaxVQVAEBench:
     images = np.random.default_rng(seed).integers(0, 256, (batch, image_size, image_size, 3),
                                                   dtype=np.uint8)
     self.batch_arrays = {"image": jax.device_put(images)}
-    self.compile_s, self.flops = {}, {}
-    self._train, self.compile_s["train"] = compile_timed(step, self.state, self.batch_arrays,
-                                                         donate_argnums=0)
+    # Only the requested ops are compiled (a 256x256 train step takes a minute to build).
+    self.compile_s = {op: None for op in OPS}
+    self.flops = {op: None for op in OPS}
+    compiled = {}
+    if "train" in ops:
+      compiled["train"], self.compile_s["train"] = compile_timed(
+          step, self.state, self.batch_arrays, donate_argnums=0)
+      self._train = compiled["train"]
 
     def encode(variables, x):
       return model.apply(variables, image_lib.to_model(x), method=model.encode)
@@ -203,11 +209,16 @@ class JaxVQVAEBench:
       return model.apply(variables, codes, method=model.decode_codes)
 
     variables = self.variables()
-    self._encode, self.compile_s["encode"] = compile_timed(encode, variables,
-                                                           self.batch_arrays["image"])
-    self.codes = jax.block_until_ready(self._encode(variables, self.batch_arrays["image"]))
-    self._decode, self.compile_s["decode"] = compile_timed(decode, variables, self.codes)
-    for op, c in (("train", self._train), ("encode", self._encode), ("decode", self._decode)):
+    if "encode" in ops or "decode" in ops:
+      compiled["encode"], self.compile_s["encode"] = compile_timed(
+          encode, variables, self.batch_arrays["image"])
+      self._encode = compiled["encode"]
+      self.codes = jax.block_until_ready(self._encode(variables, self.batch_arrays["image"]))
+    if "decode" in ops:
+      compiled["decode"], self.compile_s["decode"] = compile_timed(decode, variables,
+                                                                   self.codes)
+      self._decode = compiled["decode"]
+    for op, c in compiled.items():
       f = xla_flops(c)
       self.flops[op] = None if f is None else f / batch
 
@@ -327,7 +338,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   return ap.parse_args(argv)
 
 
-def build_variants(args) -> tuple[list[Any], dict[str, Any]]:
+def build_variants(args, ops) -> tuple[list[Any], dict[str, Any]]:
   arg = ",".join(["vqvae"] + [p for p in args.presets.split(",") if p])
   config = load_config(args.experiment, arg)
   if args.match_torch_reference:
@@ -355,7 +366,8 @@ def build_variants(args) -> tuple[list[Any], dict[str, Any]]:
                                     config.vqvae_train.learning_rate, args.torch_threads))
   for mode in modes:
     config.vqvae.upsample = mode
-    variants.append(JaxVQVAEBench(config, f"jax {mode}", batch, size, parallel.to_dtype(dtype)))
+    variants.append(JaxVQVAEBench(config, f"jax {mode}", batch, size, parallel.to_dtype(dtype),
+                                  ops=ops))
   return variants, setup
 
 
@@ -368,6 +380,9 @@ def measure(variants, ops, steps: int, warmup: int) -> list[dict[str, Any]]:
     for row, v in zip(rows, variants):
       row["seconds"][op] = times[v.name]
       row["per_sec"][op] = v.batch / statistics.median(times[v.name])
+  for row in rows:
+    for op in OPS:
+      row["per_sec"].setdefault(op, None)
   return rows
 
 
@@ -378,18 +393,20 @@ def print_table(rows, setup, ops, steps: int) -> None:
         f"{s['image_size']}x{s['image_size']}, batch {s['batch']}, {s['dtype']}, "
         f"median of {steps} ==")
   print("widths: " + ", ".join(f"{k}={v}" for k, v in s["widths"].items()))
-  head = (f"{'variant':<22}{'upsample':>10}{'params':>9} |" + "".join(f"{o:>9}" for o in ops)
-          + " |" + "".join(f"{o:>9}" for o in ops) + " |" + "".join(f"{o:>8}" for o in ops))
-  print(f"{'':<41} |{'images / s':^{9 * len(ops)}} |{'GFLOP / image':^{9 * len(ops)}} |"
-        f"{'compile s':^{8 * len(ops)}}")
+  w = 14 if len(ops) == 1 else 9  # a single column must still fit its group's label
+  head = (f"{'variant':<22}{'upsample':>10}{'params':>9} |" + "".join(f"{o:>{w}}" for o in ops)
+          + " |" + "".join(f"{o:>{w}}" for o in ops) + " |" + "".join(f"{o:>{w}}" for o in ops))
+  print(f"{'':<41} |{'images / s':^{w * len(ops)}} |{'GFLOP / image':^{w * len(ops)}} |"
+        f"{'compile s':^{w * len(ops)}}")
   print(head)
   print("-" * len(head))
   for r in rows:
     print(f"{r['name']:<22}{r['upsample']:>10}{fmt_params(r['params']):>9} |"
-          + "".join(fmt(r["per_sec"][o]) for o in ops) + " |"
+          + "".join(fmt(r["per_sec"][o], ".2f" if r["per_sec"][o] < 10 else ".1f", w)
+                    for o in ops) + " |"
           + "".join(fmt(None if r["flops_per_image"][o] is None
-                        else r["flops_per_image"][o] / 1e9, ".2f") for o in ops) + " |"
-          + "".join(fmt(r["compile_s"][o], ".1f", 8) for o in ops))
+                        else r["flops_per_image"][o] / 1e9, ".2f", w) for o in ops) + " |"
+          + "".join(fmt(r["compile_s"][o], ".1f", w) for o in ops))
   torch_rows = [r for r in rows if r["framework"] == "torch"]
   if torch_rows:
     t = torch_rows[0]
@@ -411,7 +428,7 @@ def main(argv=None) -> list[dict[str, Any]]:
   for o in ops:
     if o not in OPS:
       raise ValueError(f"unknown op {o!r}; choose from {OPS}")
-  variants, setup = build_variants(args)
+  variants, setup = build_variants(args, ops)
   env = environment()
   print_environment(env)
   rows = measure(variants, ops, args.steps, args.warmup)

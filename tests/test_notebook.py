@@ -44,7 +44,10 @@ def test_notebook_runs_tiny(tmp_path, monkeypatch):
   monkeypatch.setenv("JUPYTER_PATH", jupyter_dir)
   monkeypatch.setenv("VQVAE2_NOTEBOOK_TINY", "1")
   monkeypatch.setenv("VQVAE2_NOTEBOOK_WORKDIR", str(workdir))
-  monkeypatch.setenv("VQVAE2_REPO", ROOT)
+  # Kernel connection files and IPython's profile stay out of the home folder.
+  monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path / "runtime"))
+  monkeypatch.setenv("IPYTHONDIR", str(tmp_path / "ipython"))
+  monkeypatch.delenv("VQVAE2_REPO", raising=False)  # the notebook finds the checkout itself
   nb = nbformat.read(NOTEBOOK, as_version=4)
   client = nbclient.NotebookClient(
       nb, kernel_name=KERNEL_NAME, timeout=300, allow_errors=False,

@@ -1,11 +1,14 @@
 """Pictures of a run: training curves, codebook usage, reconstructions from level subsets.
 
-matplotlib (Agg backend) and JAX are imported inside the functions, so importing the
-package stays light. Every function writes a PNG and returns its path; figure sizes are
-fixed per panel (see the constants) so callers and tests can rely on the layout.
+matplotlib and JAX are imported inside the functions, so importing the package stays
+light. Figures are drawn on matplotlib's Agg canvas without pyplot, so nothing changes the
+backend or the figures of an interactive session (a notebook's inline plots). Every
+function writes a PNG and returns its path; figure sizes are fixed per panel (see the
+constants) so callers and tests can rely on the layout.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -23,12 +26,19 @@ HISTOGRAM_PANEL_PX = (500, 350)  # (width, height) of one level's histogram
 DPI = 100
 
 
-def _pyplot():
-  """matplotlib.pyplot on the Agg backend (no display needed)."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  return plt
+def _figure(width_px: int, height_px: int):
+  """A matplotlib Figure on an Agg canvas (no pyplot, no display), width x height px."""
+  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  fig = Figure(figsize=(width_px / DPI, height_px / DPI), dpi=DPI)
+  FigureCanvasAgg(fig)
+  return fig
+
+
+def _save(fig, path: str) -> str:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path, dpi=DPI)
+  return path
 
 
 def _level_name(index: int, num_levels: int) -> str:
@@ -102,21 +112,20 @@ def plot_training_curves(stage_dir: str, path: str | None = None) -> str:
   if not panels:
     raise ValueError(f"{stage_dir}/metrics.jsonl holds none of the metrics "
                      f"{', '.join(CURVE_METRICS)}")
-  plt = _pyplot()
+  import matplotlib  # pylint: disable=g-import-not-at-top
   cols = min(CURVE_COLUMNS, len(panels))
   nrows = -(-len(panels) // cols)
-  fig, axes = plt.subplots(nrows, cols, squeeze=False, dpi=DPI,
-                           figsize=(cols * CURVE_PANEL_PX[0] / DPI,
-                                    nrows * CURVE_PANEL_PX[1] / DPI))
-  colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+  fig = _figure(cols * CURVE_PANEL_PX[0], nrows * CURVE_PANEL_PX[1])
+  axes = fig.subplots(nrows, cols, squeeze=False)
+  colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
   for ax, metric in zip(axes.flat, panels):
     positive = True
     for split, style in (("train", dict(linestyle="-", linewidth=1.2)),
                          ("val", dict(linestyle="--", marker="o", markersize=3))):
       series = _series(rows, metric, split)
       num_levels = max((k for k in series if k is not None), default=-1) + 1
-      for key, (steps, ys) in sorted(series.items(), key=lambda kv: -1 if kv[0] is None
-                                     else kv[0]):
+      # Keys are all None (a scalar metric) or all level indices.
+      for key, (steps, ys) in sorted(series.items(), key=lambda kv: kv[0] or 0):
         label = split if key is None else f"{split} {_level_name(key, num_levels)}"
         color = colors[(0 if key is None else key) % len(colors)]
         if split == "val" and key is None:
@@ -136,11 +145,7 @@ def plot_training_curves(stage_dir: str, path: str | None = None) -> str:
     ax.axis("off")
   fig.suptitle(os.path.basename(os.path.normpath(stage_dir)), fontsize=10)
   fig.tight_layout()
-  path = path or os.path.join(stage_dir, "curves.png")
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, dpi=DPI)
-  plt.close(fig)
-  return path
+  return _save(fig, path or os.path.join(stage_dir, "curves.png"))
 
 
 def ema_counts(variables_or_counts: Any, level_names: Sequence[str]) -> list[np.ndarray]:
@@ -207,10 +212,8 @@ def codebook_usage_histogram(variables_or_counts: Any, level_names: Sequence[str
     path.
   """
   counts = ema_counts(variables_or_counts, level_names)
-  plt = _pyplot()
-  fig, axes = plt.subplots(1, len(counts), squeeze=False, dpi=DPI,
-                           figsize=(len(counts) * HISTOGRAM_PANEL_PX[0] / DPI,
-                                    HISTOGRAM_PANEL_PX[1] / DPI))
+  fig = _figure(len(counts) * HISTOGRAM_PANEL_PX[0], HISTOGRAM_PANEL_PX[1])
+  axes = fig.subplots(1, len(counts), squeeze=False)
   for ax, name, c in zip(axes.flat, level_names, counts):
     ordered = np.sort(c)[::-1]
     perplexity, used = count_statistics(c, min_count)
@@ -225,10 +228,7 @@ def codebook_usage_histogram(variables_or_counts: Any, level_names: Sequence[str
     ax.set_ylabel("EMA count")
     ax.legend(fontsize=7)
   fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, dpi=DPI)
-  plt.close(fig)
-  return path
+  return _save(fig, path)
 
 
 def _subset_decode(model, variables, images):
@@ -242,32 +242,38 @@ def _subset_decode(model, variables, images):
   return jnp.stack(outs)
 
 
-_SUBSET_DECODE = None
+@functools.cache
+def _subset_decoder():
+  import jax  # pylint: disable=g-import-not-at-top
+  # Modules are hashable, so one jitted function serves every model (one trace each).
+  return jax.jit(_subset_decode, static_argnums=0)
 
 
 def level_subset_images(model, variables, images_uint8: np.ndarray) -> np.ndarray:
   """Reconstructions from the top level only, top + next, ..., all levels.
 
+  A collective computation when `variables` span several processes: call it on every
+  process (and draw the figure on one, with `save_level_subset_figure`).
+
   Args:
     model: a VQVAE2 module.
     variables: its variables ({'params', 'vq_stats'}).
-    images_uint8: uint8 [N, H, W, 3].
+    images_uint8: uint8 [N, H, W, 3], the same on every process.
 
   Returns:
     uint8 [L, N, H, W, 3]; entry l decodes with levels 0..l (top first) and the levels
     below replaced by zeros (`VQVAE2.decode_codes` with a level mask).
   """
-  global _SUBSET_DECODE
   import jax  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   from vqvae2_jax import images as image_lib  # pylint: disable=g-import-not-at-top
   images_uint8 = np.asarray(images_uint8)
   if images_uint8.ndim != 4 or images_uint8.shape[-1] != 3 or images_uint8.dtype != np.uint8:
     raise ValueError(f"images must be uint8 [N, H, W, 3]; got {images_uint8.dtype} "
                      f"{images_uint8.shape}")
-  if _SUBSET_DECODE is None:
-    # The module is hashable, so one jitted function serves every model (one trace each).
-    _SUBSET_DECODE = jax.jit(_subset_decode, static_argnums=0)
-  pixels = _SUBSET_DECODE(model, variables, images_uint8)
+  pixels = _subset_decoder()(model, variables, images_uint8)
+  if not pixels.is_fully_addressable:
+    pixels = multihost_utils.process_allgather(pixels, tiled=True)
   return image_lib.to_uint8(jax.device_get(pixels))
 
 
@@ -300,15 +306,28 @@ def level_subset_reconstructions(model, variables, images_uint8: np.ndarray,
   Returns:
     path.
   """
-  from PIL import Image, ImageDraw  # pylint: disable=g-import-not-at-top
   if len(level_names) != model.num_levels:
     raise ValueError(f"{len(level_names)} level names for a {model.num_levels}-level model")
+  images_uint8 = np.asarray(images_uint8)
+  subsets = level_subset_images(model, variables, images_uint8)
+  return save_level_subset_figure(subsets, images_uint8, level_names, path, scale=scale,
+                                  pad=pad, header=header)
+
+
+def save_level_subset_figure(subsets: np.ndarray, originals: np.ndarray,
+                             level_names: Sequence[str], path: str, *, scale: int = 1,
+                             pad: int = 2, header: int = 14) -> str:
+  """Draws `level_subset_images` output uint8 [L, N, H, W, 3] beside the originals
+  uint8 [N, H, W, 3] (layout as in `level_subset_reconstructions`); returns path."""
+  from PIL import Image, ImageDraw  # pylint: disable=g-import-not-at-top
+  subsets, originals = np.asarray(subsets), np.asarray(originals)
+  if subsets.shape[0] != len(level_names) or subsets.shape[1:] != originals.shape:
+    raise ValueError(f"subsets {subsets.shape} must be [L={len(level_names)}, N, H, W, 3] "
+                     f"for originals {originals.shape}")
   if scale < 1:
     raise ValueError(f"scale={scale} must be a positive integer")
-  images_uint8 = np.asarray(images_uint8)
-  recon = level_subset_images(model, variables, images_uint8)
-  columns = list(recon) + [images_uint8]
-  n, h, w, _ = images_uint8.shape
+  columns = list(subsets) + [originals]
+  n, h, w, _ = originals.shape
   th, tw = h * scale, w * scale
   canvas = Image.new("RGB", (len(columns) * (tw + pad) + pad, header + n * (th + pad) + pad),
                      (255, 255, 255))

@@ -11,11 +11,14 @@ import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from vqvae2_jax import images as image_lib
+from vqvae2_jax import plots
 from vqvae2_jax import parallel
 from vqvae2_jax.data.loader import BatchLoader, iterate_once
 from vqvae2_jax.data.sources import make_source
+from vqvae2_jax.models.vqvae import level_names
 from vqvae2_jax.stages import common
 from vqvae2_jax.train import loop
 
@@ -93,9 +96,22 @@ def build_task(config, mesh, workdir: str) -> loop.TrainTask:
   def evaluate(state):
     return validation_mse(reconstruct, state, val_source, t.batch_size, mesh, t.eval_batches)
 
+  names = level_names(config.vqvae.num_levels)
+  stage_directory = loop.stage_dir(workdir, NAME)
+
   def pictures(state, step):
+    """Reconstructions, the paper's Figure 3 (level subsets) and codebook usage."""
     del step
     save_reconstruction_grid(reconstruct, state, val_source, grid_path, mesh)
+    variables = {"params": state.params, **state.model_state}
+    originals = np.stack([val_source.get(i)[0] for i in range(min(6, len(val_source)))])
+    subsets = plots.level_subset_images(model, variables, originals)  # every process
+    if jax.process_index() == 0:
+      plots.save_level_subset_figure(subsets, originals, names,
+                                     os.path.join(stage_directory, "level_subsets.png"),
+                                     scale=2)
+      plots.codebook_usage_histogram(variables, names,
+                                     os.path.join(stage_directory, "codebook_usage.png"))
 
   return loop.TrainTask(
       name=NAME, init_variables=common.vqvae_init_fn(model, config.data.image_size),

@@ -158,6 +158,9 @@ def train(task: TrainTask, train_config, *, workdir: str, mesh: Mesh, axis_rules
   finally:
     writer.close()
     checkpointer.close()
+  if jax.process_index() == 0 and step > start:
+    from vqvae2_jax import plots  # pylint: disable=g-import-not-at-top
+    plots.plot_training_curves(directory)
   return state
 
 
