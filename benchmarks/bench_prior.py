@@ -34,7 +34,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import flax.linen as nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_vqvae as bv  # noqa: E402  pylint: disable=g-import-not-at-top
@@ -60,21 +59,6 @@ def manifest_for(config, num_classes: int) -> dict[str, Any]:
               num_classes=num_classes)
 
 
-def random_params(init_fn) -> Any:
-  """Float32 params of init_fn's shapes filled from numpy (N(0, 1/fan_in)).
-
-  Avoids compiling a random initialiser for a 336M-parameter model; timing does not
-  depend on the values.
-  """
-  shapes = nn.unbox(jax.eval_shape(init_fn, jax.random.PRNGKey(0)))["params"]
-  rng = np.random.default_rng(0)
-
-  def fill(s):
-    fan_in = max(1, int(np.prod(s.shape[:-1])))
-    return jnp.asarray(rng.standard_normal(s.shape, dtype=np.float32) / np.sqrt(fan_in))
-  return jax.tree.map(fill, shapes)
-
-
 class JaxPriorBench:
   """Compiled train step of one prior on random codes."""
 
@@ -92,7 +76,7 @@ class JaxPriorBench:
                        classes=prior.num_classes, kernel=prior.kernel_size)
     tx = state_lib.make_optimizer(train_config)
     ema = train_config.param_ema_decay
-    params = random_params(common.prior_init_fn(prior, manifest, level))
+    params = state_lib.numpy_params(common.prior_init_fn(prior, manifest, level))
     self.params = bv.count_params(params)
     self.state = state_lib.TrainState(
         step=jnp.zeros((), jnp.int32), params=params, opt_state=jax.jit(tx.init)(params),

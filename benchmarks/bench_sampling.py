@@ -15,12 +15,12 @@ from __future__ import annotations
 import argparse
 import time
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from vqvae2_jax.models.prior import PixelSNAILPrior
+from vqvae2_jax.train.state import numpy_params
 from vqvae2_jax.sampling.incremental import sample_incremental
 from vqvae2_jax.sampling.reference import sample_reference
 
@@ -30,12 +30,8 @@ def _params(model, b, h, w):
   codes = jnp.zeros((b, h, w), jnp.int32)
   cond = tuple(jnp.zeros((b, h // s, w // s), jnp.int32) for s in model.cond_scales)
   labels = jnp.zeros((b,), jnp.int32) if model.num_classes else None
-  shapes = nn.meta.unbox(jax.eval_shape(
-      lambda: model.init(jax.random.key(0), codes, cond, labels, train=False)))["params"]
-  rng = np.random.default_rng(0)
-  fill = lambda s: jnp.asarray(
-      rng.normal(size=s.shape) / np.sqrt(max(1, int(np.prod(s.shape[:-1])))), s.dtype)
-  return jax.tree.map(fill, shapes), codes, cond, labels
+  params = numpy_params(lambda k: model.init(k, codes, cond, labels, train=False))
+  return params, codes, cond, labels
 
 
 def _time(fn, repeats: int) -> float:

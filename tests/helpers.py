@@ -2,10 +2,7 @@
 import importlib.util
 import os
 
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
-import numpy as np
+from vqvae2_jax.train import state as state_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,13 +25,6 @@ def load_config(experiment: str, arg: str, **overrides):
 
 
 def numpy_params(model, codes, cond, labels, seed=0):
-  """Random 'params' for `model` from numpy (fast on CPU: no PRNG kernels to compile)."""
-  shapes = nn.meta.unbox(jax.eval_shape(
-      lambda: model.init(jax.random.key(0), codes, cond, labels, train=False)))["params"]
-  rng = np.random.default_rng(seed)
-
-  def fill(s):
-    fan_in = int(np.prod(s.shape[:-1])) if len(s.shape) > 1 else 10
-    return jnp.asarray(rng.normal(size=s.shape) / np.sqrt(fan_in), s.dtype)
-
-  return jax.tree.map(fill, shapes)
+  """Random prior 'params' for these inputs, from NumPy (no PRNG kernels to compile)."""
+  return state_lib.numpy_params(
+      lambda k: model.init(k, codes, cond, labels, train=False), seed)

@@ -47,8 +47,15 @@ def _register_array_handler() -> None:
   Orbax's default splits a replicated array across the devices holding it (one slice
   program per array and device), which only pays off when several hosts share a save.
   """
+  if jax.process_count() > 1:
+    return
+  default = ocp.type_handlers.get_type_handler(jax.Array)
+  if getattr(default, "_use_replica_parallel", None) is False:
+    return  # already registered
   ocp.type_handlers.register_type_handler(
-      jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=jax.process_count() > 1),
+      jax.Array, ocp.type_handlers.ArrayHandler(
+          use_replica_parallel=False,
+          array_metadata_store=getattr(default, "_array_metadata_store", None)),
       override=True)
 
 

@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
+from vqvae2_jax.models.fast_conv import FastConv
+
 Dtype = Any
 UPSAMPLE_MODES = ("transpose", "subpixel", "resize")
 
@@ -24,9 +26,22 @@ def _bias_init():
   return nn.with_logical_partitioning(nn.initializers.zeros_init(), ("mlp",))
 
 
+class Conv(FastConv):
+  """FastConv under nn.Conv's class name: Flax names unnamed submodules after their class
+  ('Conv_0', 'Conv_1', ...), so parameter paths and checkpoints stay those of nn.Conv."""
+
+
 def conv(features: int, kernel: int, *, stride: int = 1, dtype: Dtype = jnp.float32,
-         name: str | None = None) -> nn.Conv:
-  """A 'SAME'-padded k x k convolution with float32 params and logical axis names."""
+         name: str | None = None) -> nn.Module:
+  """A 'SAME'-padded k x k convolution with float32 params and logical axis names.
+
+  On CPU this is `FastConv` (same parameters as nn.Conv, but its weight gradient is one
+  matmul instead of XLA's CPU kernel-gradient convolution, 2.3x faster for a 256x256
+  training step; benchmarks/README.md); elsewhere nn.Conv.
+  """
+  if jax.default_backend() == "cpu":
+    return Conv(features, (kernel, kernel), strides=(stride, stride), dtype=dtype,
+                kernel_init=_kernel_init(), bias_init=_bias_init(), name=name)
   return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding="SAME",
                  dtype=dtype, kernel_init=_kernel_init(), bias_init=_bias_init(), name=name)
 

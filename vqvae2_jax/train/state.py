@@ -93,6 +93,24 @@ def init_sharded_state(init_variables: Callable[[jax.Array], dict], tx, rng: jax
   return compiled(rng), shardings
 
 
+def numpy_params(init_fn: Callable[[jax.Array], dict], seed: int = 0) -> Any:
+  """Float32 'params' with init_fn's shapes, drawn from N(0, 1/fan_in) with NumPy.
+
+  For benchmarks and tests: no PRNG kernel is compiled (threefry initialisers of large
+  models take minutes to compile on a CPU), and timing or equivalence checks do not
+  depend on the values. init_fn(rng) -> Flax variables (possibly boxed).
+  """
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  shapes = nn.unbox(jax.eval_shape(init_fn, jax.random.PRNGKey(0)))["params"]
+  rng = np.random.default_rng(seed)
+
+  def fill(s):
+    fan_in = max(1, int(np.prod(s.shape[:-1])))
+    return jnp.asarray(rng.standard_normal(s.shape, dtype=np.float32) / np.sqrt(fan_in),
+                       s.dtype)
+  return jax.tree.map(fill, shapes)
+
+
 def abstract_with_shardings(state_like: Any, shardings: Any) -> Any:
   """ShapeDtypeStructs carrying shardings, the restore target for orbax."""
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),

@@ -1,0 +1,142 @@
+"""FastConv equals nn.Conv(padding='SAME'): params tree, values and all three gradients."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from vqvae2_jax.models.fast_conv import FastConv
+
+# (batch, height, width, in, out, kernel, stride)
+CASES = [
+    (1, 5, 7, 3, 4, 1, 1),
+    (3, 6, 6, 5, 2, 3, 1),
+    (1, 7, 5, 4, 6, 3, 1),
+    (3, 8, 8, 3, 5, 4, 2),
+    (1, 7, 9, 2, 3, 4, 2),
+    (3, 5, 6, 2, 4, 2, 1),
+]
+
+
+def _pair(features, kernel, stride):
+  ref = nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding="SAME",
+                kernel_init=nn.with_logical_partitioning(
+                    nn.initializers.lecun_normal(), ("kh", "kw", "embed", "mlp")),
+                bias_init=nn.with_logical_partitioning(nn.initializers.normal(0.5),
+                                                       ("mlp",)))
+  fast = FastConv(features, (kernel, kernel), strides=(stride, stride),
+                  kernel_init=ref.kernel_init, bias_init=ref.bias_init)
+  return ref, fast
+
+
+def _loss_and_grads(model, params, x, t):
+  def loss(params, x):
+    y = model.apply({"params": params}, x)
+    return jnp.sum(jnp.sin(y) * t), y
+  (l, y), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, x)
+  return l, y, grads
+
+
+def _check(ref, fast, params, x, t, run):
+  l_ref, y_ref, (gp_ref, gx_ref) = run(ref, params, x, t)
+  l_fast, y_fast, (gp_fast, gx_fast) = run(fast, params, x, t)
+  np.testing.assert_allclose(y_fast, y_ref, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(l_fast, l_ref, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(gx_fast, gx_ref, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(gp_fast["kernel"], gp_ref["kernel"], rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(gp_fast["bias"], gp_ref["bias"], rtol=1e-4, atol=1e-5)
+
+
+def _inputs(case):
+  b, h, w, cin, cout, k, s = case
+  kx, kt = jax.random.split(jax.random.PRNGKey(sum(case)))
+  x = jax.random.normal(kx, (b, h, w, cin))
+  t = jax.random.normal(kt, (b, -(-h // s), -(-w // s), cout))
+  return x, t
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_matches_nn_conv_under_jit(case):
+  b, h, w, cin, cout, k, s = case
+  ref, fast = _pair(cout, k, s)
+  x, t = _inputs(case)
+  v_ref = ref.init(jax.random.PRNGKey(1), x)
+  v_fast = fast.init(jax.random.PRNGKey(1), x)
+  # Same tree, same boxed logical names, same shapes and (same init + key) same values.
+  assert jax.tree.structure(v_ref) == jax.tree.structure(v_fast)
+  for a, c in zip(jax.tree.leaves(v_ref, is_leaf=lambda z: isinstance(z, nn.Partitioned)),
+                  jax.tree.leaves(v_fast, is_leaf=lambda z: isinstance(z, nn.Partitioned))):
+    assert a.names == c.names
+    np.testing.assert_array_equal(a.value, c.value)
+  assert v_fast["params"]["kernel"].value.shape == (k, k, cin, cout)
+  params = nn.unbox(v_ref)["params"]
+  run = jax.jit(_loss_and_grads, static_argnums=0)
+  _check(ref, fast, params, x, t, run)
+
+
+def test_backward_replaces_the_kernel_gradient_convolution():
+  x, t = _inputs((3, 6, 5, 3, 4, 3, 1))
+  ref, fast = _pair(4, 3, 1)
+  params = nn.unbox(ref.init(jax.random.PRNGKey(2), x))["params"]
+  # nn.Conv's gradient program has three convolutions (forward, input and kernel
+  # gradients); FastConv's has two, its kernel gradient being a matmul.
+  def n_convs(model):
+    f = lambda p, x: jnp.sum(jnp.sin(model.apply({"params": p}, x)) * t)
+    grad = jax.jit(jax.grad(f, argnums=(0, 1)))
+    return grad.lower(params, x).as_text().count("stablehlo.convolution")
+  assert (n_convs(ref), n_convs(fast)) == (3, 2)
+
+
+@pytest.mark.parametrize("case", [(8, 6, 6, 3, 4, 3, 1), (16, 8, 8, 2, 3, 4, 2)])
+def test_matches_nn_conv_with_sharded_batch(case):
+  devices = np.array(jax.devices()[:8])
+  assert devices.size == 8, "conftest must provide 8 fake CPU devices"
+  mesh = Mesh(devices, ("data",))
+  b, h, w, cin, cout, k, s = case
+  ref, fast = _pair(cout, k, s)
+  x, t = _inputs(case)
+  batch = NamedSharding(mesh, P("data"))
+  x, t = jax.device_put(x, batch), jax.device_put(t, batch)
+  params = jax.device_put(nn.unbox(ref.init(jax.random.PRNGKey(3), x))["params"],
+                          NamedSharding(mesh, P()))
+  run = jax.jit(_loss_and_grads, static_argnums=0)
+  _check(ref, fast, params, x, t, run)
+  _, y, (gp, gx) = run(fast, params, x, t)
+  assert y.sharding.is_equivalent_to(batch, y.ndim)
+  assert gx.sharding.is_equivalent_to(batch, gx.ndim)
+
+
+def test_bfloat16_compute_keeps_float32_params():
+  x = jax.random.normal(jax.random.PRNGKey(4), (2, 6, 6, 3))
+  ref = nn.Conv(4, (3, 3), padding="SAME", dtype=jnp.bfloat16)
+  fast = FastConv(4, (3, 3), dtype=jnp.bfloat16)
+  params = ref.init(jax.random.PRNGKey(5), x)["params"]
+  y_ref, y_fast = ref.apply({"params": params}, x), fast.apply({"params": params}, x)
+  assert y_fast.dtype == y_ref.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.float32(y_fast), np.float32(y_ref), rtol=2e-2, atol=2e-2)
+  g = jax.grad(lambda p: jnp.sum(fast.apply({"params": p}, x).astype(jnp.float32)))(params)
+  g_ref = jax.grad(lambda p: jnp.sum(ref.apply({"params": p}, x).astype(jnp.float32)))(params)
+  assert g["kernel"].dtype == jnp.float32
+  np.testing.assert_allclose(g["kernel"], g_ref["kernel"], rtol=3e-2, atol=3e-2)
+
+
+def test_rejects_non_nhwc_input():
+  with pytest.raises(ValueError, match="NHWC"):
+    FastConv(2, (3, 3)).init(jax.random.PRNGKey(0), jnp.zeros((4, 4, 3)))
+
+
+def test_layers_conv_on_cpu_keeps_nn_conv_parameter_paths(monkeypatch):
+  from vqvae2_jax.models import layers
+  x = jnp.zeros((1, 8, 8, 3))
+  encoder = layers.Encoder(hidden=8, res_hidden=4, num_res_layers=1, num_down=2)
+  assert isinstance(layers.conv(4, 3), FastConv)  # tests run on CPU
+  fast = encoder.init(jax.random.PRNGKey(0), x)
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert isinstance(layers.conv(4, 3), nn.Conv)
+  ref = encoder.init(jax.random.PRNGKey(0), x)
+  # Same paths, boxed names, shapes and initial values: checkpoints are interchangeable.
+  assert jax.tree.structure(ref) == jax.tree.structure(fast)
+  for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(fast)):
+    np.testing.assert_array_equal(a, b)
+  assert "Conv_0" in fast["params"]

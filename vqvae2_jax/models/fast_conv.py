@@ -1,0 +1,123 @@
+"""A 'SAME'-padded 2-D convolution whose weight gradient is one matmul.
+
+XLA's CPU backend lowers the gradient of a convolution w.r.t. its kernel to another
+convolution whose "kernel" is the whole output map, and runs it several times slower
+than the forward convolution (benchmarks/README.md, "What limits training on CPU").
+`fast_conv2d` keeps XLA's forward convolution and input gradient but computes the kernel
+gradient as im2col (the kh*kw shifted, strided slices of the padded input concatenated on
+the channel axis) times the output gradient, a single matmul with float32 accumulation.
+
+`FastConv` is a drop-in Linen module for `nn.Conv(..., padding='SAME')`: same parameter
+names, shapes and initialisers, so checkpoints are interchangeable.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Dtype = Any
+Initializer = Callable[..., jax.Array]
+_DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
+
+
+def _same_padding(x_shape: Sequence[int], w_shape: Sequence[int],
+                  strides: tuple[int, int]) -> list[tuple[int, int]]:
+  """(low, high) padding of H and W for 'SAME' (as nn.Conv / lax use)."""
+  return lax.padtype_to_pads(tuple(x_shape[1:3]), tuple(w_shape[:2]), strides, "SAME")
+
+
+def _conv(x: jax.Array, w: jax.Array, strides: tuple[int, int]) -> jax.Array:
+  return lax.conv_general_dilated(x, w, strides, _same_padding(x.shape, w.shape, strides),
+                                  dimension_numbers=_DIMENSION_NUMBERS)
+
+
+def _kernel_grad(x: jax.Array, g: jax.Array, kernel_shape: Sequence[int],
+                 strides: tuple[int, int]) -> jax.Array:
+  """d(loss)/d(kernel) as im2col(x) contracted with g: float32 [kh, kw, C, O].
+
+  x: [B, H, W, C]; g: [B, OH, OW, O] (the output gradient).
+  """
+  kh, kw, c, o = kernel_shape
+  _, oh, ow, _ = g.shape
+  sh, sw = strides
+  if (kh, kw) == (1, 1) and (sh, sw) == (1, 1):
+    patches = x
+  else:
+    (plo_h, phi_h), (plo_w, phi_w) = _same_padding(x.shape, kernel_shape, strides)
+    xp = jnp.pad(x, ((0, 0), (plo_h, phi_h), (plo_w, phi_w), (0, 0)))
+    # Tap (i, j) of the kernel sees input rows i, i + sh, ..., i + sh * (oh - 1).
+    taps = [lax.slice(xp, (0, i, j, 0), (xp.shape[0], i + sh * (oh - 1) + 1,
+                                         j + sw * (ow - 1) + 1, c), (1, sh, sw, 1))
+            for i in range(kh) for j in range(kw)]
+    patches = taps[0] if len(taps) == 1 else jnp.concatenate(taps, axis=-1)
+  dw = jnp.einsum("bhwp,bhwo->po", patches, g, preferred_element_type=jnp.float32)
+  return dw.reshape(kh, kw, c, o)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def fast_conv2d(x: jax.Array, w: jax.Array, strides: tuple[int, int] = (1, 1)) -> jax.Array:
+  """'SAME'-padded convolution, NHWC input, HWIO kernel.
+
+  Args:
+    x: float [B, H, W, C].
+    w: float [kh, kw, C, O], same dtype as x.
+    strides: (sh, sw), static Python ints.
+  Returns:
+    [B, ceil(H / sh), ceil(W / sw), O] in x's dtype; identical in value to
+    `lax.conv_general_dilated(..., padding='SAME')`. Only the kernel gradient differs in
+    how it is computed (one matmul, float32 accumulation, cast back to w's dtype).
+  """
+  return _conv(x, w, strides)
+
+
+def _fwd(x, w, strides):
+  return _conv(x, w, strides), (x, w)
+
+
+def _bwd(strides, res, g):
+  x, w = res
+  # The input gradient is XLA's own transposed convolution, exactly what autodiff emits.
+  _, vjp_x = jax.vjp(lambda x_: _conv(x_, w, strides), x)
+  (dx,) = vjp_x(g)
+  dw = _kernel_grad(x, g, w.shape, strides).astype(w.dtype)
+  return dx, dw
+
+
+fast_conv2d.defvjp(_fwd, _bwd)
+
+
+class FastConv(nn.Module):
+  """`nn.Conv(features, kernel_size, strides, padding='SAME')` with `fast_conv2d` inside.
+
+  Parameters: 'kernel' float32 [kh, kw, in, out] and 'bias' float32 [out], created with the
+  given initialisers (boxed logical names are kept), exactly as nn.Conv names them.
+  x: float [B, H, W, in] -> dtype [B, ceil(H / sh), ceil(W / sw), features].
+  """
+  features: int
+  kernel_size: tuple[int, int]
+  strides: tuple[int, int] = (1, 1)
+  dtype: Dtype = jnp.float32
+  kernel_init: Initializer = nn.initializers.lecun_normal()
+  bias_init: Initializer = nn.initializers.zeros_init()
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    if x.ndim != 4:
+      raise ValueError(f"FastConv expects NHWC input [B, H, W, C]; got shape {x.shape}. "
+                       "Add or fold batch dimensions before calling it.")
+    kernel_size = tuple(self.kernel_size)
+    strides = tuple(self.strides) if self.strides is not None else (1, 1)
+    if len(kernel_size) != 2 or len(strides) != 2:
+      raise ValueError(f"kernel_size and strides must have 2 entries; got {kernel_size}, "
+                       f"{strides}")
+    kernel = self.param("kernel", self.kernel_init,
+                        kernel_size + (x.shape[-1], self.features), jnp.float32)
+    bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    y = fast_conv2d(x, kernel, strides)
+    return y + bias
