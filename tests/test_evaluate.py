@@ -18,6 +18,9 @@ from vqvae2_jax.stages import evaluate_stage
 
 from helpers import load_config
 
+# Tests sharing the session-wide tiny pipeline run in one pytest-xdist worker.
+pytestmark = pytest.mark.xdist_group("tiny_pipeline")
+
 
 @pytest.fixture(scope="module")
 def evaluated(tiny_pipeline):

@@ -9,6 +9,9 @@ from PIL import Image
 from helpers import load_config
 from vqvae2_jax import plots
 
+# Tests sharing the session-wide tiny pipeline run in one pytest-xdist worker.
+pytestmark = pytest.mark.xdist_group("tiny_pipeline")
+
 
 def _write_metrics(directory, rows):
   directory.mkdir(parents=True, exist_ok=True)

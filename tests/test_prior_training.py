@@ -1,12 +1,16 @@
-"""Prior training on code shards: FSDP-sharded step equals the replicated one; resume."""
+"""Prior training on code shards: the FSDP-sharded step equals the replicated one."""
 import jax
 import numpy as np
+import pytest
 
 from vqvae2_jax import parallel
 from vqvae2_jax.stages import prior_stage
 from vqvae2_jax.train import loop
 
 from helpers import load_config
+
+# Tests sharing the session-wide tiny pipeline run in one pytest-xdist worker.
+pytestmark = pytest.mark.xdist_group("tiny_pipeline")
 
 
 def train_prior(tiny_pipeline, out_dir, level, mesh_overrides, steps=2):

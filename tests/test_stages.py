@@ -19,6 +19,9 @@ from vqvae2_jax.stages import common
 
 from helpers import ROOT, load_config
 
+# Tests sharing the session-wide tiny pipeline run in one pytest-xdist worker.
+pytestmark = pytest.mark.xdist_group("tiny_pipeline")
+
 
 def run_cli(*args, timeout=600):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
@@ -122,3 +125,17 @@ def test_sample_refuses_a_prior_of_another_configuration(tiny_pipeline, tmp_path
                                                  "sample.rejection.classifier": "none"})
   with pytest.raises(ckpt_lib.CheckpointError, match="prior_top.*another shape"):
     main.run_stage(config, str(tmp_path))
+
+
+def test_cli_pipeline_runs_every_stage(tmp_path):
+  """The README's main command, on the tiny preset: every stage in order, pictures at the end."""
+  result = run_cli("--config=configs/demo.py:pipeline,tiny", f"--workdir={tmp_path}",
+                   timeout=900)
+  assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+  for stage in ("vqvae", "extract", "prior_top", "prior_bottom", "classifier", "sample",
+                "evaluate"):
+    assert f"=== {stage} " in result.stdout
+  for picture in ("vqvae/reconstructions.png", "sample/samples.png", "sample/rejection.png",
+                  "evaluate/report.md"):
+    assert (tmp_path / picture).exists(), picture
+  assert "pipeline done" in result.stdout

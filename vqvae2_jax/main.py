@@ -9,32 +9,17 @@ the same workdir.
 """
 from __future__ import annotations
 
-import importlib
-
 from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from vqvae2_jax import config_lib
+from vqvae2_jax.runner import run_stage
+
+__all__ = ["run_stage"]
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "configs/<experiment>.py:<stage>[,<preset>...]", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for this experiment's stages.")
-
-# stage -> module in vqvae2_jax.stages with a run(config, workdir) function.
-STAGE_MODULES = {
-    "vqvae": "vqvae_stage", "extract": "extract_stage", "prior_top": "prior_stage",
-    "prior_mid": "prior_stage", "prior_bottom": "prior_stage",
-    "classifier": "classifier_stage", "sample": "sample_stage",
-    "evaluate": "evaluate_stage", "pipeline": "pipeline_stage",
-}
-
-
-def run_stage(config, workdir: str) -> None:
-  """Validates `config` and runs its stage (importable for notebooks and tests)."""
-  config_lib.validate(config)
-  module = importlib.import_module(f"vqvae2_jax.stages.{STAGE_MODULES[config.stage]}")
-  module.run(config, workdir)
 
 
 def main(argv):

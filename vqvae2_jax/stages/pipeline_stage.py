@@ -22,14 +22,14 @@ def stage_list(config) -> list[str]:
 
 def run(config, workdir: str) -> None:
   """Runs every stage of `stage_list` on `workdir`."""
-  from vqvae2_jax import main  # pylint: disable=g-import-not-at-top
+  from vqvae2_jax.runner import run_stage  # pylint: disable=g-import-not-at-top
   start = time.time()
   for stage in stage_list(config):
     stage_config = config.copy_and_resolve_references()
     with stage_config.unlocked():
       stage_config.stage = stage
     parallel.print0(f"=== {stage} ({time.time() - start:.0f}s since start) ===")
-    main.run_stage(stage_config, workdir)
+    run_stage(stage_config, workdir)
   parallel.print0(f"=== pipeline done in {time.time() - start:.0f}s. Pictures: {workdir}/vqvae/"
         f"reconstructions.png, {workdir}/sample/samples.png, {workdir}/sample/rejection.png"
         " ===")
