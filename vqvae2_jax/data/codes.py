@@ -119,16 +119,21 @@ class CodeLoader(BatchLoader):
 
 
 def iterate_codes_once(codes: CodeShards, global_batch_size: int, *,
+                       indices: Optional[np.ndarray] = None,
                        process_index: Optional[int] = None,
                        process_count: Optional[int] = None
                        ) -> Iterator[dict[str, np.ndarray]]:
-  """Every item once in order, last batch padded; adds 'valid': bool [b]."""
+  """Every item (or every one of `indices`) once in order, last batch padded.
+
+  Adds 'valid': bool [b] marking the padding.
+  """
   p, _, b = _process_layout(global_batch_size, process_index, process_count)
-  n = len(codes)
+  indices = np.arange(len(codes)) if indices is None else np.asarray(indices, np.int64)
+  n = len(indices)
   for t in range(math.ceil(n / global_batch_size)):
     pos = t * global_batch_size + p * b + np.arange(b)
     valid = pos < n
-    batch = codes.take(np.where(valid, pos, 0))
+    batch = codes.take(indices[np.where(valid, pos, 0)])
     batch["valid"] = valid
     yield batch
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from vqvae2_jax.data.errors import DataError
 
-__all__ = ["DataError", "ImageSource", "make_source"]
+__all__ = ["DataError", "ImageSource", "Subset", "make_source", "spread_subset"]
 
 SPLITS = ("train", "val")
 
@@ -95,3 +95,39 @@ def make_source(data_config: ml_collections.ConfigDict, split: str) -> ImageSour
         on_bad_image=c.on_bad_image)
   raise ValueError(
       f"data.source={kind!r} is not one of 'demo', 'folder', 'tfds'.")
+
+
+class Subset:
+  """The items `rows` of a source, as a source of its own (same classes)."""
+
+  def __init__(self, source, rows):
+    self.source, self.rows = source, np.asarray(rows, np.int64)
+    self.num_classes, self.class_names = source.num_classes, source.class_names
+
+  @property
+  def num_skipped(self) -> int:
+    return self.source.num_skipped
+
+  def __len__(self) -> int:
+    return len(self.rows)
+
+  def get(self, index: int, epoch: int = 0) -> tuple[np.ndarray, int]:
+    return self.source.get(int(self.rows[index]), epoch)
+
+
+def spread_indices(n: int, limit: int) -> np.ndarray:
+  """`limit` indices spread evenly over range(n) (all of them when limit is 0 or >= n)."""
+  if not limit or limit >= n:
+    return np.arange(n)
+  return np.unique(np.linspace(0, n - 1, limit).round().astype(np.int64))
+
+
+def spread_subset(source, limit: int):
+  """`limit` items spread evenly over a source; 0 = all.
+
+  Folder splits are sorted by class, so the first items of a split are one class: a
+  validation figure over a limited number of images must spread them instead.
+  """
+  if not limit or limit >= len(source):
+    return source
+  return Subset(source, spread_indices(len(source), limit))

@@ -125,8 +125,9 @@ def _tradeoff(report: dict, plot_name: str | None) -> list[str]:
   k = report.get("settings", {}).get("pr_k", 3)
   lines = ["## Classifier-based rejection sampling (paper Figure 7)", "",
            f"Rejection classifier: {report.get('rejection_classifier', '-')}. Keep fraction f: "
-           "of ceil(num_images / f) candidates, the top f of each class by p(class | image) "
-           "are kept.", ""]
+           "of the first ceil(num_images / f) candidates, each class keeps its best by "
+           "p(class | image), as many as it has among the first num_images (so about the "
+           "fraction f of its candidates, and every row holds num_images images).", ""]
   lines += _table(["Keep fraction", "Candidates", "Accepted", "Mean p(class)", "FID", "FID*",
                    "IS", f"Precision (k={k})", "Recall"],
                   [[_f(r["keep_fraction"], 3), str(r["candidates"]), str(r["num_images"]),

@@ -15,7 +15,7 @@ import optax
 from vqvae2_jax import images as image_lib
 from vqvae2_jax import parallel
 from vqvae2_jax.data.loader import BatchLoader, iterate_once
-from vqvae2_jax.data.sources import make_source
+from vqvae2_jax.data.sources import make_source, spread_subset
 from vqvae2_jax.eval.classifier import ResNetClassifier
 from vqvae2_jax.train import loop
 
@@ -60,9 +60,7 @@ def accuracy_on(logits_fn, params, source, batch_size: int, mesh, max_batches: i
                 class_map=None) -> dict[str, float]:
   """Top-1 / top-5 accuracy over a source (max_batches 0 = all of it)."""
   top1 = top5 = count = 0.0
-  for i, batch in enumerate(iterate_once(source, batch_size)):
-    if max_batches and i >= max_batches:
-      break
+  for batch in iterate_once(spread_subset(source, max_batches * batch_size), batch_size):
     arrays = parallel.host_to_global(
         {"image": batch["image"], "label": batch["label"], "valid": batch["valid"]}, mesh)
     logits = logits_fn(params, arrays["image"])

@@ -35,7 +35,7 @@ from vqvae2_jax import images as image_lib
 from vqvae2_jax import parallel
 from vqvae2_jax.data import codes as codes_lib
 from vqvae2_jax.data.loader import iterate_once
-from vqvae2_jax.data.sources import make_source
+from vqvae2_jax.data.sources import make_source, spread_subset
 from vqvae2_jax.eval import cas as cas_lib
 from vqvae2_jax.eval import feature_sets as fs
 from vqvae2_jax.eval import features as features_lib
@@ -54,28 +54,6 @@ _START = [time.time()]
 
 def log(msg: str) -> None:
   parallel.print0(f"[{NAME}] {msg} | {time.time() - _START[0]:.0f}s elapsed")
-
-
-class _Rows:
-  """The items `rows` of a source (an evenly spread subset of a sorted split)."""
-
-  def __init__(self, source, rows: np.ndarray):
-    self.source, self.rows = source, rows
-    self.num_classes, self.class_names = source.num_classes, source.class_names
-    self.num_skipped = 0
-
-  def __len__(self):
-    return len(self.rows)
-
-  def get(self, index: int, epoch: int = 0):
-    return self.source.get(int(self.rows[index]), epoch)
-
-
-def spread_subset(source, limit: int):
-  """`limit` items spread evenly over the source (class folders are sorted); 0 = all."""
-  if not limit or limit >= len(source):
-    return source
-  return _Rows(source, np.unique(np.linspace(0, len(source) - 1, limit).round().astype(int)))
 
 
 def _check_config(config, mesh) -> None:

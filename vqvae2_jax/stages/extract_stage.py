@@ -20,26 +20,13 @@ from vqvae2_jax import images as image_lib
 from vqvae2_jax import parallel
 from vqvae2_jax.data import codes as codes_lib
 from vqvae2_jax.data.loader import iterate_once
-from vqvae2_jax.data.sources import make_source
+from vqvae2_jax.data.sources import Subset, make_source
 from vqvae2_jax.models.vqvae import level_names, level_strides
 from vqvae2_jax.stages import common
 from vqvae2_jax.train import loop
 
 NAME = "extract"
 IMAGES_PER_SHARD_BATCHES = 16  # global batches per shard file
-
-
-class _Slice:
-  """Items [start, stop) of a source, for encoding one shard at a time."""
-
-  def __init__(self, source, start: int, stop: int):
-    self.source, self.start, self.stop = source, start, stop
-
-  def __len__(self):
-    return self.stop - self.start
-
-  def get(self, index: int, epoch: int = 0):
-    return self.source.get(self.start + index, epoch)
 
 
 def make_encode_fn(model, mesh):
@@ -84,7 +71,7 @@ def run(config, workdir: str) -> None:
         continue
       lo, hi = shard * shard_size, min(len(source), (shard + 1) * shard_size)
       arrays = {k: [] for k in keys}
-      for batch in iterate_once(_Slice(source, lo, hi), batch_size):
+      for batch in iterate_once(Subset(source, np.arange(lo, hi)), batch_size):
         global_batch = parallel.host_to_global(
             {"image": batch["image"], "label": batch["label"], "valid": batch["valid"]}, mesh)
         level_codes = encode(variables, global_batch["image"])

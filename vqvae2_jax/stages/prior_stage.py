@@ -16,6 +16,7 @@ import optax
 
 from vqvae2_jax import parallel
 from vqvae2_jax.data import codes as codes_lib
+from vqvae2_jax.data.sources import spread_indices
 from vqvae2_jax.stages import common
 from vqvae2_jax.train import loop
 
@@ -69,9 +70,8 @@ def dataset_nll(eval_fn, params, codes: codes_lib.CodeShards, batch_size: int, m
                 max_batches: int = 0) -> dict[str, float]:
   """Mean NLL per latent (nats, bits) and accuracy over a split (max_batches 0 = all)."""
   total_nll = total_acc = count = 0.0
-  for i, batch in enumerate(codes_lib.iterate_codes_once(codes, batch_size)):
-    if max_batches and i >= max_batches:
-      break
+  rows = spread_indices(len(codes), max_batches * batch_size)
+  for batch in codes_lib.iterate_codes_once(codes, batch_size, indices=rows):
     arrays = parallel.host_to_global(batch, mesh)
     nll, acc = eval_fn(params, arrays)
     valid = arrays["valid"]

@@ -17,7 +17,7 @@ from vqvae2_jax import images as image_lib
 from vqvae2_jax import plots
 from vqvae2_jax import parallel
 from vqvae2_jax.data.loader import BatchLoader, iterate_once
-from vqvae2_jax.data.sources import make_source
+from vqvae2_jax.data.sources import make_source, spread_subset
 from vqvae2_jax.models.vqvae import level_names
 from vqvae2_jax.stages import common
 from vqvae2_jax.train import loop
@@ -53,9 +53,7 @@ def validation_mse(reconstruct, state, val_source, batch_size: int, mesh,
                    max_batches: int) -> dict[str, float]:
   """Mean MSE ([-1, 1] scale) over up to max_batches validation batches (0 = all)."""
   total, count = 0.0, 0
-  for i, batch in enumerate(iterate_once(val_source, batch_size)):
-    if max_batches and i >= max_batches:
-      break
+  for batch in iterate_once(spread_subset(val_source, max_batches * batch_size), batch_size):
     arrays = parallel.host_to_global({"image": batch["image"], "valid": batch["valid"]}, mesh)
     recon = reconstruct(state.params, state.model_state, arrays["image"])
     err = jnp.mean((recon - image_lib.to_model(arrays["image"]))**2, axis=(1, 2, 3))
@@ -70,7 +68,7 @@ def save_reconstruction_grid(reconstruct, state, val_source, path: str, mesh,
                              num: int = 8) -> str:
   """Validation originals (row 1) above their reconstructions (row 2)."""
   num = max(mesh.size, num - num % mesh.size)
-  batch = next(iter(iterate_once(val_source, num)))
+  batch = next(iter(iterate_once(spread_subset(val_source, num), num)))
   arrays = parallel.host_to_global({"image": batch["image"]}, mesh)
   recon = parallel.global_to_host(reconstruct(state.params, state.model_state,
                                               arrays["image"]))
