@@ -28,10 +28,11 @@ def make():
       hidden=64, res_hidden=128, num_layers=4, attention_every=2, num_heads=2,
       kernel_size=3, dropout=0.1, attn_dropout=0.1, num_output_layers=2,
       train=config_lib.train_config(**prior_train))
+  # The bottom map has 4x the latents of the top: a smaller batch keeps its steps short.
   c.priors.bottom = config_lib.prior_config(
       hidden=64, res_hidden=128, num_layers=4, attention_every=0, num_heads=1,
       kernel_size=3, dropout=0.1, attn_dropout=0.0, num_cond_layers=3,
-      train=config_lib.train_config(**prior_train))
+      train=config_lib.train_config(**dict(prior_train, batch_size=16, steps=400)))
   c.classifier.train = config_lib.train_config(
       batch_size=32, steps=400, learning_rate=1e-3, log_every=100, eval_every=200,
       image_every=0, checkpoint_every=400)
