@@ -22,7 +22,7 @@ from helpers import load_config
 pytestmark = pytest.mark.xdist_group("tiny_pipeline")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: xdist may interleave modules of the group
 def evaluated(tiny_pipeline):
   """The tiny pipeline's workdir after one `evaluate` run."""
   main.run_stage(load_config("demo", "evaluate,tiny"), tiny_pipeline)
