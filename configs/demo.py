@@ -33,8 +33,9 @@ def make():
       hidden=64, res_hidden=128, num_layers=4, attention_every=0, num_heads=1,
       kernel_size=3, dropout=0.1, attn_dropout=0.0, num_cond_layers=3,
       train=config_lib.train_config(**dict(prior_train, batch_size=16, steps=400)))
+  c.classifier.update(dict(width=16, depth=1))
   c.classifier.train = config_lib.train_config(
-      batch_size=32, steps=400, learning_rate=1e-3, log_every=100, eval_every=200,
+      batch_size=32, steps=300, learning_rate=1e-3, log_every=100, eval_every=200,
       image_every=0, checkpoint_every=400)
   c.extract.batch_size = 64
   c.sample.update(dict(num_images=16, batch_size=16, temperature=1.0))
