@@ -24,15 +24,10 @@ def make():
   prior_train = dict(batch_size=32, steps=600, learning_rate=1e-3, log_every=100,
                      eval_every=200, image_every=0, checkpoint_every=200,
                      param_ema_decay=0.0)
-  c.priors.top = config_lib.prior_config(
-      hidden=64, res_hidden=128, num_layers=4, attention_every=2, num_heads=2,
-      kernel_size=3, dropout=0.1, attn_dropout=0.1, num_output_layers=2,
-      train=config_lib.train_config(**prior_train))
   # The bottom map has 4x the latents of the top: a smaller batch keeps its steps short.
-  c.priors.bottom = config_lib.prior_config(
-      hidden=64, res_hidden=128, num_layers=4, attention_every=0, num_heads=1,
-      kernel_size=3, dropout=0.1, attn_dropout=0.0, num_cond_layers=3,
-      train=config_lib.train_config(**dict(prior_train, batch_size=16, steps=400)))
+  c.priors.update(config_lib.cpu_priors(
+      config_lib.train_config(**prior_train),
+      config_lib.train_config(**dict(prior_train, batch_size=16, steps=400))))
   c.classifier.update(dict(width=16, depth=1))
   c.classifier.train = config_lib.train_config(
       batch_size=32, steps=300, learning_rate=1e-3, log_every=100, eval_every=200,

@@ -35,14 +35,8 @@ def make():
   prior_train = dict(batch_size=32, steps=2000, learning_rate=1e-3, log_every=50,
                      eval_every=500, eval_batches=8, image_every=0, checkpoint_every=500,
                      param_ema_decay=0.0)
-  c.priors.top = config_lib.prior_config(
-      hidden=64, res_hidden=128, num_layers=4, attention_every=2, num_heads=2,
-      kernel_size=3, dropout=0.1, attn_dropout=0.1, num_output_layers=2,
-      train=config_lib.train_config(**prior_train))
-  c.priors.bottom = config_lib.prior_config(
-      hidden=64, res_hidden=128, num_layers=4, attention_every=0, num_heads=1,
-      kernel_size=3, dropout=0.1, attn_dropout=0.0, num_cond_layers=3,
-      train=config_lib.train_config(**prior_train))
+  c.priors.update(config_lib.cpu_priors(config_lib.train_config(**prior_train),
+                                        config_lib.train_config(**prior_train)))
   c.classifier.update(dict(width=16, depth=1))
   c.classifier.train = config_lib.train_config(
       batch_size=32, steps=1000, learning_rate=1e-3, log_every=50, eval_every=500,

@@ -42,6 +42,18 @@ def prior_config(**overrides) -> ml_collections.ConfigDict:
   return c
 
 
+def cpu_priors(top_train: ml_collections.ConfigDict,
+               bottom_train: ml_collections.ConfigDict) -> dict:
+  """Small two-level priors (8x8 top / 16x16 bottom maps of 64x64 images) for a CPU."""
+  return dict(
+      top=prior_config(hidden=64, res_hidden=128, num_layers=4, attention_every=2,
+                       num_heads=2, kernel_size=3, dropout=0.1, attn_dropout=0.1,
+                       num_output_layers=2, train=top_train),
+      bottom=prior_config(hidden=64, res_hidden=128, num_layers=4, attention_every=0,
+                          num_heads=1, kernel_size=3, dropout=0.1, attn_dropout=0.0,
+                          num_cond_layers=3, train=bottom_train))
+
+
 def base_config() -> ml_collections.ConfigDict:
   """Every field any stage reads, with the paper's Table 5 stage-1 values."""
   c = ml_collections.ConfigDict()
