@@ -73,7 +73,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.priors = ml_collections.ConfigDict()
   c.extract = ml_collections.ConfigDict(dict(batch_size=64, splits=("train", "val")))
   c.classifier = ml_collections.ConfigDict(dict(
-      width=32, depth=2, train=train_config(batch_size=64, steps=1000)))
+      width=32, depth=2, input_pool=1, train=train_config(batch_size=64, steps=1000)))
   c.sample = ml_collections.ConfigDict(dict(
       num_images=16, batch_size=16, labels=(), temperature=1.0, top_k=0, top_p=1.0,
       sampler="incremental", seed=0,
@@ -179,6 +179,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
       bad(f"{section}", "...", "batch_size >= 1, steps >= 0 and learning_rate > 0 are needed")
     if t.dtype not in ("float32", "bfloat16", "float16"):
       bad(f"{section}.dtype", t.dtype, "must be float32, bfloat16 or float16")
+  if config.classifier.input_pool < 1 or config.data.image_size % config.classifier.input_pool:
+    bad("classifier.input_pool", config.classifier.input_pool,
+        f"must be >= 1 and divide data.image_size={config.data.image_size}")
   if config.sample.sampler not in ("incremental", "reference"):
     bad("sample.sampler", config.sample.sampler, "must be 'incremental' or 'reference'")
   if config.sample.rejection.classifier not in ("none", "efficientnet_lite0", "trained"):

@@ -9,8 +9,11 @@ the same workdir.
 """
 from __future__ import annotations
 
+import logging as py_logging
+
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 from vqvae2_jax.runner import run_stage
@@ -22,6 +25,15 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for this experiment's stages.")
 
 
+class _QuietLibraryInfo(py_logging.Filter):
+  """Drops INFO records of orbax (several per checkpoint save) so progress lines stay
+  readable; warnings and errors pass, and `--verbosity=1` shows everything."""
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    return (record.levelno >= py_logging.WARNING or logging.get_verbosity() >= 1
+            or "/orbax/" not in record.pathname)
+
+
 def main(argv):
   """absl entry: runs the stage named by --config on --workdir."""
   if len(argv) > 1:
@@ -30,6 +42,7 @@ def main(argv):
     raise app.UsageError("--config=configs/<experiment>.py:<stage>[,preset] is required")
   if not _WORKDIR.value:
     raise app.UsageError("--workdir is required")
+  logging.get_absl_handler().addFilter(_QuietLibraryInfo())
   run_stage(_CONFIG.value, _WORKDIR.value)
 
 

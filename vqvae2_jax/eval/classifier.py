@@ -45,11 +45,14 @@ class ResNetClassifier(nn.Module):
     stage_sizes: residual blocks per stage; every stage after the first
       halves the resolution.
     dropout_rate: dropout before the linear head (active when train=True).
+    input_pool: average-pools the images by this factor before the stem (1 = off): a
+      2x pooled 64x64 input costs a quarter of the FLOPs, plenty to tell photos apart.
   """
   num_classes: int
   width: int = 32
   stage_sizes: Sequence[int] = (1, 1, 1)
   dropout_rate: float = 0.0
+  input_pool: int = 1
 
   @nn.compact
   def __call__(self, images: jnp.ndarray, train: bool = False) -> jnp.ndarray:
@@ -67,6 +70,8 @@ class ResNetClassifier(nn.Module):
       x = images.astype(jnp.float32) / 127.5 - 1.0
     else:
       x = images.astype(jnp.float32)
+    if self.input_pool > 1:
+      x = nn.avg_pool(x, (self.input_pool,) * 2, strides=(self.input_pool,) * 2)
     x = layers.conv(self.width, 3, padding=1, name="stem")(x)
     for s, n_blocks in enumerate(self.stage_sizes):
       for b in range(n_blocks):

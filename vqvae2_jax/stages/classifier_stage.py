@@ -26,7 +26,8 @@ def build_classifier(config, num_classes: int) -> ResNetClassifier:
   """The ResNet classifier of config.classifier for `num_classes` labels."""
   c = config.classifier
   return ResNetClassifier(num_classes=num_classes, width=c.width,
-                          stage_sizes=(c.depth,) * 3, dropout_rate=0.1)
+                          stage_sizes=(c.depth,) * 3, dropout_rate=0.1,
+                          input_pool=c.input_pool)
 
 
 def classifier_init_fn(model, image_size: int):
