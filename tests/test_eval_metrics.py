@@ -295,3 +295,16 @@ def test_bad_weights_inputs(tmp_path, monkeypatch):
     convert.load_converted(no_meta)
   with pytest.raises(ValueError, match="no images"):
     features.extract_features(lambda p, x: x, {}, iter([]), batch_size=2)
+
+
+def test_classifier_input_pool_equals_classifying_pooled_images():
+  """input_pool=2 on 16x16 images is the same network as input_pool=1 on their 2x2
+  averages (float input in [-1, 1])."""
+  model, variables, _ = _tiny_classifier()
+  pooled_model = classifier.ResNetClassifier(num_classes=5, width=8, stage_sizes=(1, 1),
+                                             input_pool=2)
+  rng = np.random.RandomState(7)
+  images = rng.uniform(-1, 1, size=(3, 16, 16, 3)).astype(np.float32)
+  averaged = images.reshape(3, 8, 2, 8, 2, 3).mean(axis=(2, 4))
+  np.testing.assert_allclose(pooled_model.apply(variables, images),
+                             model.apply(variables, averaged), rtol=1e-5, atol=1e-5)
