@@ -45,6 +45,7 @@ PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L4": 121.0, "A
 
 
 def peak_tflops(device, override: float | None) -> float | None:
+  """Peak dense bf16 TFLOP/s of `device` (override wins; None when unknown)."""
   if override:
     return override
   for key, value in PEAK_BF16_TFLOPS.items():
@@ -54,6 +55,7 @@ def peak_tflops(device, override: float | None) -> float | None:
 
 
 def peak_memory_bytes(device) -> int | None:
+  """Peak bytes allocated on `device` so far, or None where the backend keeps no stats."""
   try:
     stats = device.memory_stats() or {}
   except Exception:  # CPU backends may not implement memory_stats
@@ -74,12 +76,14 @@ def timed(fn, steps: int, warmup: int = 1) -> float:
 
 
 def utilisation(flops_per_step, seconds, peak):
+  """Model FLOP utilisation: achieved FLOP/s over the peak (None without either)."""
   if not flops_per_step or not peak:
     return None
   return flops_per_step / seconds / (peak * 1e12)
 
 
 def stage1(args, peak) -> dict:
+  """imagenet256 stage-1 training in bf16: images/s, FLOPs per step, MFU."""
   arg = "vqvae,tiny" if args.small else "vqvae"
   config = bench_vqvae.load_config("imagenet256", arg)
   size = config.data.image_size
@@ -95,6 +99,7 @@ def stage1(args, peak) -> dict:
 
 
 def priors(args, peak) -> dict:
+  """Top and bottom prior training at the paper's widths: latents/s, FLOPs per step, MFU."""
   arg = "prior_top,tiny" if args.small else "prior_top"
   config = bench_vqvae.load_config("imagenet256", arg)
   manifest = bench_prior.manifest_for(config, num_classes=1000)
@@ -116,6 +121,7 @@ def priors(args, peak) -> dict:
 
 
 def sampling(args) -> dict:
+  """Reference vs incremental sampling time of a 32x32 top and a 64x64 bottom prior."""
   hidden = 32 if args.small else args.sample_hidden
   layers = 2 if args.small else args.sample_layers
   grid_top, grid_bottom = (8, 16) if args.small else (32, 64)
@@ -137,6 +143,7 @@ def sampling(args) -> dict:
 
 
 def parse_args(argv=None):
+  """Command-line flags (see --help)."""
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--small", action="store_true", help="CPU-sized shapes (tests)")
   ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."),
@@ -157,6 +164,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> dict:
+  """Runs every measurement, writes the JSON file and returns its contents."""
   args = parse_args(argv)
   device = jax.devices()[0]
   peak = peak_tflops(device, args.peak_tflops)

@@ -143,6 +143,7 @@ class TorchPriorBench:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+  """Command-line flags (see --help)."""
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--only", nargs="*", default=None, choices=PRIORS)
   ap.add_argument("--batch", type=int, default=8, help="batch of top85m / imagenet_top")
@@ -213,6 +214,7 @@ def build(name: str, args) -> list[Any]:
 
 
 def print_rows(rows) -> None:
+  """Prints one table row per measured prior."""
   head = (f"{'prior':<18}{'grid':>6}{'batch':>6}{'params':>9}{'compile s':>10}{'s/step':>9}"
           f"{'latents/s':>11}{'TFLOP/step':>11}{'GFLOP/s':>9}  widths")
   print(head)
@@ -228,6 +230,7 @@ def print_rows(rows) -> None:
 
 
 def main(argv=None) -> list[dict[str, Any]]:
+  """Measures every selected prior; returns the rows it printed."""
   args = parse_args(argv)
   if args.torch:
     import torch  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import

@@ -103,6 +103,7 @@ def _cpu_name() -> str:
 
 
 def print_environment(env: dict[str, Any]) -> None:
+  """Prints the versions, devices and flags the figures were measured with."""
   print("environment: " + " ".join(f"{k}={v}" for k, v in env.items() if k != "xla_flags"))
   print(f"XLA_FLAGS={env['xla_flags']!r}", flush=True)
 
@@ -125,6 +126,7 @@ def compile_timed(fn: Callable, *args, **jit_kw):
 
 
 def count_params(params) -> int:
+  """Total number of scalars in a parameter pytree."""
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(nn.unbox(params))))
 
 
@@ -165,10 +167,12 @@ def interleaved(fns: dict[str, Callable[[], None]], steps: int, warmup: int,
 
 
 def fmt(x: float | None, spec: str = ".1f", width: int = 9) -> str:
+  """x formatted right-aligned, '-' when missing."""
   return f"{'-' if x is None else format(x, spec):>{width}}"
 
 
 def fmt_params(n: int | None) -> str:
+  """A parameter count as '1.92M' ('-' when missing)."""
   return "-" if n is None else f"{n / 1e6:.2f}M"
 
 
@@ -315,6 +319,7 @@ class TorchVQVAEBench:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+  """Command-line flags (see --help)."""
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--experiment", default="demo", help="configs/<name>.py: demo | "
                   "imagenet256 | ffhq1024")
@@ -339,6 +344,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def build_variants(args, ops) -> tuple[list[Any], dict[str, Any]]:
+  """The models to compare (ours per upsampling mode, the PyTorch reference) and the setup."""
   arg = ",".join(["vqvae"] + [p for p in args.presets.split(",") if p])
   config = load_config(args.experiment, arg)
   if args.match_torch_reference:
@@ -372,6 +378,7 @@ def build_variants(args, ops) -> tuple[list[Any], dict[str, Any]]:
 
 
 def measure(variants, ops, steps: int, warmup: int) -> list[dict[str, Any]]:
+  """Times every op of every variant, interleaved so load changes hit them alike."""
   rows = [dict(name=v.name, framework=v.framework, upsample=v.upsample, params=v.params,
                flops_per_image=v.flops, compile_s=v.compile_s, seconds={}, per_sec={})
           for v in variants]
@@ -387,6 +394,7 @@ def measure(variants, ops, steps: int, warmup: int) -> list[dict[str, Any]]:
 
 
 def print_table(rows, setup, ops, steps: int) -> None:
+  """Prints images/s per op and variant with the ratios to the reference."""
   s = setup
   print(f"\n== stage 1: {s['experiment']}{'+' + s['presets'] if s['presets'] else ''}"
         f"{' (matched to the PyTorch reference)' if s['matched'] else ''}, "
@@ -423,6 +431,7 @@ def print_table(rows, setup, ops, steps: int) -> None:
 
 
 def main(argv=None) -> list[dict[str, Any]]:
+  """Builds, measures and prints; returns the rows."""
   args = parse_args(argv)
   ops = [o for o in args.ops.split(",") if o]
   for o in ops:

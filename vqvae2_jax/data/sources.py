@@ -106,12 +106,14 @@ class Subset:
 
   @property
   def num_skipped(self) -> int:
+    """Unreadable images the underlying source skipped so far."""
     return self.source.num_skipped
 
   def __len__(self) -> int:
     return len(self.rows)
 
   def get(self, index: int, epoch: int = 0) -> tuple[np.ndarray, int]:
+    """(uint8 [S, S, 3] image, int label) of row `index` of the subset."""
     return self.source.get(int(self.rows[index]), epoch)
 
 

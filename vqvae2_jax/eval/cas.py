@@ -63,6 +63,7 @@ class TopKCounter:
     self.count += len(labels)
 
   def result(self) -> dict[str, float]:
+    """{'top1', 'top5'} accuracies (fractions) and 'num_images' counted so far."""
     n = max(self.count, 1)
     return {"top1": self.top1 / n, "top5": self.top5 / n, "num_images": self.count}
 

@@ -31,6 +31,7 @@ class Network:
 
   @property
   def label(self) -> str:
+    """The network's name, flagged when its figures are not comparable with papers."""
     if self.info["comparable_with_published"]:
       return self.name
     return f"{self.name} (NOT comparable with published numbers)"

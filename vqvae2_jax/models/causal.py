@@ -98,6 +98,7 @@ class CausalConv(nn.Module):
 
   @property
   def padding(self) -> tuple[tuple[int, int], tuple[int, int]]:
+    """((top, bottom), (left, right)) causal zero padding of this conv."""
     return conv_padding(self.mode, self.kernel_size)
 
   @nn.compact

@@ -39,6 +39,7 @@ class _Geometry:
     self.padded = (height + self.top, width + self.left + right)
 
   def zeros(self, batch: int, channels: int, dtype) -> jax.Array:
+    """An empty cache: zeros [batch, H + top, W + left + right, channels]."""
     return jnp.zeros((batch,) + self.padded + (channels,), dtype)
 
   def write(self, cache: jax.Array, value: jax.Array, i, j) -> jax.Array:

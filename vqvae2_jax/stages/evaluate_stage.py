@@ -53,6 +53,7 @@ _START = [time.time()]
 
 
 def log(msg: str) -> None:
+  """Prints `msg` (process 0) with the seconds since the stage started."""
   parallel.print0(f"[{NAME}] {msg} | {time.time() - _START[0]:.0f}s elapsed")
 
 
