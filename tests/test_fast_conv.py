@@ -1,4 +1,5 @@
-"""FastConv equals nn.Conv(padding='SAME'): params tree, values and all three gradients."""
+"""FastConv equals nn.Conv(padding='SAME') and FastConvTranspose equals
+nn.ConvTranspose(padding='SAME'): params tree, values and all three gradients."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -6,7 +7,8 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from vqvae2_jax.models.fast_conv import FastConv
+from vqvae2_jax.models import fast_conv
+from vqvae2_jax.models.fast_conv import FastConv, FastConvTranspose
 
 # (batch, height, width, in, out, kernel, stride)
 CASES = [
@@ -17,6 +19,13 @@ CASES = [
     (1, 7, 9, 2, 3, 4, 2),
     (3, 5, 6, 2, 4, 2, 1),
 ]
+
+
+@pytest.fixture(autouse=True)
+def fast_path_at_every_width(monkeypatch):
+  """The cases are narrow (a few channels) to stay cheap: force the im2col gradient on
+  them, which the modules otherwise keep for layers of >= MIN_FAST_CHANNELS channels."""
+  monkeypatch.setattr(fast_conv, "MIN_FAST_CHANNELS", 0)
 
 
 def _pair(features, kernel, stride):
@@ -75,17 +84,22 @@ def test_matches_nn_conv_under_jit(case):
   _check(ref, fast, params, x, t, run)
 
 
-def test_backward_replaces_the_kernel_gradient_convolution():
+def _n_convs(model, params, x, t):
+  f = lambda p, x: jnp.sum(jnp.sin(model.apply({"params": p}, x)) * t)
+  grad = jax.jit(jax.grad(f, argnums=(0, 1)))
+  return grad.lower(params, x).as_text().count("stablehlo.convolution")
+
+
+def test_backward_replaces_the_kernel_gradient_convolution(monkeypatch):
   x, t = _inputs((3, 6, 5, 3, 4, 3, 1))
   ref, fast = _pair(4, 3, 1)
   params = nn.unbox(ref.init(jax.random.PRNGKey(2), x))["params"]
   # nn.Conv's gradient program has three convolutions (forward, input and kernel
   # gradients); FastConv's has two, its kernel gradient being a matmul.
-  def n_convs(model):
-    f = lambda p, x: jnp.sum(jnp.sin(model.apply({"params": p}, x)) * t)
-    grad = jax.jit(jax.grad(f, argnums=(0, 1)))
-    return grad.lower(params, x).as_text().count("stablehlo.convolution")
-  assert (n_convs(ref), n_convs(fast)) == (3, 2)
+  assert (_n_convs(ref, params, x, t), _n_convs(fast, params, x, t)) == (3, 2)
+  # A layer narrower than MIN_FAST_CHANNELS keeps XLA's kernel gradient.
+  monkeypatch.setattr(fast_conv, "MIN_FAST_CHANNELS", 16)
+  assert _n_convs(fast, params, x, t) == 3
 
 
 @pytest.mark.parametrize("case", [(8, 6, 6, 3, 4, 3, 1), (16, 8, 8, 2, 3, 4, 2)])
@@ -140,3 +154,71 @@ def test_layers_conv_on_cpu_keeps_nn_conv_parameter_paths(monkeypatch):
   for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(fast)):
     np.testing.assert_array_equal(a, b)
   assert "Conv_0" in fast["params"]
+
+
+# (batch, height, width, in, out, kernel, stride) of transposed convs; output = stride * input
+TRANSPOSE_CASES = [
+    (2, 5, 6, 3, 4, 4, 2),   # the paper's 4x4 stride-2 upsampler
+    (1, 4, 4, 3, 2, 3, 2),
+    (1, 4, 3, 2, 3, 5, 3),
+    (2, 3, 3, 2, 2, 2, 2),
+    (2, 3, 3, 2, 2, 1, 1),
+]
+
+
+def _transpose_pair(features, kernel, stride):
+  init = dict(kernel_init=nn.with_logical_partitioning(
+      nn.initializers.lecun_normal(), ("kh", "kw", "embed", "mlp")),
+              bias_init=nn.with_logical_partitioning(nn.initializers.normal(0.5), ("mlp",)))
+  return (nn.ConvTranspose(features, (kernel, kernel), (stride, stride), padding="SAME",
+                           **init),
+          FastConvTranspose(features, (kernel, kernel), (stride, stride), **init))
+
+
+def _transpose_inputs(case):
+  b, h, w, cin, cout, k, s = case
+  kx, kt = jax.random.split(jax.random.PRNGKey(sum(case)))
+  return jax.random.normal(kx, (b, h, w, cin)), jax.random.normal(kt, (b, s * h, s * w, cout))
+
+
+@pytest.mark.parametrize("case", TRANSPOSE_CASES)
+def test_transpose_matches_nn_conv_transpose_under_jit(case):
+  _, _, _, cin, cout, k, s = case
+  ref, fast = _transpose_pair(cout, k, s)
+  x, t = _transpose_inputs(case)
+  v_ref, v_fast = ref.init(jax.random.PRNGKey(1), x), fast.init(jax.random.PRNGKey(1), x)
+  assert jax.tree.structure(v_ref) == jax.tree.structure(v_fast)
+  for a, c in zip(jax.tree.leaves(v_ref, is_leaf=lambda z: isinstance(z, nn.Partitioned)),
+                  jax.tree.leaves(v_fast, is_leaf=lambda z: isinstance(z, nn.Partitioned))):
+    assert a.names == c.names
+    np.testing.assert_array_equal(a.value, c.value)
+  params = nn.unbox(v_ref)["params"]
+  run = jax.jit(_loss_and_grads, static_argnums=0)
+  _check(ref, fast, params, x, t, run)
+  # The kernel gradient is matmuls: forward and input gradient are the only convolutions.
+  assert (_n_convs(ref, params, x, t), _n_convs(fast, params, x, t)) == (3, 2)
+
+
+def test_transpose_matches_with_sharded_batch():
+  mesh = Mesh(np.array(jax.devices()[:8]), ("data",))
+  case = (8, 4, 4, 3, 2, 4, 2)
+  ref, fast = _transpose_pair(case[4], case[5], case[6])
+  x, t = _transpose_inputs(case)
+  batch = NamedSharding(mesh, P("data"))
+  x, t = jax.device_put(x, batch), jax.device_put(t, batch)
+  params = jax.device_put(nn.unbox(ref.init(jax.random.PRNGKey(3), x))["params"],
+                          NamedSharding(mesh, P()))
+  _check(ref, fast, params, x, t, jax.jit(_loss_and_grads, static_argnums=0))
+
+
+def test_transpose_upsampler_on_cpu_keeps_nn_conv_transpose_parameter_paths(monkeypatch):
+  from vqvae2_jax.models import layers
+  x = jnp.zeros((1, 4, 4, 8))
+  up = layers.Upsample2x(6, "transpose")
+  fast = up.init(jax.random.PRNGKey(0), x)
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  ref = up.init(jax.random.PRNGKey(0), x)
+  assert jax.tree.structure(ref) == jax.tree.structure(fast)
+  for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(fast)):
+    np.testing.assert_array_equal(a, b)
+  assert "ConvTranspose_0" in fast["params"]

@@ -8,7 +8,15 @@ gradient as im2col (the kh*kw shifted, strided slices of the padded input concat
 the channel axis) times the output gradient, a single matmul with float32 accumulation.
 
 `FastConv` is a drop-in Linen module for `nn.Conv(..., padding='SAME')`: same parameter
-names, shapes and initialisers, so checkpoints are interchangeable.
+names, shapes and initialisers, so checkpoints are interchangeable. Layers with fewer than
+`MIN_FAST_CHANNELS` input or output channels keep XLA's gradient, which wins there.
+
+`fast_conv_transpose2d` / `FastConvTranspose` do the same for the paper's strided
+transposed convolution (`nn.ConvTranspose(..., padding='SAME')`, kernel not flipped). Its
+output position s*i + a only sees kernel taps r with r = pad - a (mod s), so the kernel
+gradient splits into s*s output phases, each one im2col matmul over shifted views of the
+undilated input: the same FLOPs as the forward pass, none spent on the zeros of a dilated
+input.
 """
 from __future__ import annotations
 
@@ -23,6 +31,15 @@ from jax import lax
 Dtype = Any
 Initializer = Callable[..., jax.Array]
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
+# Below this many input or output channels the im2col matmul is too thin to beat XLA's
+# own kernel gradient (RGB input and output layers), so the modules keep XLA's
+# (benchmarks/README.md, "What limits training on CPU").
+MIN_FAST_CHANNELS = 16
+
+
+def fast_gradient_pays(in_channels: int, out_channels: int) -> bool:
+  """Whether the im2col kernel gradient is the faster one for this layer width."""
+  return min(in_channels, out_channels) >= MIN_FAST_CHANNELS
 
 
 def _same_padding(x_shape: Sequence[int], w_shape: Sequence[int],
@@ -91,6 +108,87 @@ def _bwd(strides, res, g):
 fast_conv2d.defvjp(_fwd, _bwd)
 
 
+def _transpose_taps(k: int, s: int) -> list[tuple[int, int]]:
+  """Per kernel tap r of a 'SAME' transposed conv (kernel k, stride s): (output phase a,
+  input offset d), meaning out[s*i + a] receives x[i + d] * w[r]."""
+  pad_len = k + s - 2
+  pad_lo = k - 1 if s > k - 1 else -(-pad_len // 2)  # lax.conv_transpose's 'SAME' split
+  taps = []
+  for r in range(k):
+    a = (pad_lo - r) % s
+    taps.append((a, (a + r - pad_lo) // s))
+  return taps
+
+
+def _conv_transpose(x: jax.Array, w: jax.Array, strides: tuple[int, int]) -> jax.Array:
+  return lax.conv_transpose(x, w, strides, "SAME", dimension_numbers=_DIMENSION_NUMBERS)
+
+
+def _transpose_kernel_grad(x: jax.Array, g: jax.Array, kernel_shape: Sequence[int],
+                           strides: tuple[int, int]) -> jax.Array:
+  """d(loss)/d(kernel) of `_conv_transpose`, phase by phase: float32 [kh, kw, C, O].
+
+  x: [B, H, W, C]; g: [B, sh*H, sw*W, O] (the output gradient).
+  """
+  kh, kw, c, o = kernel_shape
+  b, h, w, _ = x.shape
+  taps_h, taps_w = _transpose_taps(kh, strides[0]), _transpose_taps(kw, strides[1])
+  lo_h, hi_h = -min(d for _, d in taps_h), max(d for _, d in taps_h)
+  lo_w, hi_w = -min(d for _, d in taps_w), max(d for _, d in taps_w)
+  xp = jnp.pad(x, ((0, 0), (max(lo_h, 0), max(hi_h, 0)), (max(lo_w, 0), max(hi_w, 0)), (0, 0)))
+  grads = {}
+  for a in range(strides[0]):
+    for a_w in range(strides[1]):
+      rows = [(r, d) for r, (ph, d) in enumerate(taps_h) if ph == a]
+      cols = [(q, d) for q, (ph, d) in enumerate(taps_w) if ph == a_w]
+      if not rows or not cols:
+        continue
+      views = [lax.slice(xp, (0, max(lo_h, 0) + dr, max(lo_w, 0) + dq, 0),
+                         (b, max(lo_h, 0) + dr + h, max(lo_w, 0) + dq + w, c))
+               for _, dr in rows for _, dq in cols]
+      patches = views[0] if len(views) == 1 else jnp.concatenate(views, axis=-1)
+      phase_g = g[:, a::strides[0], a_w::strides[1]]
+      dw = jnp.einsum("bhwp,bhwo->po", patches, phase_g, preferred_element_type=jnp.float32)
+      dw = dw.reshape(len(rows), len(cols), c, o)
+      for i, (r, _) in enumerate(rows):
+        for j, (q, _) in enumerate(cols):
+          grads[r, q] = dw[i, j]
+  zeros = jnp.zeros((c, o), jnp.float32)  # taps no output position reaches
+  return jnp.stack([jnp.stack([grads.get((r, q), zeros) for q in range(kw)])
+                    for r in range(kh)])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def fast_conv_transpose2d(x: jax.Array, w: jax.Array, strides: tuple[int, int] = (2, 2)
+                          ) -> jax.Array:
+  """`lax.conv_transpose(x, w, strides, 'SAME')` (NHWC, HWIO, kernel not flipped).
+
+  Args:
+    x: float [B, H, W, C].
+    w: float [kh, kw, C, O], same dtype as x.
+    strides: (sh, sw), static Python ints.
+  Returns:
+    [B, sh*H, sw*W, O] in x's dtype, identical in value to nn.ConvTranspose's; only the
+    kernel gradient is computed differently (phase-wise im2col matmuls, float32 sums).
+  """
+  return _conv_transpose(x, w, strides)
+
+
+def _fwd_transpose(x, w, strides):
+  return _conv_transpose(x, w, strides), (x, w)
+
+
+def _bwd_transpose(strides, res, g):
+  x, w = res
+  _, vjp_x = jax.vjp(lambda x_: _conv_transpose(x_, w, strides), x)
+  (dx,) = vjp_x(g)
+  dw = _transpose_kernel_grad(x, g, w.shape, strides).astype(w.dtype)
+  return dx, dw
+
+
+fast_conv_transpose2d.defvjp(_fwd_transpose, _bwd_transpose)
+
+
 class FastConv(nn.Module):
   """`nn.Conv(features, kernel_size, strides, padding='SAME')` with `fast_conv2d` inside.
 
@@ -119,5 +217,31 @@ class FastConv(nn.Module):
                         kernel_size + (x.shape[-1], self.features), jnp.float32)
     bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    y = fast_conv2d(x, kernel, strides)
-    return y + bias
+    conv = fast_conv2d if fast_gradient_pays(x.shape[-1], self.features) else _conv
+    return conv(x, kernel, strides) + bias
+
+
+class FastConvTranspose(nn.Module):
+  """`nn.ConvTranspose(features, kernel_size, strides, padding='SAME')` with
+  `fast_conv_transpose2d` inside: same parameter names, shapes and initialisers.
+
+  x: float [B, H, W, in] -> dtype [B, sh*H, sw*W, features].
+  """
+  features: int
+  kernel_size: tuple[int, int]
+  strides: tuple[int, int] = (2, 2)
+  dtype: Dtype = jnp.float32
+  kernel_init: Initializer = nn.initializers.lecun_normal()
+  bias_init: Initializer = nn.initializers.zeros_init()
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    if x.ndim != 4:
+      raise ValueError(f"FastConvTranspose expects NHWC input [B, H, W, C]; got {x.shape}")
+    kernel = self.param("kernel", self.kernel_init,
+                        tuple(self.kernel_size) + (x.shape[-1], self.features), jnp.float32)
+    bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    conv = (fast_conv_transpose2d if fast_gradient_pays(x.shape[-1], self.features)
+            else _conv_transpose)
+    return conv(x, kernel, tuple(self.strides)) + bias
