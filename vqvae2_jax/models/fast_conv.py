@@ -26,6 +26,7 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 Dtype = Any
@@ -120,7 +121,26 @@ def _transpose_taps(k: int, s: int) -> list[tuple[int, int]]:
   return taps
 
 
+def _phase_plan(kernel_shape: Sequence[int], strides: tuple[int, int]):
+  """How a 'SAME' transposed conv splits into output phases.
+
+  Returns ((top, bottom), (left, right)) zero padding of the input and, per output phase
+  (a, b) in raster order, the kernel taps it uses along H and W as [(tap, input offset)],
+  offsets consecutive and ascending.
+  """
+  kh, kw = kernel_shape[:2]
+  taps_h, taps_w = _transpose_taps(kh, strides[0]), _transpose_taps(kw, strides[1])
+  def pads(taps):
+    return max(-min(d for _, d in taps), 0), max(max(d for _, d in taps), 0)
+  phases = [(a, b, [(r, d) for r, (p, d) in enumerate(taps_h) if p == a],
+             [(q, d) for q, (p, d) in enumerate(taps_w) if p == b])
+            for a in range(strides[0]) for b in range(strides[1])]
+  return pads(taps_h), pads(taps_w), phases
+
+
 def _conv_transpose(x: jax.Array, w: jax.Array, strides: tuple[int, int]) -> jax.Array:
+  # XLA's own forward pass: computing it phase by phase as well measured 0.54x as fast
+  # for a 256x256 decode on CPU.
   return lax.conv_transpose(x, w, strides, "SAME", dimension_numbers=_DIMENSION_NUMBERS)
 
 
@@ -128,31 +148,27 @@ def _transpose_kernel_grad(x: jax.Array, g: jax.Array, kernel_shape: Sequence[in
                            strides: tuple[int, int]) -> jax.Array:
   """d(loss)/d(kernel) of `_conv_transpose`, phase by phase: float32 [kh, kw, C, O].
 
-  x: [B, H, W, C]; g: [B, sh*H, sw*W, O] (the output gradient).
+  x: [B, H, W, C]; g: [B, sh*H, sw*W, O] (the output gradient). Each phase is one im2col
+  matmul of shifted views of the input with that phase's output gradient.
   """
   kh, kw, c, o = kernel_shape
   b, h, w, _ = x.shape
-  taps_h, taps_w = _transpose_taps(kh, strides[0]), _transpose_taps(kw, strides[1])
-  lo_h, hi_h = -min(d for _, d in taps_h), max(d for _, d in taps_h)
-  lo_w, hi_w = -min(d for _, d in taps_w), max(d for _, d in taps_w)
-  xp = jnp.pad(x, ((0, 0), (max(lo_h, 0), max(hi_h, 0)), (max(lo_w, 0), max(hi_w, 0)), (0, 0)))
+  pad_h, pad_w, phases = _phase_plan(kernel_shape, strides)
+  xp = jnp.pad(x, ((0, 0), pad_h, pad_w, (0, 0)))
   grads = {}
-  for a in range(strides[0]):
-    for a_w in range(strides[1]):
-      rows = [(r, d) for r, (ph, d) in enumerate(taps_h) if ph == a]
-      cols = [(q, d) for q, (ph, d) in enumerate(taps_w) if ph == a_w]
-      if not rows or not cols:
-        continue
-      views = [lax.slice(xp, (0, max(lo_h, 0) + dr, max(lo_w, 0) + dq, 0),
-                         (b, max(lo_h, 0) + dr + h, max(lo_w, 0) + dq + w, c))
-               for _, dr in rows for _, dq in cols]
-      patches = views[0] if len(views) == 1 else jnp.concatenate(views, axis=-1)
-      phase_g = g[:, a::strides[0], a_w::strides[1]]
-      dw = jnp.einsum("bhwp,bhwo->po", patches, phase_g, preferred_element_type=jnp.float32)
-      dw = dw.reshape(len(rows), len(cols), c, o)
-      for i, (r, _) in enumerate(rows):
-        for j, (q, _) in enumerate(cols):
-          grads[r, q] = dw[i, j]
+  for a, a_w, rows, cols in phases:
+    if not rows or not cols:
+      continue
+    views = [lax.slice(xp, (0, pad_h[0] + dr, pad_w[0] + dq, 0),
+                       (b, pad_h[0] + dr + h, pad_w[0] + dq + w, c))
+             for _, dr in rows for _, dq in cols]
+    patches = views[0] if len(views) == 1 else jnp.concatenate(views, axis=-1)
+    phase_g = g[:, a::strides[0], a_w::strides[1]]
+    dw = jnp.einsum("bhwp,bhwo->po", patches, phase_g, preferred_element_type=jnp.float32)
+    dw = dw.reshape(len(rows), len(cols), c, o)
+    for i, (r, _) in enumerate(rows):
+      for j, (q, _) in enumerate(cols):
+        grads[r, q] = dw[i, j]
   zeros = jnp.zeros((c, o), jnp.float32)  # taps no output position reaches
   return jnp.stack([jnp.stack([grads.get((r, q), zeros) for q in range(kw)])
                     for r in range(kh)])
