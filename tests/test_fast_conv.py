@@ -226,3 +226,24 @@ def test_transpose_upsampler_on_cpu_keeps_nn_conv_transpose_parameter_paths(monk
   for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(fast)):
     np.testing.assert_array_equal(a, b)
   assert "ConvTranspose_0" in fast["params"]
+
+
+@pytest.mark.parametrize("mode,kernel", [("down", (2, 3)), ("down_right", (2, 2)),
+                                         ("down", (3, 5))])
+def test_causal_conv_fast_path_matches_xla(mode, kernel, monkeypatch):
+  """CausalConv's explicit causal padding through fast_conv2d (the CPU path) equals the
+  plain XLA convolution: values and both gradients."""
+  from vqvae2_jax.models import causal
+  conv = causal.CausalConv(5, kernel, mode)
+  x = jax.random.normal(jax.random.PRNGKey(7), (2, 6, 7, 3))
+  t = jax.random.normal(jax.random.PRNGKey(8), (2, 6, 7, 5))
+  params = nn.unbox(conv.init(jax.random.PRNGKey(9), x))["params"]
+  def run(min_channels):
+    monkeypatch.setattr(fast_conv, "MIN_FAST_CHANNELS", min_channels)
+    return jax.jit(_loss_and_grads, static_argnums=0)(conv, params, x, t)
+  l_fast, y_fast, (gp_fast, gx_fast) = run(0)
+  l_ref, y_ref, (gp_ref, gx_ref) = run(10**9)
+  np.testing.assert_allclose(y_fast, y_ref, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(gx_fast, gx_ref, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(gp_fast["kernel"], gp_ref["kernel"], rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(gp_fast["bias"], gp_ref["bias"], rtol=1e-4, atol=1e-5)

@@ -49,13 +49,22 @@ def _same_padding(x_shape: Sequence[int], w_shape: Sequence[int],
   return lax.padtype_to_pads(tuple(x_shape[1:3]), tuple(w_shape[:2]), strides, "SAME")
 
 
-def _conv(x: jax.Array, w: jax.Array, strides: tuple[int, int]) -> jax.Array:
-  return lax.conv_general_dilated(x, w, strides, _same_padding(x.shape, w.shape, strides),
+def _pads(padding, x_shape, w_shape, strides) -> list[tuple[int, int]]:
+  """'SAME' or explicit ((top, bottom), (left, right)) -> explicit pads."""
+  if isinstance(padding, str):
+    if padding != "SAME":
+      raise ValueError(f"padding must be 'SAME' or explicit pairs, got {padding!r}")
+    return _same_padding(x_shape, w_shape, strides)
+  return [tuple(p) for p in padding]
+
+
+def _conv(x: jax.Array, w: jax.Array, strides: tuple[int, int], padding="SAME") -> jax.Array:
+  return lax.conv_general_dilated(x, w, strides, _pads(padding, x.shape, w.shape, strides),
                                   dimension_numbers=_DIMENSION_NUMBERS)
 
 
 def _kernel_grad(x: jax.Array, g: jax.Array, kernel_shape: Sequence[int],
-                 strides: tuple[int, int]) -> jax.Array:
+                 strides: tuple[int, int], padding="SAME") -> jax.Array:
   """d(loss)/d(kernel) as im2col(x) contracted with g: float32 [kh, kw, C, O].
 
   x: [B, H, W, C]; g: [B, OH, OW, O] (the output gradient).
@@ -63,10 +72,11 @@ def _kernel_grad(x: jax.Array, g: jax.Array, kernel_shape: Sequence[int],
   kh, kw, c, o = kernel_shape
   _, oh, ow, _ = g.shape
   sh, sw = strides
-  if (kh, kw) == (1, 1) and (sh, sw) == (1, 1):
+  pads = _pads(padding, x.shape, kernel_shape, strides)
+  if (kh, kw) == (1, 1) and (sh, sw) == (1, 1) and pads == [(0, 0), (0, 0)]:
     patches = x
   else:
-    (plo_h, phi_h), (plo_w, phi_w) = _same_padding(x.shape, kernel_shape, strides)
+    (plo_h, phi_h), (plo_w, phi_w) = pads
     xp = jnp.pad(x, ((0, 0), (plo_h, phi_h), (plo_w, phi_w), (0, 0)))
     # Tap (i, j) of the kernel sees input rows i, i + sh, ..., i + sh * (oh - 1).
     taps = [lax.slice(xp, (0, i, j, 0), (xp.shape[0], i + sh * (oh - 1) + 1,
@@ -77,32 +87,35 @@ def _kernel_grad(x: jax.Array, g: jax.Array, kernel_shape: Sequence[int],
   return dw.reshape(kh, kw, c, o)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def fast_conv2d(x: jax.Array, w: jax.Array, strides: tuple[int, int] = (1, 1)) -> jax.Array:
-  """'SAME'-padded convolution, NHWC input, HWIO kernel.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def fast_conv2d(x: jax.Array, w: jax.Array, strides: tuple[int, int] = (1, 1),
+                padding="SAME") -> jax.Array:
+  """Convolution, NHWC input, HWIO kernel, 'SAME' or explicit zero padding.
 
   Args:
     x: float [B, H, W, C].
     w: float [kh, kw, C, O], same dtype as x.
     strides: (sh, sw), static Python ints.
+    padding: 'SAME', or ((top, bottom), (left, right)) as static Python ints (the causal
+      convolutions of the priors).
   Returns:
-    [B, ceil(H / sh), ceil(W / sw), O] in x's dtype; identical in value to
-    `lax.conv_general_dilated(..., padding='SAME')`. Only the kernel gradient differs in
-    how it is computed (one matmul, float32 accumulation, cast back to w's dtype).
+    [B, OH, OW, O] in x's dtype; identical in value to `lax.conv_general_dilated` with
+    that padding. Only the kernel gradient differs in how it is computed (one matmul,
+    float32 accumulation, cast back to w's dtype).
   """
-  return _conv(x, w, strides)
+  return _conv(x, w, strides, padding)
 
 
-def _fwd(x, w, strides):
-  return _conv(x, w, strides), (x, w)
+def _fwd(x, w, strides, padding):
+  return _conv(x, w, strides, padding), (x, w)
 
 
-def _bwd(strides, res, g):
+def _bwd(strides, padding, res, g):
   x, w = res
   # The input gradient is XLA's own transposed convolution, exactly what autodiff emits.
-  _, vjp_x = jax.vjp(lambda x_: _conv(x_, w, strides), x)
+  _, vjp_x = jax.vjp(lambda x_: _conv(x_, w, strides, padding), x)
   (dx,) = vjp_x(g)
-  dw = _kernel_grad(x, g, w.shape, strides).astype(w.dtype)
+  dw = _kernel_grad(x, g, w.shape, strides, padding).astype(w.dtype)
   return dx, dw
 
 
