@@ -218,13 +218,10 @@ def _bwd_transpose(strides, res, g):
 fast_conv_transpose2d.defvjp(_fwd_transpose, _bwd_transpose)
 
 
-class FastConv(nn.Module):
-  """`nn.Conv(features, kernel_size, strides, padding='SAME')` with `fast_conv2d` inside.
-
-  Parameters: 'kernel' float32 [kh, kw, in, out] and 'bias' float32 [out], created with the
-  given initialisers (boxed logical names are kept), exactly as nn.Conv names them.
-  x: float [B, H, W, in] -> dtype [B, ceil(H / sh), ceil(W / sw), features].
-  """
+class _CpuConv(nn.Module):
+  """Parameters and dispatch shared by FastConv and FastConvTranspose: float32 'kernel'
+  [kh, kw, in, out] and 'bias' [out] from the given initialisers (boxed logical names
+  kept), the fast kernel gradient for layers of >= MIN_FAST_CHANNELS channels."""
   features: int
   kernel_size: tuple[int, int]
   strides: tuple[int, int] = (1, 1)
@@ -232,11 +229,15 @@ class FastConv(nn.Module):
   kernel_init: Initializer = nn.initializers.lecun_normal()
   bias_init: Initializer = nn.initializers.zeros_init()
 
+  def convolutions(self):
+    """(fast, plain): the custom-gradient convolution and XLA's own, same signature."""
+    raise NotImplementedError
+
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     if x.ndim != 4:
-      raise ValueError(f"FastConv expects NHWC input [B, H, W, C]; got shape {x.shape}. "
-                       "Add or fold batch dimensions before calling it.")
+      raise ValueError(f"{type(self).__name__} expects NHWC input [B, H, W, C]; got shape "
+                       f"{x.shape}. Add or fold batch dimensions before calling it.")
     kernel_size = tuple(self.kernel_size)
     strides = tuple(self.strides) if self.strides is not None else (1, 1)
     if len(kernel_size) != 2 or len(strides) != 2:
@@ -246,31 +247,31 @@ class FastConv(nn.Module):
                         kernel_size + (x.shape[-1], self.features), jnp.float32)
     bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    conv = fast_conv2d if fast_gradient_pays(x.shape[-1], self.features) else _conv
+    fast, plain = self.convolutions()
+    conv = fast if fast_gradient_pays(x.shape[-1], self.features) else plain
     return conv(x, kernel, strides) + bias
 
 
-class FastConvTranspose(nn.Module):
+class FastConv(_CpuConv):
+  """`nn.Conv(features, kernel_size, strides, padding='SAME')` with `fast_conv2d` inside,
+  parameters exactly as nn.Conv names them.
+
+  x: float [B, H, W, in] -> dtype [B, ceil(H / sh), ceil(W / sw), features].
+  """
+
+  def convolutions(self):
+    """(fast_conv2d, XLA's 'SAME' convolution)."""
+    return fast_conv2d, _conv
+
+
+class FastConvTranspose(_CpuConv):
   """`nn.ConvTranspose(features, kernel_size, strides, padding='SAME')` with
-  `fast_conv_transpose2d` inside: same parameter names, shapes and initialisers.
+  `fast_conv_transpose2d` inside, parameters exactly as nn.ConvTranspose names them.
 
   x: float [B, H, W, in] -> dtype [B, sh*H, sw*W, features].
   """
-  features: int
-  kernel_size: tuple[int, int]
   strides: tuple[int, int] = (2, 2)
-  dtype: Dtype = jnp.float32
-  kernel_init: Initializer = nn.initializers.lecun_normal()
-  bias_init: Initializer = nn.initializers.zeros_init()
 
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    if x.ndim != 4:
-      raise ValueError(f"FastConvTranspose expects NHWC input [B, H, W, C]; got {x.shape}")
-    kernel = self.param("kernel", self.kernel_init,
-                        tuple(self.kernel_size) + (x.shape[-1], self.features), jnp.float32)
-    bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
-    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    conv = (fast_conv_transpose2d if fast_gradient_pays(x.shape[-1], self.features)
-            else _conv_transpose)
-    return conv(x, kernel, tuple(self.strides)) + bias
+  def convolutions(self):
+    """(fast_conv_transpose2d, XLA's 'SAME' transposed convolution)."""
+    return fast_conv_transpose2d, _conv_transpose
