@@ -18,7 +18,7 @@ def make():
                       num_codes=128, code_dim=32, upsample="subpixel",
                       # Short runs from scratch leave many codes unused: re-seed them.
                       dead_code_threshold=1.0))
-  # Schedules sized so the whole pipeline takes about 5.5 minutes on 2 idle CPU cores
+  # Schedules sized so the whole pipeline takes about five minutes on 2 idle CPU cores
   # (README, "Measured results"); every stage is compute bound there.
   c.vqvae_train = config_lib.train_config(
       batch_size=8, steps=300, learning_rate=1e-3, log_every=50, eval_every=150,
