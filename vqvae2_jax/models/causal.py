@@ -127,8 +127,7 @@ class CausalConv(nn.Module):
       y = x.reshape(x.shape[0], -1) @ kernel.reshape(-1, self.features)
       return y + bias.astype(self.dtype)
     pads = ((0, 0), (0, 0)) if prepadded else self.padding
-    if (jax.default_backend() == "cpu"
-        and fast_conv.fast_gradient_pays(x.shape[-1], self.features)):
+    if fast_conv.fast_gradient_pays(x.shape[-1], self.features):
       # Same values; the kernel gradient is a matmul instead of XLA's slow CPU lowering.
       y = fast_conv.fast_conv2d(x, kernel, (1, 1), pads)
     else:

@@ -39,8 +39,10 @@ MIN_FAST_CHANNELS = 16
 
 
 def fast_gradient_pays(in_channels: int, out_channels: int) -> bool:
-  """Whether the im2col kernel gradient is the faster one for this layer width."""
-  return min(in_channels, out_channels) >= MIN_FAST_CHANNELS
+  """Whether the im2col kernel gradient is the faster one: on the CPU backend, for layers
+  of at least MIN_FAST_CHANNELS input and output channels (accelerators keep XLA's)."""
+  return (jax.default_backend() == "cpu"
+          and min(in_channels, out_channels) >= MIN_FAST_CHANNELS)
 
 
 def _same_padding(x_shape: Sequence[int], w_shape: Sequence[int],
