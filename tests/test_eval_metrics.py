@@ -15,7 +15,7 @@ from jax.sharding import AxisType
 
 from vqvae2_jax.eval import classifier
 from vqvae2_jax.eval import convert
-from vqvae2_jax.eval import features
+from vqvae2_jax.eval import feature_networks as features
 from vqvae2_jax.eval import metrics
 
 

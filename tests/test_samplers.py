@@ -10,7 +10,7 @@ import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from vqvae2_jax.models.prior import PixelSNAILPrior
-from vqvae2_jax.sampling import common
+from vqvae2_jax.sampling import draw as draw_lib
 from vqvae2_jax.sampling.incremental import sample_incremental
 from vqvae2_jax.sampling.reference import sample_reference
 
@@ -101,7 +101,7 @@ def test_bf16_incremental_sampler_runs():
 
 def test_filter_logits():
   logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]], jnp.float32))
-  filt = jax.jit(common.filter_logits, static_argnames="top_k")
+  filt = jax.jit(draw_lib.filter_logits, static_argnames="top_k")
   keep = lambda **kw: np.isfinite(np.asarray(filt(logits, **kw)))[0].tolist()
   assert keep(temperature=1.0, top_k=0, top_p=1.0) == [True] * 4
   assert keep(temperature=1.0, top_k=2, top_p=1.0) == [True, True, False, False]

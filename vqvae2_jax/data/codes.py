@@ -9,7 +9,6 @@ Shards are memory-mapped, so a split larger than RAM (ImageNet) trains without l
 """
 from __future__ import annotations
 
-import glob
 import json
 import math
 import os
@@ -137,8 +136,3 @@ def iterate_codes_once(codes: CodeShards, global_batch_size: int, *,
     batch["valid"] = valid
     yield batch
 
-
-def list_splits(extract_dir: str) -> list[str]:
-  """Split folders present under the extraction directory."""
-  return sorted(os.path.basename(d) for d in glob.glob(os.path.join(extract_dir, "*"))
-                if os.path.isdir(d))

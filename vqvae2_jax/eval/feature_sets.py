@@ -14,7 +14,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from vqvae2_jax.eval import features as features_lib
+from vqvae2_jax.eval import feature_networks as features_lib
 from vqvae2_jax.eval import metrics
 
 

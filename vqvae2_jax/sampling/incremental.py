@@ -27,7 +27,7 @@ from jax import lax
 
 from vqvae2_jax.models import causal
 from vqvae2_jax.models.prior import PixelSNAILPrior, attention_positions
-from vqvae2_jax.sampling import common
+from vqvae2_jax.sampling import draw as draw_lib
 
 
 class _Geometry:
@@ -137,7 +137,7 @@ def _sample(prior: PixelSNAILPrior, params, rng, cond_codes, labels, temperature
         h = h + out[:, 0]
         a += 1
     logits = m.output(h, train=False)  # float32 [B, K]
-    code = common.draw(rng, p, logits, temperature, top_k, top_p)
+    code = draw_lib.draw(rng, p, logits, temperature, top_k, top_p)
     x_p = m.embed(code)
     st["xv"] = g_xv.write(st["xv"], x_p, i, j)
     st["xh"] = g_xh.write(st["xh"], x_p, i, j)
@@ -184,7 +184,7 @@ def sample_incremental(prior: PixelSNAILPrior, params: Any, rng: jax.Array, *,
     shape: (B, H, W).
     cond_codes: int32 [B, H/s, W/s] upper-level codes (top first); may be batch-sharded.
     labels: int32 [B] class labels (class-conditional priors only).
-    temperature, top_k, top_p: see `common.filter_logits`.
+    temperature, top_k, top_p: see `draw_lib.filter_logits`.
     return_logits: also return the logits used at every position.
     sharding: optional sharding for the batch axis (e.g. NamedSharding(mesh, P('data')))
       imposed on the canvas and the caches; by default sharding follows the inputs.
@@ -192,7 +192,7 @@ def sample_incremental(prior: PixelSNAILPrior, params: Any, rng: jax.Array, *,
   Returns:
     int32 [B, H, W] codes, or (codes, float32 [B, H, W, K] logits) with return_logits.
   """
-  shape = common.check_args(prior, shape, cond_codes, labels, temperature, top_k, top_p)
-  return _sample(prior, common.plain_params(params), rng, tuple(cond_codes), labels,
+  shape = draw_lib.check_args(prior, shape, cond_codes, labels, temperature, top_k, top_p)
+  return _sample(prior, draw_lib.plain_params(params), rng, tuple(cond_codes), labels,
                  jnp.float32(temperature), jnp.float32(top_p), shape=shape, top_k=top_k,
                  return_logits=bool(return_logits), sharding=sharding)

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from vqvae2_jax.models.prior import PixelSNAILPrior
-from vqvae2_jax.sampling import common
+from vqvae2_jax.sampling import draw as draw_lib
 
 
 @functools.partial(jax.jit, static_argnames=("prior", "shape", "top_k", "positions"))
@@ -24,7 +24,7 @@ def _sample(prior, params, rng, cond_codes, labels, temperature, top_p, *, shape
   def body(p, codes):
     logits = prior.apply(variables, codes, cond_codes, labels, train=False)
     i, j = p // wid, p % wid
-    code = common.draw(rng, p, logits[:, i, j], temperature, top_k, top_p)
+    code = draw_lib.draw(rng, p, logits[:, i, j], temperature, top_k, top_p)
     return codes.at[:, i, j].set(code)
 
   codes = jnp.zeros(shape, jnp.int32)
@@ -54,8 +54,8 @@ def sample_reference(prior: PixelSNAILPrior, params: Any, rng: jax.Array, *,
   Returns:
     int32 [B, H, W] codes.
   """
-  shape = common.check_args(prior, shape, cond_codes, labels, temperature, top_k, top_p)
+  shape = draw_lib.check_args(prior, shape, cond_codes, labels, temperature, top_k, top_p)
   n = shape[1] * shape[2] if num_positions is None else int(num_positions)
-  return _sample(prior, common.plain_params(params), rng, tuple(cond_codes), labels,
+  return _sample(prior, draw_lib.plain_params(params), rng, tuple(cond_codes), labels,
                  jnp.float32(temperature), jnp.float32(top_p), shape=shape, top_k=top_k,
                  positions=n)

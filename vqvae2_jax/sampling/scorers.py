@@ -36,7 +36,7 @@ def load_scorer(kind: str, config, workdir: str, mesh, num_classes: int,
         {"params": params}, x.astype("float32") / 127.5 - 1.0, train=False)))
     return lambda images: _batched(fn, images, batch)
   if kind == "efficientnet_lite0":
-    from vqvae2_jax.eval.features import load_feature_network  # pylint: disable=g-import-not-at-top
+    from vqvae2_jax.eval.feature_networks import load_feature_network  # pylint: disable=g-import-not-at-top
     apply_fn, variables, info = load_feature_network("efficientnet_lite0")
     fn = jax.jit(lambda x: jax.nn.softmax(apply_fn(variables, x)[info["logits_key"]]))
     return lambda images: _batched(fn, images, batch)

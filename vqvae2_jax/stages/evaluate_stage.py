@@ -38,7 +38,7 @@ from vqvae2_jax.data.loader import iterate_once
 from vqvae2_jax.data.sources import make_source, spread_subset
 from vqvae2_jax.eval import cas as cas_lib
 from vqvae2_jax.eval import feature_sets as fs
-from vqvae2_jax.eval import features as features_lib
+from vqvae2_jax.eval import feature_networks as features_lib
 from vqvae2_jax.eval import metrics
 from vqvae2_jax.eval import report as report_lib
 from vqvae2_jax.sampling import rejection

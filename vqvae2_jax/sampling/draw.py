@@ -1,4 +1,4 @@
-"""Pieces shared by the reference and the incremental sampler.
+"""Sampling draws shared by the reference and the incremental sampler.
 
 Both samplers draw position p (raster index i * W + j) with exactly the same function,
 `draw(rng, p, logits, ...)`, using the key `jax.random.fold_in(rng, p)`; so with the same
