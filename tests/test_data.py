@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 
+import grain
 import ml_collections
 import numpy as np
 from PIL import Image
@@ -331,18 +332,31 @@ def _take(loader, k):
   return [next(loader) for _ in range(k)]
 
 
-def test_loader_batches_follow_the_seeded_permutation():
+def _grain_order(n, seed, epoch):
+  """The documented item order of an epoch: grain's shuffle at positions e*n + k."""
+  order = grain.MapDataset.range(n).shuffle(seed=seed)
+  return np.asarray([order[epoch * n + k] for k in range(n)])
+
+
+def test_loader_batches_follow_the_seeded_shuffle():
   n, g = 50, 8  # 6 steps per epoch, 2 items dropped per epoch
   loader = BatchLoader(_IndexSource(n), g, seed=7, process_index=0, process_count=1)
   assert loader.steps_per_epoch == 6
   batches = _take(loader, 14)
+  epochs = {}
   for k, batch in enumerate(batches):
     epoch, step = divmod(k, 6)
-    perm = np.random.default_rng([7, epoch]).permutation(n)
     assert batch["image"].shape == (g, 2, 2, 3) and batch["image"].dtype == np.uint8
     assert batch["label"].dtype == np.int32
+    perm = _grain_order(n, 7, epoch)
     np.testing.assert_array_equal(batch["label"], perm[step * g:(step + 1) * g])
+    np.testing.assert_array_equal(batch["label"], loader.indices(epoch, step))
     assert (batch["image"][..., 2] == epoch).all()  # items read with their epoch
+    epochs.setdefault(epoch, []).extend(batch["label"].tolist())
+  for epoch in (0, 1):  # a whole epoch: 48 distinct items, none twice
+    assert len(epochs[epoch]) == len(set(epochs[epoch])) == 48
+    assert set(epochs[epoch]) <= set(range(n))
+  assert epochs[0] != epochs[1] and epochs[0] != sorted(epochs[0])  # reshuffled
   again = _take(BatchLoader(_IndexSource(n), g, seed=7, process_index=0, process_count=1), 14)
   for x, y in zip(batches, again):
     np.testing.assert_array_equal(x["image"], y["image"])
@@ -351,6 +365,8 @@ def test_loader_batches_follow_the_seeded_permutation():
   ordered = BatchLoader(_IndexSource(n), g, seed=7, shuffle=False, process_index=0,
                         process_count=1)
   np.testing.assert_array_equal(next(ordered)["label"], np.arange(8))
+  with pytest.raises(ValueError, match="seed"):
+    BatchLoader(_IndexSource(n), g, seed=2**32, process_index=0, process_count=1)
 
 
 @pytest.mark.parametrize("processes", [2, 4])
@@ -433,6 +449,6 @@ def test_loader_on_demo_source_end_to_end():
   loader = BatchLoader(src, 16, seed=0, process_index=0, process_count=1)
   batch = next(loader)
   assert batch["image"].shape == (16, S, S, 3)
-  first = int(np.random.default_rng([0, 0]).permutation(64)[0])
+  first = int(_grain_order(64, 0, 0)[0])
   np.testing.assert_array_equal(batch["image"][0], src.get(first, epoch=0)[0])
   assert ((batch["label"] >= 0) & (batch["label"] < src.num_classes)).all()

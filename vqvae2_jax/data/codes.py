@@ -9,15 +9,17 @@ Shards are memory-mapped, so a split larger than RAM (ImageNet) trains without l
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 from typing import Iterator, Optional
 
+import grain
 import numpy as np
 
 from vqvae2_jax.data.errors import DataError
-from vqvae2_jax.data.loader import BatchLoader, _process_layout
+from vqvae2_jax.data.loader import BatchLoader, _process_layout, grain_iterator
 
 MANIFEST = "manifest.json"
 
@@ -104,17 +106,32 @@ class CodeShards:
     return out
 
 
+def _take(codes: CodeShards, batch: tuple[np.ndarray, np.ndarray]) -> dict[str, np.ndarray]:
+  indices, _ = batch  # (indices int [b], epochs int [b]); codes have no augmentation
+  return codes.take(indices)
+
+
 class CodeLoader(BatchLoader):
-  """BatchLoader's order, process split and resumable position, over code shards."""
+  """BatchLoader's order, process split and resumable position, over code shards.
+
+  Batches are gathered from the memory-mapped shards in this process (a gather is
+  far cheaper than a JPEG decode, and worker processes would copy the maps).
+  """
 
   def __init__(self, codes: CodeShards, global_batch_size: int, *, seed: int, **kwargs):
     super().__init__(codes, global_batch_size, seed=seed, num_threads=1, **kwargs)
 
-  def __next__(self) -> dict[str, np.ndarray]:
-    here = (self._epoch, self._step)
-    batch = self.source.take(self.indices(*here))
-    self._epoch, self._step = self._following(*here)
-    return batch
+  def _per_process_batches(self, stream):
+    return stream.batch(self.batch_size, drop_remainder=True).map(
+        functools.partial(_take, self.source))
+
+
+def _take_padded(codes: CodeShards, indices: np.ndarray,
+                 positions: np.ndarray) -> dict[str, np.ndarray]:
+  valid = positions < len(indices)
+  batch = codes.take(indices[np.where(valid, positions, 0)])
+  batch["valid"] = valid
+  return batch
 
 
 def iterate_codes_once(codes: CodeShards, global_batch_size: int, *,
@@ -124,15 +141,14 @@ def iterate_codes_once(codes: CodeShards, global_batch_size: int, *,
                        ) -> Iterator[dict[str, np.ndarray]]:
   """Every item (or every one of `indices`) once in order, last batch padded.
 
-  Adds 'valid': bool [b] marking the padding.
+  Batch t of process p holds positions [t*g + p*b, t*g + (p+1)*b) of `indices`
+  (padding repeats item indices[0]); adds 'valid': bool [b] marking the padding.
   """
-  p, _, b = _process_layout(global_batch_size, process_index, process_count)
+  p, count, b = _process_layout(global_batch_size, process_index, process_count)
   indices = np.arange(len(codes)) if indices is None else np.asarray(indices, np.int64)
   n = len(indices)
-  for t in range(math.ceil(n / global_batch_size)):
-    pos = t * global_batch_size + p * b + np.arange(b)
-    valid = pos < n
-    batch = codes.take(indices[np.where(valid, pos, 0)])
-    batch["valid"] = valid
+  positions = grain.MapDataset.range(math.ceil(n / global_batch_size) * global_batch_size)
+  batches = positions.batch(b)[p::count].map(
+      functools.partial(_take_padded, codes, indices))
+  for batch in grain_iterator(batches, num_threads=1, worker_count=0):
     yield batch
-

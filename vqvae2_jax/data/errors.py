@@ -11,6 +11,7 @@ import threading
 from typing import Callable, TypeVar
 
 from absl import logging
+import numpy as np
 
 T = TypeVar("T")
 
@@ -27,8 +28,10 @@ class BadImagePolicy:
   With 'error' the first unreadable item raises a `DataError` naming it. With
   'skip' a warning is logged once per bad item, the item is counted in
   `num_skipped` (unique items) and the next item (index + 1, wrapping) is tried
-  instead, so every call still returns a good image. Thread-safe: sources are
-  read from a thread pool.
+  instead, so every call still returns a good image. Thread-safe (grain reads
+  items from threads) and picklable (grain's decode workers get a copy; each
+  worker then counts what it met, and `read_counted` reports the skipped items
+  with every item so the loader in the main process can count them all).
   """
 
   def __init__(self, on_bad_image: str, num_items: int):
@@ -47,6 +50,15 @@ class BadImagePolicy:
     self._bad: set[int] = set()
     self._lock = threading.Lock()
 
+  def __getstate__(self) -> dict:
+    state = dict(self.__dict__)
+    del state["_lock"]  # locks do not pickle; each copy gets its own
+    return state
+
+  def __setstate__(self, state: dict) -> None:
+    self.__dict__.update(state)
+    self._lock = threading.Lock()
+
   @property
   def num_skipped(self) -> int:
     """How many distinct unreadable items have been met (and skipped) so far."""
@@ -55,6 +67,11 @@ class BadImagePolicy:
 
   def read(self, index: int, decode: Callable[[int], T],
            describe: Callable[[int], str]) -> T:
+    """`read_counted` without the skip record."""
+    return self.read_counted(index, decode, describe)[0]
+
+  def read_counted(self, index: int, decode: Callable[[int], T],
+                   describe: Callable[[int], str]) -> tuple[T, np.ndarray]:
     """Returns `decode(index)`, or applies the policy when it fails.
 
     Args:
@@ -63,7 +80,10 @@ class BadImagePolicy:
       describe: a human-readable name of item `i` (a file path, a record id).
 
     Returns:
-      The decoded item `index`, or (skip mode) the next readable item.
+      (item, skipped): the decoded item `index`, or (skip mode) the next
+      readable item; skipped = int64 [3] (first, count, num_items): the
+      unreadable items passed over are (first + j) % num_items, j < count
+      (count 0: none).
 
     Raises:
       DataError: in 'error' mode for a bad item, and in 'skip' mode when no
@@ -76,7 +96,7 @@ class BadImagePolicy:
       if known_bad:
         continue
       try:
-        return decode(i)
+        item = decode(i)
       except DataError:
         raise
       except Exception as e:  # pylint: disable=broad-except
@@ -93,6 +113,21 @@ class BadImagePolicy:
         if first_time:
           logging.warning("Skipping unreadable image %s (%s: %s).", describe(i),
                           type(e).__name__, e)
+        continue
+      return item, np.asarray([index, offset, self.num_items], np.int64)
     raise DataError(
         f"None of the {self.num_items} images could be read (the first one was "
         f"{describe(0)}); check the data location and file formats.")
+
+
+def no_skips() -> np.ndarray:
+  """The skip record of an item read without skipping: int64 [3], count 0."""
+  return np.zeros(3, np.int64)
+
+
+def skipped_items(records: np.ndarray) -> set[tuple[int, int]]:
+  """(num_items, item) of every unreadable item named by skip records [..., 3]."""
+  out = set()
+  for first, count, num_items in np.asarray(records, np.int64).reshape(-1, 3):
+    out.update((int(num_items), int((first + j) % num_items)) for j in range(count))
+  return out

@@ -213,7 +213,14 @@ class FolderSource:
 
     `epoch` is unused: folder items are the same every epoch.
     """
+    image, label, _ = self.read(index, epoch)
+    return image, label
+
+  def read(self, index: int, epoch: int = 0) -> tuple[np.ndarray, int, np.ndarray]:
+    """`get` plus the skip record of `errors.BadImagePolicy.read_counted`."""
     del epoch
     if not 0 <= index < len(self._files):
       raise IndexError(f"index {index} out of range [0, {len(self._files)})")
-    return self._policy.read(index, self._decode, lambda i: self._files[i])
+    (image, label), skipped = self._policy.read_counted(
+        index, self._decode, lambda i: self._files[i])
+    return image, label, skipped

@@ -1,7 +1,10 @@
 """The image-source interface and the factory that builds one from the config.
 
 An `ImageSource` is a random-access list of (image, label) items at one fixed
-size; `loader.BatchLoader` turns it into per-process batches. Three sources:
+size; `loader.BatchLoader` turns it into per-process batches (a grain
+pipeline). File-backed sources also have `read(index, epoch) -> (image, label,
+skip record)` so grain's decode workers can report the unreadable images they
+skipped (`errors.BadImagePolicy.read_counted`). Three sources:
 
 - 'demo'   (`demo.DemoSource`): crops of real photographs shipped with
            scikit-image / scikit-learn; works offline everywhere.
@@ -17,9 +20,10 @@ from typing import Protocol, runtime_checkable
 import ml_collections
 import numpy as np
 
-from vqvae2_jax.data.errors import DataError
+from vqvae2_jax.data.errors import DataError, no_skips
 
-__all__ = ["DataError", "ImageSource", "Subset", "make_source", "spread_subset"]
+__all__ = ["DataError", "ImageSource", "Subset", "make_source", "read_item",
+           "spread_indices", "spread_subset"]
 
 SPLITS = ("train", "val")
 
@@ -115,6 +119,23 @@ class Subset:
   def get(self, index: int, epoch: int = 0) -> tuple[np.ndarray, int]:
     """(uint8 [S, S, 3] image, int label) of row `index` of the subset."""
     return self.source.get(int(self.rows[index]), epoch)
+
+  def read(self, index: int, epoch: int = 0) -> tuple[np.ndarray, int, np.ndarray]:
+    """`get` plus the skip record (in the underlying source's item numbers)."""
+    return read_item(self.source, int(self.rows[index]), epoch)
+
+
+def read_item(source, index: int, epoch: int = 0) -> tuple[np.ndarray, int, np.ndarray]:
+  """(uint8 [S, S, 3] image, int label, int64 [3] skip record) of any source.
+
+  Sources without a bad-image policy (demo crops, arrays) have only `get`; their
+  skip record says nothing was skipped.
+  """
+  reader = getattr(source, "read", None)
+  if reader is not None:
+    return reader(index, epoch)
+  image, label = source.get(index, epoch)
+  return image, label, no_skips()
 
 
 def spread_indices(n: int, limit: int) -> np.ndarray:

@@ -135,8 +135,14 @@ class TfdsSource:
 
     `epoch` is unused: records are the same every epoch.
     """
+    image, label, _ = self.read(index, epoch)
+    return image, label
+
+  def read(self, index: int, epoch: int = 0) -> tuple[np.ndarray, int, np.ndarray]:
+    """`get` plus the skip record of `errors.BadImagePolicy.read_counted`."""
     del epoch
     if not 0 <= index < self._len:
       raise IndexError(f"index {index} out of range [0, {self._len})")
-    return self._policy.read(
+    (image, label), skipped = self._policy.read_counted(
         index, self._decode, lambda i: f"{self.name}[{self.split}] record {i}")
+    return image, label, skipped
