@@ -64,7 +64,7 @@ def base_config() -> ml_collections.ConfigDict:
       source="demo", image_size=64, root="", layout="classes", train_split="train",
       val_split="val", flat_val_count=1000, tfds_name="imagenet2012", tfds_data_dir="",
       on_bad_image="error", demo_train_size=2048, demo_val_size=64, seed=0,
-      num_threads=4))
+      num_threads=4, worker_count=0))
   c.vqvae = ml_collections.ConfigDict(dict(
       num_levels=2, bottom_down=2, hidden=128, res_hidden=64, num_res_layers=2, num_codes=512,
       code_dim=64, beta=0.25, decay=0.99, epsilon=1e-5, dead_code_threshold=0.0,
