@@ -8,6 +8,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import ml_collections
 import pytest
 import flax.linen as nn
 from flax import traverse_util
@@ -218,10 +219,15 @@ def test_sharded_extraction_equals_unsharded():
     features.extract_features(apply_fn, variables, iter(chunks), batch_size=6, mesh=mesh)
 
 
-def test_predict_probs_matches_direct_softmax():
+def test_classifier_scorer_matches_direct_softmax():
+  from vqvae2_jax import parallel  # pylint: disable=g-import-not-at-top
+  from vqvae2_jax.sampling import scorers  # pylint: disable=g-import-not-at-top
   model, variables, apply_fn = _tiny_classifier()
   images = np.random.RandomState(7).randint(0, 256, size=(6, 16, 16, 3)).astype(np.uint8)
-  probs = classifier.predict_probs(model, variables, images, batch_size=4)
+  mesh = parallel.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1)))
+  # 6 images over batches of 8 (the mesh size): one padded batch, padding dropped.
+  probs = scorers.classifier_scorer(model, variables["params"], mesh, batch_size=8)(images)
+  assert probs.shape == (6, model.num_classes)
   np.testing.assert_allclose(probs, np.asarray(apply_fn(variables, images)["probs"]),
                              rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-5)

@@ -62,7 +62,7 @@ def _register_array_handler() -> None:
 class Checkpointer:
   """An orbax CheckpointManager for one stage directory (`<workdir>/<stage>/checkpoints`)."""
 
-  def __init__(self, directory: str, *, keep: int = 3):
+  def __init__(self, directory: str, *, keep: int | None = 3):
     _register_array_handler()
     self.directory = os.path.abspath(directory)
     self._manager = ocp.CheckpointManager(
@@ -113,6 +113,38 @@ class Checkpointer:
           "It may be corrupt or incomplete: delete that step's folder to resume from an "
           "earlier one.") from e
     return restored.state, record
+
+  def restore_partial(self, abstract_subtree: dict[str, Any], step: int | None = None
+                      ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Restores only the named top-level entries of a saved state (e.g. {'params': ...}).
+
+    For inference: the optimizer moments and every entry not named are never read, so a
+    restore costs the memory of what is asked for. `abstract_subtree` maps TrainState
+    field names to trees of ShapeDtypeStructs carrying shardings; the shapes are checked
+    against the record first, as in `restore`.
+    """
+    step = self._require_step(step)
+    record = self.read_record(step)
+    saved = record.get("shapes", {})
+    wanted = shape_signature(abstract_subtree)
+    mismatch = describe_mismatch({k: v for k, v in saved.items()
+                                  if k.split("/")[0] in abstract_subtree}, wanted)
+    if mismatch:
+      raise CheckpointError(
+          f"checkpoint {self.directory}/{step} was written by a model of another shape:\n"
+          f"{mismatch}\nUse the config it was trained with, or a new --workdir.")
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.PyTreeRestore(
+              item=abstract_subtree,
+              restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_subtree),
+              partial_restore=True)))
+    except Exception as e:
+      raise CheckpointError(
+          f"could not read checkpoint {self.directory}/{step} ({type(e).__name__}: {e}). "
+          "It may be corrupt or incomplete: delete that step's folder to fall back to an "
+          "earlier one.") from e
+    return dict(restored.state), record
 
   def _require_step(self, step: int | None) -> int:
     step = self.latest_step() if step is None else step

@@ -25,7 +25,10 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
       batch_size=16, steps=1000, learning_rate=3e-4, warmup_steps=0, grad_clip_norm=0.0,
       weight_decay=0.0, param_ema_decay=0.0, log_every=50, eval_every=500,
       eval_batches=4, image_every=500, checkpoint_every=500, keep_checkpoints=3,
-      dtype="float32"))
+      dtype="float32",
+      # Memory levers (no effect on parameters): microbatches per step (the update equals
+      # one step on the whole batch) and rematerialisation of each residual / gated block.
+      grad_accum_steps=1, remat="none"))
   c.update(overrides)
   return c
 
@@ -134,9 +137,12 @@ def get_field(config: ml_collections.ConfigDict, dotted: str):
 
 
 def prior_levels(config: ml_collections.ConfigDict) -> tuple[str, ...]:
-  """Level names top first, as the VQ-VAE of this config defines them."""
-  from vqvae2_jax.models.vqvae import level_names  # pylint: disable=g-import-not-at-top
-  return level_names(config.vqvae.num_levels)
+  """Level names top first, as the VQ-VAE of this config names them ('top', ['mid',]
+  'bottom'; 'level<i>' beyond 3). Spelled here so configs stay plain values; a test
+  checks it equals `models.vqvae.level_names`."""
+  n = config.vqvae.num_levels
+  names = {1: ("bottom",), 2: ("top", "bottom"), 3: ("top", "mid", "bottom")}
+  return names.get(n, tuple(f"level{i}" for i in range(n)))
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -179,6 +185,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
       bad(f"{section}", "...", "batch_size >= 1, steps >= 0 and learning_rate > 0 are needed")
     if t.dtype not in ("float32", "bfloat16", "float16"):
       bad(f"{section}.dtype", t.dtype, "must be float32, bfloat16 or float16")
+    if t.grad_accum_steps < 1 or t.batch_size % t.grad_accum_steps:
+      bad(f"{section}.grad_accum_steps", t.grad_accum_steps,
+          f"must be >= 1 and divide batch_size={t.batch_size}")
+    if t.remat not in ("none", "block"):
+      bad(f"{section}.remat", t.remat, "must be 'none' or 'block'")
   if config.classifier.input_pool < 1 or config.data.image_size % config.classifier.input_pool:
     bad("classifier.input_pool", config.classifier.input_pool,
         f"must be >= 1 and divide data.image_size={config.data.image_size}")

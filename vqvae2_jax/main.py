@@ -43,7 +43,9 @@ def main(argv):
   if not _WORKDIR.value:
     raise app.UsageError("--workdir is required")
   logging.get_absl_handler().addFilter(_QuietLibraryInfo())
-  run_stage(_CONFIG.value, _WORKDIR.value)
+  # Keys set with --config.<key>=...: only these may contradict a recorded model (and fail).
+  explicit = config_flags.get_override_values(flags.FLAGS["config"])
+  run_stage(_CONFIG.value, _WORKDIR.value, explicit=tuple(explicit))
 
 
 if __name__ == "__main__":

@@ -62,6 +62,12 @@ def maybe_initialize_distributed(dist_config) -> None:
                jax.device_count())
 
 
+def setup_runtime(config) -> Mesh:
+  """Initialises multi-host JAX if the config asks and builds its mesh (every stage)."""
+  maybe_initialize_distributed(config.distributed)
+  return make_mesh(config.mesh)
+
+
 def print0(message: str) -> None:
   """Prints progress from process 0 only (one line per job, not per host)."""
   if jax.process_index() == 0:

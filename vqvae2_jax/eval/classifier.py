@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vqvae2_jax import images as image_lib
 from vqvae2_jax.eval import layers
 
 
@@ -67,7 +68,7 @@ class ResNetClassifier(nn.Module):
       float32 logits [B, num_classes].
     """
     if images.dtype == jnp.uint8:
-      x = images.astype(jnp.float32) / 127.5 - 1.0
+      x = image_lib.to_model(images)
     else:
       x = images.astype(jnp.float32)
     if self.input_pool > 1:
@@ -83,29 +84,10 @@ class ResNetClassifier(nn.Module):
     return layers.dense(self.num_classes, name="head")(x)
 
 
-def predict_probs(model: nn.Module, variables: Any, images: np.ndarray,
-                  batch_size: int = 256) -> np.ndarray:
-  """Class probabilities of a classifier in eval mode, batch by batch.
 
-  Args:
-    model: a ResNetClassifier (or any module mapping images -> logits).
-    variables: its variables.
-    images: uint8 [N, H, W, 3] (or float in [-1, 1]).
-    batch_size: images per jitted call (the last batch is padded).
-
-  Returns:
-    float32 [N, num_classes] softmax probabilities.
-  """
-  images = np.asarray(images)
-  n = images.shape[0]
-  if n == 0:
-    raise ValueError("no images to classify")
-  fn = jax.jit(lambda v, x: jax.nn.softmax(model.apply(v, x), axis=-1))
-  out = []
-  for i in range(0, n, batch_size):
-    chunk = images[i:i + batch_size]
-    m = chunk.shape[0]
-    if m < batch_size and n > batch_size:  # Keep one compiled shape.
-      chunk = np.concatenate([chunk, np.zeros((batch_size - m,) + chunk.shape[1:], chunk.dtype)])
-    out.append(np.asarray(fn(variables, chunk))[:m])
-  return np.concatenate(out)
+def classifier_init_fn(model: ResNetClassifier, image_size: int):
+  """rng -> the classifier's variables for [1, S, S, 3] images."""
+  def init(rng):
+    return model.init({"params": rng}, jnp.zeros((1, image_size, image_size, 3)),
+                      train=False)
+  return init

@@ -1,11 +1,15 @@
 """Classifier-based rejection sampling (paper section 3.3).
 
 Each generated image is scored by a classifier's probability of the class it was
-generated for; a sample is accepted when the score reaches `threshold` and lies in the
-top `keep_fraction` of its class. Lower acceptance trades diversity for quality
-(paper Figure 7).
+generated for. With keep fraction f, every intended image of class c gets about 1 / f
+candidates of its class, and class c keeps exactly its intended count q_c of best-scoring
+candidates (those below `threshold` are never kept). Lower f trades diversity for
+quality (paper Figure 7). `sample` and `evaluate` select by this one rule.
 """
 from __future__ import annotations
+
+import math
+from typing import Sequence
 
 import numpy as np
 
@@ -21,15 +25,46 @@ def intended_class_scores(probs: np.ndarray, labels: np.ndarray,
   return probs[np.arange(len(labels)), target]
 
 
-def accept(scores: np.ndarray, labels: np.ndarray, *, keep_fraction: float = 1.0,
-           threshold: float = 0.0) -> np.ndarray:
-  """bool [N]: above `threshold` and within the top ceil(keep_fraction * n_c) of class c."""
+def num_candidates(num: int, keep_fraction: float) -> int:
+  """Candidates drawn for `num` accepted images at keep fraction f: ceil(num / f)."""
   if not 0 < keep_fraction <= 1:
     raise ValueError(f"keep_fraction={keep_fraction} must be in (0, 1]")
-  keep = scores >= threshold
-  for c in np.unique(labels):
-    members = np.nonzero(labels == c)[0]
-    quota = int(np.ceil(keep_fraction * len(members)))
-    ranked = members[np.argsort(-scores[members], kind="stable")]
-    keep[ranked[quota:]] = False
+  return math.ceil(num / keep_fraction - 1e-9)
+
+
+def accept(scores: np.ndarray, labels: np.ndarray, intended: np.ndarray, *,
+           threshold: float = 0.0) -> np.ndarray:
+  """bool [N]: for each class c, its q_c best candidates scoring >= threshold.
+
+  Args:
+    scores: float [N], the intended-class score of each candidate.
+    labels: int [N], the class each candidate was generated for.
+    intended: int [n], the classes of the images wanted; q_c = count of c in it.
+    threshold: minimum score to be kept.
+  """
+  keep = np.zeros(len(labels), bool)
+  classes, counts = np.unique(np.asarray(intended), return_counts=True)
+  for c, quota in zip(classes, counts):
+    members = np.nonzero((labels == c) & (scores >= threshold))[0]
+    keep[members[np.argsort(-scores[members], kind="stable")[:quota]]] = True
   return keep
+
+
+def acceptance_masks(scores: np.ndarray | None, labels: np.ndarray, num: int,
+                     fractions: Sequence[float]) -> dict[float, np.ndarray]:
+  """keep fraction f -> bool [M]: the rejection-sampled set of keep fraction f.
+
+  The first num candidates are the set drawn without rejection; keep fraction f selects
+  among the first ceil(num / f) candidates by `accept`, so every fraction holds num images
+  with the same class mix (FID depends on the set size). scores None: the first num.
+  """
+  masks = {}
+  for f in fractions:
+    m = np.zeros(len(labels), bool)
+    if scores is None or f >= 1.0:
+      m[:num] = True
+    else:
+      prefix = min(len(labels), num_candidates(num, f))
+      m[:prefix] = accept(scores[:prefix], labels[:prefix], labels[:num])
+    masks[f] = m
+  return masks

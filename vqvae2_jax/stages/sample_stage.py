@@ -6,8 +6,9 @@ Writes under <workdir>/sample/:
   images/00000.png ...   the individual images
   rejection.png          with a classifier: the accepted samples per class, best first
   rejection.json         the acceptance rate and the settings
-With rejection sampling, each of the num_images intended images gets 1 / keep_fraction
-candidates of its class, and the best keep_fraction of each class is kept.
+With rejection sampling, ceil(num_images / keep_fraction) candidates cycle through the
+intended classes, and each class keeps exactly its intended count of best-scoring ones
+(`sampling.rejection.accept`), so num_images are accepted whatever the fraction.
 """
 from __future__ import annotations
 
@@ -18,13 +19,10 @@ import os
 import jax
 import numpy as np
 
-from vqvae2_jax import parallel
+from vqvae2_jax import api
 from vqvae2_jax import images as image_lib
+from vqvae2_jax import parallel
 from vqvae2_jax.sampling import rejection
-from vqvae2_jax.sampling.hierarchical import HierarchicalSampler
-from vqvae2_jax.sampling.scorers import load_scorer
-from vqvae2_jax.stages import common
-from vqvae2_jax.train import loop
 
 NAME = "sample"
 
@@ -46,23 +44,28 @@ def class_grid(path: str, images: np.ndarray, labels: np.ndarray, class_names, c
 
 def run(config, workdir: str) -> None:
   """Generates config.sample.num_images images and writes them under <workdir>/sample."""
-  mesh = common.setup_runtime(config)
+  mesh = parallel.setup_runtime(config)
   s = config.sample
-  out_dir = loop.stage_dir(workdir, NAME)
-  loop.save_resolved_config(config, out_dir)
-  sampler = HierarchicalSampler(config, workdir, mesh)
+  run = api.load(workdir, config=config, mesh=mesh)
+  w = run.workdir
+  out_dir = w.stage_dir(NAME)
+  w.write_config(NAME, config)
+  sampler = run.sampler()
   use_rejection = s.rejection.classifier != "none" and sampler.num_classes > 0
-  labels = sampler.default_labels(s.num_images)
+  intended = run.sample_labels(s.num_images, s.labels, sampler.num_classes)
+  labels = intended
   if use_rejection:
-    # Every intended image gets 1 / keep_fraction candidates of its class to choose from.
-    labels = np.repeat(labels, math.ceil(1 / s.rejection.keep_fraction))
+    # About 1 / keep_fraction candidates per intended image, cycling the same classes.
+    labels = np.resize(intended, rejection.num_candidates(s.num_images,
+                                                          s.rejection.keep_fraction))
   n = s.num_images if labels is None else len(labels)
   parallel.print0(f"[sample] {n} images, levels {sampler.levels}, sampler={s.sampler}, "
-        f"temperature={s.temperature}")
+                  f"temperature={s.temperature}")
   result = sampler.generate(n, labels, s.seed)
   images, labels = result["image"], result["label"]
-  names = sampler.class_names or [str(i) for i in range(max(sampler.num_classes, 1))]
-  cols = max(1, min(8, math.ceil(len(images) / max(len(np.unique(labels)), 1))))
+  names = run.class_names or [str(i) for i in range(max(sampler.num_classes, 1))]
+  per_class = max(len(np.unique(labels)), 1)
+  cols = max(1, min(8, math.ceil(len(images) / per_class)))
   scores = np.full(len(images), np.nan, np.float32)
   if jax.process_index() == 0:
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
@@ -72,14 +75,13 @@ def run(config, workdir: str) -> None:
     parallel.print0(f"[sample] wrote {grid}")
   if use_rejection:
     r = s.rejection
-    scorer = load_scorer(r.classifier, config, workdir, mesh, sampler.num_classes)
     class_map = np.asarray(r.class_map, np.int64) if r.class_map else None
-    scores = rejection.intended_class_scores(scorer(images), labels, class_map)
-    accepted = rejection.accept(scores, labels, keep_fraction=r.keep_fraction,
-                                threshold=r.threshold)
+    scores = rejection.intended_class_scores(run.scorer(r.classifier)(images), labels,
+                                             class_map)
+    accepted = rejection.accept(scores, labels, intended, threshold=r.threshold)
     summary = {"classifier": r.classifier, "keep_fraction": r.keep_fraction,
-               "threshold": r.threshold, "candidates": int(len(images)),
-               "accepted": int(accepted.sum()),
+               "threshold": r.threshold, "requested": int(s.num_images),
+               "candidates": int(len(images)), "accepted": int(accepted.sum()),
                "acceptance_rate": float(accepted.mean()),
                "mean_score_all": float(scores.mean()),
                "mean_score_accepted": float(scores[accepted].mean()) if accepted.any() else 0.0}
@@ -87,15 +89,14 @@ def run(config, workdir: str) -> None:
       order = np.argsort(-scores, kind="stable")
       order = order[accepted[order]]
       path = class_grid(os.path.join(out_dir, "rejection.png"), images, labels, names,
-                        cols=max(1, min(8, math.ceil(s.num_images / len(np.unique(labels))))),
-                        order=order)
+                        cols=max(1, min(8, math.ceil(s.num_images / per_class))), order=order)
       with open(os.path.join(out_dir, "rejection.json"), "w") as f:
         json.dump(summary, f, indent=2)
-      parallel.print0(f"[sample] rejection sampling with the {r.classifier} classifier: accepted "
-            f"{summary['accepted']}/{summary['candidates']} "
-            f"({100 * summary['acceptance_rate']:.0f}%), mean p(class) "
-            f"{summary['mean_score_all']:.3f} -> {summary['mean_score_accepted']:.3f}; "
-            f"wrote {path}")
+      parallel.print0(f"[sample] rejection sampling with the {r.classifier} classifier: "
+                      f"accepted {summary['accepted']}/{summary['candidates']} "
+                      f"({100 * summary['acceptance_rate']:.0f}%), mean p(class) "
+                      f"{summary['mean_score_all']:.3f} -> "
+                      f"{summary['mean_score_accepted']:.3f}; wrote {path}")
   if jax.process_index() == 0:
     np.savez_compressed(os.path.join(out_dir, "samples.npz"), scores=scores,
                         **{k: v for k, v in result.items()})

@@ -6,9 +6,6 @@ reconstructions.png} (validation originals on the first row, reconstructions bel
 """
 from __future__ import annotations
 
-import functools
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,8 +16,10 @@ from vqvae2_jax import parallel
 from vqvae2_jax.data.loader import BatchLoader, iterate_once
 from vqvae2_jax.data.sources import make_source, spread_subset
 from vqvae2_jax.models.vqvae import level_names
-from vqvae2_jax.stages import common
+from vqvae2_jax import builders
+from vqvae2_jax.eval.reconstruction import make_reconstruct_fn, reconstruction_mse
 from vqvae2_jax.train import loop
+from vqvae2_jax.workdir import Workdir
 
 NAME = "vqvae"
 
@@ -40,38 +39,13 @@ def make_loss_fn(model, beta: float):
   return loss_fn
 
 
-def make_reconstruct_fn(model, mesh):
-  """Jitted (params, model_state, uint8 images) -> float32 reconstructions."""
-  @functools.partial(jax.jit, out_shardings=parallel.batch_sharding(mesh))
-  def reconstruct(params, model_state, images):
-    return model.apply({"params": params, **model_state}, image_lib.to_model(images),
-                       method=model.reconstruct)
-  return reconstruct
-
-
-def validation_mse(reconstruct, state, val_source, batch_size: int, mesh,
-                   max_batches: int) -> dict[str, float]:
-  """Mean MSE ([-1, 1] scale) over up to max_batches validation batches (0 = all)."""
-  total, count = 0.0, 0
-  for batch in iterate_once(spread_subset(val_source, max_batches * batch_size), batch_size):
-    arrays = parallel.host_to_global({"image": batch["image"], "valid": batch["valid"]}, mesh)
-    recon = reconstruct(state.params, state.model_state, arrays["image"])
-    err = jnp.mean((recon - image_lib.to_model(arrays["image"]))**2, axis=(1, 2, 3))
-    total += float(jnp.sum(jnp.where(arrays["valid"], err, 0.0)))
-    count += int(jnp.sum(arrays["valid"]))
-  mse = total / max(count, 1)
-  return {"mse": mse, "mse_01": mse / 4, "psnr": float(image_lib.psnr_from_mse(mse)),
-          "num_images": count}
-
-
-def save_reconstruction_grid(reconstruct, state, val_source, path: str, mesh,
+def save_reconstruction_grid(reconstruct, variables, val_source, path: str, mesh,
                              num: int = 8) -> str:
   """Validation originals (row 1) above their reconstructions (row 2)."""
   num = max(mesh.size, num - num % mesh.size)
   batch = next(iter(iterate_once(spread_subset(val_source, num), num)))
   arrays = parallel.host_to_global({"image": batch["image"]}, mesh)
-  recon = parallel.global_to_host(reconstruct(state.params, state.model_state,
-                                              arrays["image"]))
+  recon = parallel.global_to_host(reconstruct(variables, arrays["image"]))
   originals = parallel.global_to_host(arrays["image"])
   grid = image_lib.interleave_rows(originals, image_lib.to_uint8(recon))
   if jax.process_index() == 0:
@@ -80,48 +54,54 @@ def save_reconstruction_grid(reconstruct, state, val_source, path: str, mesh,
   return path
 
 
-def build_task(config, mesh, workdir: str) -> loop.TrainTask:
+def _variables(state) -> dict:
+  return {"params": state.params, **state.model_state}
+
+
+def build_task(config, mesh, workdir: Workdir) -> loop.TrainTask:
   """The stage-1 TrainTask: model, loss, demo/folder/tfds loader, validation, grids."""
   t = config.vqvae_train
-  model = common.build_vqvae(config)
+  model = builders.build_vqvae(config)
   train_source = make_source(config.data, "train")
   val_source = make_source(config.data, "val")
   loader = BatchLoader(train_source, t.batch_size, seed=config.data.seed,
                        num_threads=config.data.num_threads)
   reconstruct = make_reconstruct_fn(model, mesh)
-  grid_path = os.path.join(loop.stage_dir(workdir, NAME), "reconstructions.png")
+  grid_path = workdir.path_in(NAME, "reconstructions.png")
 
   def evaluate(state):
-    return validation_mse(reconstruct, state, val_source, t.batch_size, mesh, t.eval_batches)
+    return reconstruction_mse(reconstruct, _variables(state), val_source, t.batch_size, mesh,
+                              t.eval_batches)
 
   names = level_names(config.vqvae.num_levels)
-  stage_directory = loop.stage_dir(workdir, NAME)
 
   def pictures(state, step):
     """Reconstructions, the paper's Figure 3 (level subsets) and codebook usage."""
     del step
-    save_reconstruction_grid(reconstruct, state, val_source, grid_path, mesh)
-    variables = {"params": state.params, **state.model_state}
+    variables = _variables(state)
+    save_reconstruction_grid(reconstruct, variables, val_source, grid_path, mesh)
     originals = np.stack([val_source.get(i)[0] for i in range(min(6, len(val_source)))])
     subsets = plots.level_subset_images(model, variables, originals)  # every process
     if jax.process_index() == 0:
       plots.save_level_subset_figure(subsets, originals, names,
-                                     os.path.join(stage_directory, "level_subsets.png"),
+                                     workdir.path_in(NAME, "level_subsets.png"),
                                      scale=2)
       plots.codebook_usage_histogram(variables, names,
-                                     os.path.join(stage_directory, "codebook_usage.png"))
+                                     workdir.path_in(NAME, "codebook_usage.png"))
 
   return loop.TrainTask(
-      name=NAME, init_variables=common.vqvae_init_fn(model, config.data.image_size),
+      name=NAME, init_variables=builders.vqvae_init_fn(model, config.data.image_size),
       loss_fn=make_loss_fn(model, config.vqvae.beta), loader=loader, evaluate=evaluate,
       pictures=pictures, progress_keys=("loss", "mse", "psnr", "perplexity", "code_usage"))
 
 
 def run(config, workdir: str) -> None:
-  """Trains stage 1 into <workdir>/vqvae."""
-  mesh = common.setup_runtime(config)
-  task = build_task(config, mesh, workdir)
-  loop.train(task, config.vqvae_train, workdir=workdir, mesh=mesh,
-             axis_rules=config.axis_rules, seed=config.seed, config=config)
-  parallel.print0(f"[vqvae] done. Reconstructions: "
-                  f"{os.path.join(workdir, NAME, 'reconstructions.png')}")
+  """Trains stage 1 into <workdir>/vqvae (config: model fields already resolved)."""
+  w = Workdir(workdir)
+  mesh = parallel.setup_runtime(config)
+  w.write_config(NAME, config)
+  task = build_task(config, mesh, w)
+  loop.train(task, config.vqvae_train, directory=w.stage_dir(NAME),
+             checkpoint_dir=w.checkpoint_dir(NAME), mesh=mesh, axis_rules=config.axis_rules,
+             seed=config.seed)
+  parallel.print0(f"[vqvae] done. Reconstructions: {w.path_in(NAME, 'reconstructions.png')}")

@@ -7,7 +7,6 @@ resumption, SIGTERM handling and NaN handling are one piece of code for all stag
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from typing import Any, Callable, Iterator
 
@@ -20,7 +19,9 @@ from jax.sharding import Mesh
 
 from vqvae2_jax import checkpoint as ckpt_lib
 from vqvae2_jax import parallel
+from vqvae2_jax import plots
 from vqvae2_jax.train import state as state_lib
+from vqvae2_jax.train.step import make_train_step  # the jitted update (+ accumulation)
 from vqvae2_jax.train.writer import MetricWriter
 
 
@@ -39,7 +40,8 @@ class TrainTask:
   evaluate: optional (state) -> dict of validation metrics (host floats).
   pictures: optional (state, step) -> None, writes image grids.
   progress_keys: metric names shown on the progress line.
-  images_per_example: how many examples one batch row is, for the throughput figure.
+  throughput_name / throughput_per_example: the throughput figure's name and how many
+    counted units (images, latents) one batch row holds.
   """
   name: str
   init_variables: Callable[[jax.Array], dict]
@@ -52,53 +54,24 @@ class TrainTask:
   throughput_per_example: int = 1
 
 
-def make_train_step(loss_fn, tx, ema_decay: float):
-  """The jitted update: grads, optimizer, model-state and parameter-EMA updates."""
-  def step(state: state_lib.TrainState, batch: dict[str, jax.Array]):
-    rng = jax.random.fold_in(state.rng, state.step)
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (loss, (metrics, model_state)), grads = grad_fn(state.params, state.model_state, batch, rng)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    ema = state.ema_params
-    if ema_decay > 0:
-      ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, ema, params)
-    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                              model_state=model_state, ema_params=ema)
-    return new_state, metrics
-  return step
+def train(task: TrainTask, train_config, *, directory: str, checkpoint_dir: str, mesh: Mesh,
+          axis_rules, seed: int) -> state_lib.TrainState:
+  """Trains `task` to train_config.steps, resuming from `checkpoint_dir` if it holds a step.
 
-
-def stage_dir(workdir: str, name: str) -> str:
-  """<workdir>/<name>, where a stage writes everything."""
-  return os.path.join(workdir, name)
-
-
-def save_resolved_config(config, directory: str) -> None:
-  """Keeps the resolved config beside the metrics (JSON and ml_collections text)."""
-  if jax.process_index() != 0:
-    return
-  os.makedirs(directory, exist_ok=True)
-  with open(os.path.join(directory, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
-  with open(os.path.join(directory, "config.txt"), "w") as f:
-    f.write(str(config))
-
-
-def train(task: TrainTask, train_config, *, workdir: str, mesh: Mesh, axis_rules,
-          seed: int, config=None) -> state_lib.TrainState:
-  """Trains `task` to train_config.steps, resuming from `<workdir>/<name>` if possible."""
-  directory = stage_dir(workdir, task.name)
-  if config is not None:
-    save_resolved_config(config, directory)
+  Args:
+    task: the stage's TrainTask.
+    train_config: the stage's train section (batch_size, steps, optimiser, cadences).
+    directory: the stage folder (metrics.jsonl, curves.png, tensorboard/).
+    checkpoint_dir: the stage's checkpoint folder (`Workdir.checkpoint_dir`).
+    mesh, axis_rules: device mesh and logical-axis rules for the state's shardings.
+    seed: initialisation and step-key seed.
+  """
   parallel.check_batch_size(train_config.batch_size, mesh, f"{task.name} batch_size")
   tx = state_lib.make_optimizer(train_config)
   use_ema = train_config.param_ema_decay > 0
   state, shardings = state_lib.init_sharded_state(
       task.init_variables, tx, jax.random.PRNGKey(seed), mesh, axis_rules, use_ema)
-  checkpointer = ckpt_lib.Checkpointer(os.path.join(directory, "checkpoints"),
-                                       keep=train_config.keep_checkpoints)
+  checkpointer = ckpt_lib.Checkpointer(checkpoint_dir, keep=train_config.keep_checkpoints)
   writer = MetricWriter(directory, total_steps=train_config.steps, name=task.name)
   start = 0
   if checkpointer.latest_step() is not None:
@@ -159,23 +132,6 @@ def train(task: TrainTask, train_config, *, workdir: str, mesh: Mesh, axis_rules
     writer.close()
     checkpointer.close()
   if jax.process_index() == 0 and step > start:
-    from vqvae2_jax import plots  # pylint: disable=g-import-not-at-top
     plots.plot_training_curves(directory)
   return state
 
-
-def restore_state(workdir: str, name: str, init_variables, train_config, mesh: Mesh,
-                  axis_rules) -> tuple[state_lib.TrainState, dict]:
-  """Loads the latest checkpoint of a trained stage (for later stages) into `mesh`.
-
-  Returns (state, record) where record holds 'step' and the data position.
-  """
-  tx = state_lib.make_optimizer(train_config)
-  _, abstract, shardings = state_lib.plan_state(
-      init_variables, tx, mesh, axis_rules, train_config.param_ema_decay > 0)
-  checkpointer = ckpt_lib.Checkpointer(
-      os.path.join(stage_dir(workdir, name), "checkpoints"), keep=train_config.keep_checkpoints)
-  try:
-    return checkpointer.restore(state_lib.abstract_with_shardings(abstract, shardings))
-  finally:
-    checkpointer.close()

@@ -1,0 +1,61 @@
+"""Params-only restore of trained stages for inference.
+
+Inference (extract, classifier scoring, sample, evaluate, the Python API) reads only the
+arrays it runs: the parameters that serve inference (the parameter EMA when the stage kept
+one, `Workdir.inference_params_key`) and, for stage 1, the codebook state. The optimizer
+state is never built or read, so a restore costs the memory of the model, not ~3x it.
+Full-state restore, for resuming training, is `train.loop.train`'s.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+from jax.sharding import Mesh
+
+from vqvae2_jax import checkpoint as ckpt_lib
+from vqvae2_jax import parallel
+from vqvae2_jax.builders import InitFn
+from vqvae2_jax.workdir import Workdir
+
+
+def abstract_variables(init_fn: InitFn, mesh: Mesh, axis_rules
+                       ) -> tuple[Any, dict[str, Any]]:
+  """(abstract params, abstract other collections), each a tree of ShapeDtypeStructs
+  carrying the shardings training used (params by logical axis names, the rest
+  replicated). Nothing is allocated."""
+  boxed = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
+  param_shardings = parallel.logical_shardings(boxed["params"], mesh, axis_rules)
+  params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        nn.unbox(boxed["params"]), param_shardings)
+  replicated = parallel.replicated(mesh)
+  rest = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                      nn.unbox({k: v for k, v in boxed.items() if k != "params"}))
+  return params, rest
+
+
+def restore_inference_variables(workdir: Workdir, stage: str, init_fn: InitFn, mesh: Mesh,
+                                axis_rules, step: int | None = None
+                                ) -> tuple[dict[str, Any], int]:
+  """Flax variables {'params': ..., <other collections>} of a trained stage, and its step.
+
+  Reads only the inference parameters and the non-trained collections (e.g. stage 1's
+  EMA codebooks) of the latest (or given) checkpoint, into the shardings of `mesh`.
+  Raises StageMissingError when the stage has no checkpoint, CheckpointError when the
+  checkpoint does not match the recorded model or cannot be read.
+  """
+  step = workdir.latest_step(stage) if step is None else step
+  params, rest = abstract_variables(init_fn, mesh, axis_rules)
+  key = workdir.inference_params_key(stage)
+  target = {key: params}
+  if rest:
+    target["model_state"] = rest
+  checkpointer = ckpt_lib.Checkpointer(workdir.checkpoint_dir(stage), keep=None)
+  try:
+    restored, _ = checkpointer.restore_partial(target, step)
+  except ckpt_lib.CheckpointError as e:
+    raise ckpt_lib.CheckpointError(f"{stage} checkpoint: {e}") from e
+  finally:
+    checkpointer.close()
+  return {"params": restored[key], **restored.get("model_state", {})}, step
