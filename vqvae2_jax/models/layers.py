@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from vqvae2_jax.models.fast_conv import FastConv, FastConvTranspose
+from vqvae2_jax.models.remat import maybe_remat
 
 Dtype = Any
 UPSAMPLE_MODES = ("transpose", "subpixel", "resize")
@@ -39,22 +40,18 @@ def conv(features: int, kernel: int, *, stride: int = 1, dtype: Dtype = jnp.floa
          name: str | None = None) -> nn.Module:
   """A 'SAME'-padded k x k convolution with float32 params and logical axis names.
 
-  On CPU this is `FastConv` (same parameters as nn.Conv, but its weight gradient is one
-  matmul instead of XLA's CPU kernel-gradient convolution, 2.3x faster for a 256x256
-  training step; benchmarks/README.md); elsewhere nn.Conv.
+  `FastConv` (nn.Conv's parameters; `fast_conv.fast_gradient_pays` decides per layer
+  whether its kernel gradient is one matmul, on CPU, or XLA's own, on accelerators).
   """
-  if jax.default_backend() == "cpu":
-    return Conv(features, (kernel, kernel), strides=(stride, stride), dtype=dtype,
-                kernel_init=_kernel_init(), bias_init=_bias_init(), name=name)
-  return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding="SAME",
-                 dtype=dtype, kernel_init=_kernel_init(), bias_init=_bias_init(), name=name)
+  return Conv(features, (kernel, kernel), strides=(stride, stride), dtype=dtype,
+              kernel_init=_kernel_init(), bias_init=_bias_init(), name=name)
 
 
 class Upsample2x(nn.Module):
   """Doubles height and width: x float [B, H, W, C] -> [B, 2H, 2W, features].
 
-  mode: 'transpose' is the paper's 4x4 stride-2 transposed convolution (on CPU through
-  `FastConvTranspose`, whose kernel gradient avoids XLA's slow CPU lowering); 'subpixel'
+  mode: 'transpose' is the paper's 4x4 stride-2 transposed convolution (`FastConvTranspose`,
+  whose kernel gradient avoids XLA's slow CPU lowering where it pays); 'subpixel'
   (3x3 conv to 4*features, then depth-to-space) and 'resize' (nearest x2, then 3x3 conv)
   compute the same shapes with fewer FLOPs.
   """
@@ -65,12 +62,8 @@ class Upsample2x(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     if self.mode == "transpose":
-      if jax.default_backend() == "cpu":  # same maths, a faster kernel gradient on CPU
-        return ConvTranspose(self.features, (4, 4), strides=(2, 2), dtype=self.dtype,
-                             kernel_init=_kernel_init(), bias_init=_bias_init())(x)
-      return nn.ConvTranspose(self.features, (4, 4), strides=(2, 2), padding="SAME",
-                              dtype=self.dtype, kernel_init=_kernel_init(),
-                              bias_init=_bias_init())(x)
+      return ConvTranspose(self.features, (4, 4), strides=(2, 2), dtype=self.dtype,
+                           kernel_init=_kernel_init(), bias_init=_bias_init())(x)
     if self.mode == "subpixel":
       y = conv(4 * self.features, 3, dtype=self.dtype)(x)
       return einops.rearrange(y, "b h w (r s c) -> b (h r) (w s) c", r=2, s=2)
@@ -85,19 +78,25 @@ class ResidualStack(nn.Module):
   """`num_layers` blocks x + conv1x1(relu(conv3x3(relu(x)))), then a ReLU.
 
   The 3x3 conv has `res_hidden` channels (the paper's "residual units"); the stream
-  keeps the input's channel count ("hidden units").
+  keeps the input's channel count ("hidden units"). remat: 'none' | 'block' (recompute
+  each block in the backward pass, see models/remat.py; same parameters).
   """
   res_hidden: int
   num_layers: int
   dtype: Dtype = jnp.float32
+  remat: str = "none"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    channels = x.shape[-1]
+    block = maybe_remat(ResidualStack.block, self.remat)
     for _ in range(self.num_layers):
-      h = conv(self.res_hidden, 3, dtype=self.dtype)(nn.relu(x))
-      x = x + conv(channels, 1, dtype=self.dtype)(nn.relu(h))
+      x = block(self, x)
     return nn.relu(x)
+
+  def block(self, x: jax.Array) -> jax.Array:
+    """x [B, H, W, C] -> x + conv1x1(relu(conv3x3(relu(x)))), same shape."""
+    h = conv(self.res_hidden, 3, dtype=self.dtype)(nn.relu(x))
+    return x + conv(x.shape[-1], 1, dtype=self.dtype)(nn.relu(h))
 
 
 class Encoder(nn.Module):
@@ -110,6 +109,7 @@ class Encoder(nn.Module):
   num_res_layers: int
   num_down: int
   dtype: Dtype = jnp.float32
+  remat: str = "none"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -117,7 +117,7 @@ class Encoder(nn.Module):
       width = self.hidden // 2 if i < self.num_down - 1 else self.hidden
       x = nn.relu(conv(width, 4, stride=2, dtype=self.dtype)(x))
     x = conv(self.hidden, 3, dtype=self.dtype)(x)
-    return ResidualStack(self.res_hidden, self.num_res_layers, self.dtype)(x)
+    return ResidualStack(self.res_hidden, self.num_res_layers, self.dtype, self.remat)(x)
 
 
 class Decoder(nn.Module):
@@ -132,11 +132,12 @@ class Decoder(nn.Module):
   num_up: int
   upsample: str = "transpose"
   dtype: Dtype = jnp.float32
+  remat: str = "none"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     x = conv(self.hidden, 3, dtype=self.dtype)(x)
-    x = ResidualStack(self.res_hidden, self.num_res_layers, self.dtype)(x)
+    x = ResidualStack(self.res_hidden, self.num_res_layers, self.dtype, self.remat)(x)
     for i in range(self.num_up):
       last = i == self.num_up - 1
       x = Upsample2x(self.out_channels if last else self.hidden // 2, self.upsample,

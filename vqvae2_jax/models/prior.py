@@ -57,6 +57,7 @@ import jax
 import jax.numpy as jnp
 
 from vqvae2_jax.models import causal
+from vqvae2_jax.models.remat import check_mode as check_remat, maybe_remat
 
 Dtype = Any
 
@@ -74,8 +75,10 @@ def _table_init(names: tuple[str, str]):
 
 def _one_hot_lookup(table: jax.Array, idx: jax.Array, dtype: Dtype) -> jax.Array:
   """table [N, C], idx int [...] -> [..., C]. One-hot matmul: no gather, so it stays
-  valid under any mesh axis type and selects the rows exactly."""
-  return jax.nn.one_hot(idx, table.shape[0], dtype=dtype) @ table.astype(dtype)
+  valid under any mesh axis type; HIGHEST precision so it selects the rows (in `dtype`)
+  exactly, not TF32- or bf16-pass-rounded ones on accelerators."""
+  return jnp.matmul(jax.nn.one_hot(idx, table.shape[0], dtype=dtype), table.astype(dtype),
+                    precision=jax.lax.Precision.HIGHEST)
 
 
 class GatedLayer(nn.Module):
@@ -151,6 +154,7 @@ class CondStack(nn.Module):
     num_layers: residual blocks.
     scales: per upper level, the integer upsampling factor to this level.
     num_codes: codebook size of the upper levels.
+    remat: 'none' | 'block' (recompute each residual block in training's backward pass).
   """
   hidden: int
   res_hidden: int
@@ -159,6 +163,7 @@ class CondStack(nn.Module):
   num_codes: int
   dropout: float
   dtype: Dtype = jnp.float32
+  remat: str = "none"
 
   @nn.compact
   def __call__(self, cond_codes: Sequence[jax.Array], *, train: bool) -> jax.Array:
@@ -173,16 +178,23 @@ class CondStack(nn.Module):
                            param_dtype=jnp.float32, kernel_init=causal.conv_kernel_init(),
                            bias_init=causal.bias_init(), name=f"upsample_conv_{u}")(e))
     x = causal.dense(self.hidden, dtype=self.dtype, name="merge")(jnp.concatenate(feats, -1))
+    block = maybe_remat(CondStack.block, self.remat if train else "none", static_argnums=(2,))
     for _ in range(self.num_layers):
-      x = ResBlock(self.hidden, self.res_hidden, self.dropout, 3, self.dtype)(x, train=train)
+      x = block(self, x, train)
     return x
+
+  def block(self, x: jax.Array, train: bool) -> jax.Array:
+    """One 3x3 residual block of the stack: x [B, H, W, hidden] -> same shape."""
+    return ResBlock(self.hidden, self.res_hidden, self.dropout, 3, self.dtype)(x, train=train)
 
 
 class PixelSNAILPrior(nn.Module):
   """Gated PixelCNN (+ causal attention) prior p(codes | upper-level codes, class).
 
   See the module docstring for the architecture and the paper-hyper-parameter mapping.
-  Params are float32; activations use `dtype`; logits are float32.
+  Params are float32; activations use `dtype`; logits are float32. remat: 'none' |
+  'block' recomputes every gated layer, attention block and residual block in training's
+  backward pass (models/remat.py); parameters and values are unchanged.
   """
   num_codes: int = 512
   hidden: int = 128
@@ -199,11 +211,12 @@ class PixelSNAILPrior(nn.Module):
   cond_scales: tuple[int, ...] = ()
   num_classes: int = 0
   dtype: Dtype = jnp.float32
-  cond_num_codes: int = 0  # codebook size of the upper levels; 0 = num_codes
   head_init_scale: float = 0.01  # small output layer: NLL starts near ln(num_codes)
+  remat: str = "none"
 
   def setup(self):
     k, c = self.kernel_size, self.hidden
+    check_remat(self.remat)
     if k < 3 or k % 2 != 1:
       raise ValueError(f"kernel_size must be odd and >= 3, got {k}")
     if len(self.cond_scales) != self.num_cond_levels:
@@ -225,8 +238,7 @@ class PixelSNAILPrior(nn.Module):
                              names=("embed", "vocab"))
     if self.num_cond_levels:
       self.cond_stack = CondStack(c, self.res_hidden, self.num_cond_layers, self.cond_scales,
-                                  self.cond_num_codes or self.num_codes, self.dropout,
-                                  self.dtype)
+                                  self.num_codes, self.dropout, self.dtype, self.remat)
     if self.num_classes:
       self.label_embedding = self.param("label_embedding", _table_init(("classes", "mlp")),
                                         (self.num_classes, c), jnp.float32)
@@ -281,9 +293,28 @@ class PixelSNAILPrior(nn.Module):
 
   def output(self, h: jax.Array, *, train: bool) -> jax.Array:
     """Output stack and head: h [..., C] -> float32 logits [..., K]."""
-    for blk in self.out_blocks:
-      h = blk(h, train=train)
+    block = maybe_remat(PixelSNAILPrior._out_block, self._remat(train), static_argnums=(1, 3))
+    for i in range(len(self.out_blocks)):
+      h = block(self, i, h, train)
     return self.head(nn.elu(h.astype(jnp.float32)))
+
+  # ---- blocks that remat='block' recomputes in the backward pass ----
+
+  def _remat(self, train: bool) -> str:
+    return self.remat if train else "none"  # nothing to save without a backward pass
+
+  def _out_block(self, i: int, h: jax.Array, train: bool) -> jax.Array:
+    return self.out_blocks[i](h, train=train)
+
+  def _gated_layer(self, l: int, v, h, c, train: bool):
+    return self.layers[l](v, h, c, train=train)
+
+  def _attention(self, a: int, h: jax.Array, xf: jax.Array, pos: jax.Array,
+                 train: bool) -> jax.Array:
+    """h + attention block a: h [B, H, W, C], xf [B, H*W, C], pos [B, H*W, P]."""
+    b = h.shape[0]
+    q_in, kv_in = self.attention_inputs(h.reshape(b, -1, h.shape[-1]), xf, pos)
+    return h + self.attn[a](q_in, kv_in, train=train).reshape(h.shape)
 
   def __call__(self, codes: jax.Array, cond_codes: Sequence[jax.Array] = (),
                labels: jax.Array | None = None, *, train: bool) -> jax.Array:
@@ -307,12 +338,14 @@ class PixelSNAILPrior(nn.Module):
     v, h = self.input_streams(x)
     pos = causal.positional_features(hgt, wid)[None]
     xf = x.reshape(b, hgt * wid, -1)
+    pos = jnp.broadcast_to(pos, (b,) + pos.shape[1:])
+    mode = self._remat(train)
+    gated = maybe_remat(PixelSNAILPrior._gated_layer, mode, static_argnums=(1, 5))
+    attention = maybe_remat(PixelSNAILPrior._attention, mode, static_argnums=(1, 5))
     a = 0
-    for l, layer in enumerate(self.layers):
-      v, h = layer(v, h, c, train=train)
+    for l in range(len(self.layers)):
+      v, h = gated(self, l, v, h, c, train)
       if l in self.attn_after:
-        hf = h.reshape(b, hgt * wid, -1)
-        q_in, kv_in = self.attention_inputs(hf, xf, jnp.broadcast_to(pos, (b,) + pos.shape[1:]))
-        h = h + self.attn[a](q_in, kv_in, train=train).reshape(h.shape)
+        h = attention(self, a, h, xf, pos, train)
         a += 1
     return self.output(h, train=train)

@@ -11,6 +11,19 @@ so a code that is never used keeps a finite embedding instead of dividing by zer
 The counts and sums are reductions over the *whole* batch array; under `jax.jit` with the
 batch sharded over a mesh XLA inserts the cross-device sums, so the update is the one
 of the global batch, exactly as on one device.
+
+Two ways to train (both give the same update for the same batch):
+  * immediate: apply with `mutable=['vq_stats']`; the EMA step of this batch is applied
+    inside the call.
+  * deferred (gradient accumulation): apply with `mutable=['vq_batch']`; the call only
+    writes this batch's sums n_i, m_i (and re-seeding candidates) to the `vq_batch`
+    collection. Microbatch sums add up to the whole batch's, and `commit_batch_statistics`
+    then applies one EMA step with them, so an accumulated step sees the whole batch.
+
+Precision: every contraction here (distances, one-hot lookup, EMA sums) runs at
+`Precision.HIGHEST`. JAX's default is bf16 passes on TPU and TF32 on Ampere/Hopper GPUs,
+which flips a visible fraction of nearest-code assignments and rounds the "exact" rows of a
+one-hot lookup; CPU is full float32 either way, so tests check the jaxpr instead.
 """
 from __future__ import annotations
 
@@ -21,6 +34,8 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 VQ_COLLECTION = "vq_stats"
+VQ_BATCH_COLLECTION = "vq_batch"  # deferred per-batch sums (gradient accumulation)
+EXACT = jax.lax.Precision.HIGHEST  # full float32 contractions on every backend
 
 
 class QuantizerOutput(NamedTuple):
@@ -53,7 +68,7 @@ def nearest_codes(z: jax.Array, codebook: jax.Array) -> jax.Array:
   z = z.astype(jnp.float32)
   codebook = codebook.astype(jnp.float32)
   distances = (jnp.sum(z**2, axis=-1, keepdims=True)
-               - 2.0 * jnp.einsum("...d,kd->...k", z, codebook)
+               - 2.0 * jnp.einsum("...d,kd->...k", z, codebook, precision=EXACT)
                + jnp.sum(codebook**2, axis=-1))
   return jnp.argmin(distances, axis=-1).astype(jnp.int32)
 
@@ -69,10 +84,33 @@ def lookup_codes(codes: jax.Array, codebook: jax.Array) -> jax.Array:
     codebook: float [K, D].
 
   Returns:
-    float32 [..., D].
+    float32 [..., D], the codebook rows exactly (HIGHEST precision: no bf16/TF32 rounding).
   """
   one_hot = jax.nn.one_hot(codes, codebook.shape[0], dtype=jnp.float32)
-  return jnp.einsum("...k,kd->...d", one_hot, codebook.astype(jnp.float32))
+  return jnp.einsum("...k,kd->...d", one_hot, codebook.astype(jnp.float32), precision=EXACT)
+
+
+def batch_statistics(z: jax.Array, codes: jax.Array, num_codes: int
+                     ) -> tuple[jax.Array, jax.Array]:
+  """Per-code counts n float32 [K] and sums m float32 [K, D] of z [..., D] by codes [...].
+
+  Sums over the whole array, so the sums of disjoint microbatches add up to the batch's.
+  """
+  flat_z = z.reshape(-1, z.shape[-1]).astype(jnp.float32)
+  one_hot = jax.nn.one_hot(codes.reshape(-1), num_codes, dtype=jnp.float32)
+  return jnp.sum(one_hot, axis=0), jnp.matmul(one_hot.T, flat_z, precision=EXACT)
+
+
+def apply_ema(ema_count: jax.Array, ema_sum: jax.Array, batch_count: jax.Array,
+              batch_sum: jax.Array, decay: float, epsilon: float
+              ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """One EMA step from batch sums: (count [K], sum [K, D]) -> (count, sum, codebook [K, D])."""
+  num_codes = ema_count.shape[0]
+  new_count = decay * ema_count + (1.0 - decay) * batch_count
+  new_sum = decay * ema_sum + (1.0 - decay) * batch_sum
+  total = jnp.sum(new_count)
+  smoothed = (new_count + epsilon) / (total + num_codes * epsilon) * total
+  return new_count, new_sum, new_sum / smoothed[:, None]
 
 
 def ema_codebook_update(ema_count: jax.Array, ema_sum: jax.Array, z: jax.Array,
@@ -91,16 +129,8 @@ def ema_codebook_update(ema_count: jax.Array, ema_sum: jax.Array, z: jax.Array,
   Returns:
     (new_count [K], new_sum [K, D], new_codebook [K, D]).
   """
-  num_codes = ema_count.shape[0]
-  flat_z = z.reshape(-1, z.shape[-1]).astype(jnp.float32)
-  one_hot = jax.nn.one_hot(codes.reshape(-1), num_codes, dtype=jnp.float32)
-  batch_count = jnp.sum(one_hot, axis=0)
-  batch_sum = one_hot.T @ flat_z
-  new_count = decay * ema_count + (1.0 - decay) * batch_count
-  new_sum = decay * ema_sum + (1.0 - decay) * batch_sum
-  total = jnp.sum(new_count)
-  smoothed = (new_count + epsilon) / (total + num_codes * epsilon) * total
-  return new_count, new_sum, new_sum / smoothed[:, None]
+  batch_count, batch_sum = batch_statistics(z, codes, ema_count.shape[0])
+  return apply_ema(ema_count, ema_sum, batch_count, batch_sum, decay, epsilon)
 
 
 def code_statistics(codes: jax.Array, num_codes: int) -> tuple[jax.Array, jax.Array]:
@@ -142,7 +172,8 @@ class VectorQuantizerEMA(nn.Module):
     self.ema_sum = self.variable(VQ_COLLECTION, "ema_sum", lambda: self.codebook.value)
 
   def __call__(self, z: jax.Array, *, train: bool) -> QuantizerOutput:
-    """Quantizes z: float [B, H, W, D]; updates the codebook when `train`."""
+    """Quantizes z: float [B, H, W, D]; when `train`, updates the codebook (immediate) or,
+    if the 'vq_batch' collection is mutable, writes this batch's sums there (deferred)."""
     if z.shape[-1] != self.code_dim:
       raise ValueError(f"quantizer expects last axis {self.code_dim}, got shape {z.shape}")
     codebook = self.codebook.value
@@ -151,28 +182,53 @@ class VectorQuantizerEMA(nn.Module):
     z32 = z.astype(jnp.float32)
     commitment = jnp.mean((jax.lax.stop_gradient(quantized) - z32)**2)
     if train and not self.is_initializing():
-      count, total, new_codebook = ema_codebook_update(
-          self.ema_count.value, self.ema_sum.value, jax.lax.stop_gradient(z32), codes,
-          self.decay, self.epsilon)
-      if self.dead_code_threshold > 0:
-        count, total, new_codebook = self._reseed_dead_codes(
-            count, total, new_codebook, jax.lax.stop_gradient(z32))
-      self.ema_count.value, self.ema_sum.value = count, total
-      self.codebook.value = new_codebook
+      stats = self._batch_statistics(jax.lax.stop_gradient(z32), codes)
+      if self.is_mutable_collection(VQ_BATCH_COLLECTION):
+        for name, value in stats.items():
+          self.put_variable(VQ_BATCH_COLLECTION, name, value)
+      else:
+        self.commit_batch_statistics(jax.tree.map(lambda a: a[None], stats))
     perplexity, usage = code_statistics(codes, self.num_codes)
     straight_through = z32 + jax.lax.stop_gradient(quantized - z32)
     return QuantizerOutput(straight_through.astype(z.dtype), codes, commitment,
                            perplexity, usage)
 
-  def _reseed_dead_codes(self, count, total, codebook, z):
-    """Moves codes with EMA count < threshold onto random encoder outputs of the batch."""
-    flat = z.reshape(-1, z.shape[-1])
-    picks = jax.random.randint(self.make_rng("reseed"), (self.num_codes,), 0, flat.shape[0])
-    dead = count < self.dead_code_threshold
-    new_codebook = jnp.where(dead[:, None], flat[picks], codebook)
-    new_count = jnp.where(dead, 1.0, count)
-    new_total = jnp.where(dead[:, None], new_codebook, total)
-    return new_count, new_total, new_codebook
+  def _batch_statistics(self, z: jax.Array, codes: jax.Array) -> dict[str, jax.Array]:
+    """{'count' [K], 'sum' [K, D]} of this batch, plus 'candidates' [K, D] (random encoder
+    outputs of the batch, needs the 'reseed' rng) when dead codes are re-seeded."""
+    count, total = batch_statistics(z, codes, self.num_codes)
+    stats = {"count": count, "sum": total}
+    if self.dead_code_threshold > 0:
+      flat = z.reshape(-1, z.shape[-1])
+      picks = jax.random.randint(self.make_rng("reseed"), (self.num_codes,), 0, flat.shape[0])
+      stats["candidates"] = flat[picks]
+    return stats
+
+  def commit_batch_statistics(self, stats: dict[str, jax.Array]) -> None:
+    """Applies one EMA step (and re-seeding) from microbatch statistics.
+
+    stats: the 'vq_batch' entries of A equal-sized microbatches stacked on a leading axis:
+      'count' [A, K], 'sum' [A, K, D] (summed here: the whole batch's sums) and, with
+      re-seeding, 'candidates' [A, K, D], of which each dead code takes a uniformly chosen
+      microbatch's (so a uniform draw over the whole batch; 'reseed' rng when A > 1).
+    """
+    count, total, codebook = apply_ema(
+        self.ema_count.value, self.ema_sum.value, jnp.sum(stats["count"], axis=0),
+        jnp.sum(stats["sum"], axis=0), self.decay, self.epsilon)
+    if self.dead_code_threshold > 0:
+      candidates = stats["candidates"]
+      if candidates.shape[0] > 1:
+        which = jax.random.randint(self.make_rng("reseed"), (self.num_codes,), 0,
+                                   candidates.shape[0])
+        candidates = candidates[which, jnp.arange(self.num_codes)]
+      else:
+        candidates = candidates[0]
+      dead = count < self.dead_code_threshold
+      codebook = jnp.where(dead[:, None], candidates, codebook)
+      count = jnp.where(dead, 1.0, count)
+      total = jnp.where(dead[:, None], codebook, total)
+    self.ema_count.value, self.ema_sum.value = count, total
+    self.codebook.value = codebook
 
   def lookup(self, codes: jax.Array) -> jax.Array:
     """Embeddings float32 [..., D] of int codes [...]."""

@@ -15,7 +15,12 @@ level sees the pixels and the level above and encodes what the level above lacks
 Decoding: every level's quantized map is brought to the bottom resolution by its own
 x2 upsamplers, all are concatenated, and one feed-forward decoder maps them to pixels.
 
-Images are float in [-1, 1] (see `vqvae2_jax.data.images_to_model`).
+Images are float in [-1, 1] (see `vqvae2_jax.images.to_model`).
+
+Training updates the EMA codebooks either inside the call (`mutable=['vq_stats']`) or,
+for gradient accumulation, deferred: `mutable=['vq_batch']` records each microbatch's
+sums and `finalize_codebooks` applies one EMA step with the whole batch's
+(models/quantizer.py).
 """
 from __future__ import annotations
 
@@ -26,7 +31,8 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from vqvae2_jax.models.layers import Decoder, Encoder, Upsample2x, conv
-from vqvae2_jax.models.quantizer import VectorQuantizerEMA
+from vqvae2_jax.models.remat import check_mode as check_remat
+from vqvae2_jax.models.quantizer import VQ_BATCH_COLLECTION, VQ_COLLECTION, VectorQuantizerEMA
 
 LEVEL_NAMES = {1: ("bottom",), 2: ("top", "bottom"), 3: ("top", "mid", "bottom")}
 
@@ -73,6 +79,8 @@ class VQVAE2(nn.Module):
     decay / epsilon / dead_code_threshold: quantizer EMA settings.
     upsample: 'transpose' (paper) | 'subpixel' | 'resize'.
     dtype: compute dtype of the convolutions (params and quantizer stay float32).
+    remat: 'none' | 'block': recompute each residual block in the backward pass
+      (models/remat.py); a memory lever only, parameters and values are unchanged.
   """
   num_levels: int = 2
   bottom_down: int = 2
@@ -86,13 +94,16 @@ class VQVAE2(nn.Module):
   dead_code_threshold: float = 0.0
   upsample: str = "transpose"
   dtype: Any = jnp.float32
+  remat: str = "none"
 
   def setup(self):
     n, kw = self.num_levels, dict(dtype=self.dtype)
+    check_remat(self.remat)
+    stack_kw = dict(kw, remat=self.remat)
     # encoders[l] computes level l's pixel features; the bottom one sees the pixels.
     self.encoders = [
         Encoder(self.hidden, self.res_hidden, self.num_res_layers,
-                num_down=self.bottom_down if l == n - 1 else 1, **kw) for l in range(n)]
+                num_down=self.bottom_down if l == n - 1 else 1, **stack_kw) for l in range(n)]
     self.pre_quant = [conv(self.code_dim, 1, **kw) for _ in range(n)]
     self.quantizers = [
         VectorQuantizerEMA(self.num_codes, self.code_dim, self.decay, self.epsilon,
@@ -100,14 +111,14 @@ class VQVAE2(nn.Module):
     # cond_decoders[l-1] brings q_{l-1} up to level l for level l's encoder.
     self.cond_decoders = [
         Decoder(self.code_dim, self.hidden, self.res_hidden, self.num_res_layers, num_up=1,
-                upsample=self.upsample, **kw) for _ in range(n - 1)]
+                upsample=self.upsample, **stack_kw) for _ in range(n - 1)]
     # to_bottom[l] upsamples q_l (l < N-1) to the bottom resolution for the decoder.
     self.to_bottom = [
         [Upsample2x(self.code_dim, self.upsample, **kw) for _ in range(n - 1 - l)]
         for l in range(n - 1)]
     self.decoder = Decoder(3, self.hidden, self.res_hidden, self.num_res_layers,
                            num_up=self.bottom_down,
-                           upsample=self.upsample, **kw)
+                           upsample=self.upsample, **stack_kw)
 
   def _check_image(self, x: jax.Array):
     stride = level_strides(self.num_levels, self.bottom_down)[0]
@@ -177,3 +188,28 @@ class VQVAE2(nn.Module):
     """Encode then decode x [B, H, W, 3] (optionally from a subset of levels)."""
     quantized, _ = self._encode(x, train=False)
     return self.decode(quantized, level_mask)
+
+  def commit_codebooks(self, batch_stats) -> None:
+    """One EMA step per level from deferred statistics (apply with mutable=['vq_stats']).
+
+    batch_stats: the 'vq_batch' collection of A microbatches, each leaf stacked on a
+    leading [A] axis ({'quantizers_<l>': {'count': [A, K], 'sum': [A, K, D], ...}}).
+    """
+    for quantizer in self.quantizers:
+      quantizer.commit_batch_statistics(batch_stats[quantizer.name])
+
+
+def finalize_codebooks(model: VQVAE2):
+  """The train step's `finalize_state` for a loss that applies `model` with
+  mutable=['vq_batch']: (params, model_state, microbatch_states, rng) -> model_state.
+
+  microbatch_states hold each microbatch's 'vq_batch' stacked on a leading axis; their sums
+  are the whole batch's, so the EMA step equals the one of an unaccumulated step.
+  """
+  def finalize(params, model_state, microbatch_states, rng):
+    variables = {"params": params, VQ_COLLECTION: model_state[VQ_COLLECTION]}
+    _, updates = model.apply(variables, microbatch_states[VQ_BATCH_COLLECTION],
+                             method=VQVAE2.commit_codebooks, mutable=[VQ_COLLECTION],
+                             rngs={"reseed": rng})
+    return {k: v for k, v in {**model_state, **updates}.items() if k != VQ_BATCH_COLLECTION}
+  return finalize

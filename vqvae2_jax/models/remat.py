@@ -1,0 +1,36 @@
+"""Rematerialisation (gradient checkpointing) of residual / gated blocks.
+
+`remat='block'` wraps each block's method in `nn.remat` with the named policy below:
+only the block's inputs are kept for the backward pass and everything inside the block is
+recomputed, trading about one extra forward pass for the activations of the whole stack.
+The method is lifted as `Cls.method(self, ...)`, so parameter paths (and checkpoints) are
+identical with and without remat.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import flax.linen as nn
+import jax
+
+REMAT_POLICIES = {"block": jax.checkpoint_policies.nothing_saveable}
+REMAT_MODES = ("none",) + tuple(REMAT_POLICIES)
+
+
+def check_mode(mode: str) -> None:
+  """Raises a one-line error for an unknown remat mode."""
+  if mode not in REMAT_MODES:
+    raise ValueError(f"unknown remat mode {mode!r}; use one of {REMAT_MODES}")
+
+
+def maybe_remat(method: Callable, mode: str, static_argnums: tuple[int, ...] = ()
+                ) -> Callable:
+  """`method` (an unbound Module method, called as f(module, *args)) under remat `mode`.
+
+  static_argnums count `module` as argument 0 (Python values such as `train` flags).
+  """
+  check_mode(mode)
+  if mode == "none":
+    return method
+  return nn.remat(method, policy=REMAT_POLICIES[mode], static_argnums=static_argnums,
+                  prevent_cse=True)
