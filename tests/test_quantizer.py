@@ -1,5 +1,6 @@
 """EMA vector quantizer: nearest codes, EMA update by hand, straight-through gradient."""
 import jax
+import jax.extend  # noqa: F401  (jaxprs_in_params)
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -115,3 +116,55 @@ def test_wrong_code_dim_is_a_clear_error():
   module = q.VectorQuantizerEMA(4, 3)
   with pytest.raises(ValueError, match="last axis 3"):
     module.init(jax.random.PRNGKey(0), jnp.zeros((1, 2, 2, 5)), train=False)
+
+
+def contractions(jaxpr):
+  """Every dot_general / conv_general_dilated equation of a closed jaxpr, sub-jaxprs too."""
+  found = []
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name in ("dot_general", "conv_general_dilated"):
+        found.append(eqn)
+      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+        walk(sub)
+  walk(jaxpr.jaxpr)
+  return found
+
+
+def assert_all_highest(fn, *args, expect_at_least):
+  """fn's contractions all run at Precision.HIGHEST (bf16 passes / TF32 are not exact)."""
+  eqns = contractions(jax.make_jaxpr(fn)(*args))
+  assert len(eqns) >= expect_at_least, [e.primitive.name for e in eqns]
+  highest = (jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)
+  for eqn in eqns:
+    assert eqn.params["precision"] == highest, (
+        f"{eqn.primitive.name} at precision {eqn.params['precision']}: the quantizer's "
+        "distances, lookups and EMA sums must be exact float32 on every backend")
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.5])
+def test_quantizer_contractions_are_float32_exact(threshold):
+  """Distances, one-hot lookup and EMA statistics at HIGHEST, in every training mode."""
+  k, d = 8, 4
+  rng = np.random.default_rng(5)
+  variables = _variables(rng.normal(size=(k, d)).astype(np.float32))
+  module = q.VectorQuantizerEMA(k, d, dead_code_threshold=threshold)
+  z = jnp.asarray(rng.normal(size=(2, 3, 3, d)), jnp.bfloat16)  # bf16 encoder output
+  rngs = {"reseed": jax.random.PRNGKey(0)}
+  for mutable in (["vq_stats"], ["vq_batch"]):
+    # distances, lookup, EMA sums (the perplexity histogram is a sum, no contraction).
+    assert_all_highest(lambda z: module.apply(variables, z, train=True, mutable=mutable,
+                                              rngs=rngs), z, expect_at_least=3)
+  assert_all_highest(lambda c: module.apply(variables, c, method=module.lookup),
+                     jnp.zeros((2, 3), jnp.int32), expect_at_least=1)
+
+
+def test_prior_one_hot_lookups_are_exact():
+  """The prior's embedding, conditioning-code and label lookups select rows at HIGHEST."""
+  from vqvae2_jax.models import prior as prior_lib  # pylint: disable=g-import-not-at-top
+  idx = jnp.zeros((2, 3), jnp.int32)
+  table = jnp.ones((5, 4))
+  for dtype in (jnp.float32, jnp.bfloat16):
+    assert_all_highest(lambda t: prior_lib._one_hot_lookup(t, idx, dtype), table,  # pylint: disable=protected-access
+                       expect_at_least=1)
