@@ -19,7 +19,9 @@ import pytest
 from ml_collections import ConfigDict
 
 from vqvae2_jax import parallel
-from vqvae2_jax.stages import common
+from vqvae2_jax import builders
+from vqvae2_jax import restore as restore_lib
+from vqvae2_jax.workdir import Workdir
 from vqvae2_jax.train import loop
 
 from helpers import ROOT, load_config
@@ -68,9 +70,9 @@ def restore(workdir):
   """(state, record) of the latest vqvae checkpoint under `workdir`, on one device."""
   config = load_config("demo", "vqvae,tiny", **OVERRIDES)
   mesh = parallel.make_mesh(config.mesh, jax.devices()[:1])
-  init = common.vqvae_init_fn(common.build_vqvae(config), config.data.image_size)
-  return loop.restore_state(workdir, "vqvae", init, config.vqvae_train, mesh,
-                            config.axis_rules)
+  init = builders.vqvae_init_fn(builders.build_vqvae(config), config.data.image_size)
+  return restore_lib.restore_train_state(Workdir(workdir), "vqvae", init, config.vqvae_train,
+                                         mesh, config.axis_rules)
 
 
 def train_losses(workdir):

@@ -81,10 +81,10 @@ def test_count_statistics():
 @pytest.fixture(scope="module")
 def trained_vqvae(tiny_pipeline):
   from vqvae2_jax.models.vqvae import level_names  # pylint: disable=g-import-not-at-top
-  from vqvae2_jax.stages import common  # pylint: disable=g-import-not-at-top
-  config = load_config("demo", "vqvae,tiny")
-  mesh = common.setup_runtime(config)
-  model, variables, _ = common.load_vqvae(config, tiny_pipeline, mesh)
+  import vqvae2_jax  # pylint: disable=g-import-not-at-top
+  run = vqvae2_jax.load(tiny_pipeline)
+  model, variables = run.vqvae
+  config = run.config
   return config, model, variables, level_names(config.vqvae.num_levels)
 
 

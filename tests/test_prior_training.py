@@ -6,6 +6,7 @@ import pytest
 from vqvae2_jax import parallel
 from vqvae2_jax.stages import prior_stage
 from vqvae2_jax.train import loop
+from vqvae2_jax.workdir import Workdir
 
 from helpers import load_config
 
@@ -20,9 +21,11 @@ def train_prior(tiny_pipeline, out_dir, level, mesh_overrides, steps=2):
                           f"priors.{level}.train.checkpoint_every": 100,
                           f"priors.{level}.dropout": 0.0})
   mesh = parallel.make_mesh(config.mesh)
-  task = prior_stage.build_task(config, level, mesh, tiny_pipeline)
+  task = prior_stage.build_task(config, level, mesh, Workdir(tiny_pipeline))
   task.evaluate = None
-  state = loop.train(task, config.priors[level].train, workdir=out_dir, mesh=mesh,
+  out = Workdir(out_dir)
+  state = loop.train(task, config.priors[level].train, directory=out.stage_dir(task.name),
+                     checkpoint_dir=out.checkpoint_dir(task.name), mesh=mesh,
                      axis_rules=config.axis_rules, seed=config.seed)
   return state
 

@@ -15,7 +15,8 @@ from vqvae2_jax import parallel
 from vqvae2_jax.data import codes as codes_lib
 from vqvae2_jax.data.loader import iterate_once
 from vqvae2_jax.data.sources import make_source
-from vqvae2_jax.stages import common
+import vqvae2_jax
+from vqvae2_jax.workdir import ConfigConflictError, StageMissingError
 
 from helpers import ROOT, load_config
 
@@ -59,14 +60,15 @@ def test_cli_unknown_key_and_bad_value_fail_naming_the_key(tmp_path):
 
 
 def test_extract_without_stage1_checkpoint_is_a_clear_error(tmp_path):
-  with pytest.raises(ckpt_lib.CheckpointError, match="vqvae.*run the stage"):
+  with pytest.raises(StageMissingError, match="no vqvae checkpoint.*run the vqvae stage"):
     main.run_stage(load_config("demo", "extract,tiny"), str(tmp_path))
 
 
 def test_stored_codes_decode_to_the_models_reconstruction(tiny_pipeline):
   config = load_config("demo", "extract,tiny")
   mesh = parallel.make_mesh(config.mesh)
-  model, variables, step = common.load_vqvae(config, tiny_pipeline, mesh)
+  run = vqvae2_jax.load(tiny_pipeline, config=config, mesh=mesh)
+  (model, variables), step = run.vqvae, run.vqvae_step
   extract_dir = os.path.join(tiny_pipeline, "extract")
   manifest = codes_lib.read_manifest(extract_dir)
   assert manifest["vqvae_step"] == step and manifest["levels"] == ["top", "bottom"]
@@ -123,6 +125,11 @@ def test_sample_refuses_a_prior_of_another_configuration(tiny_pipeline, tmp_path
     shutil.copytree(os.path.join(tiny_pipeline, stage), os.path.join(tmp_path, stage))
   config = load_config("demo", "sample,tiny", **{"priors.top.hidden": 24,
                                                  "sample.rejection.classifier": "none"})
+  # Set explicitly, a model field that contradicts the record fails before any work...
+  with pytest.raises(ConfigConflictError, match="priors.top.hidden=24.*hidden=16"):
+    main.run_stage(config, str(tmp_path), explicit=("priors.top.hidden",))
+  # ...and a checkpoint whose record was lost still cannot be read into other shapes.
+  os.remove(os.path.join(tmp_path, "prior_top", "config.json"))
   with pytest.raises(ckpt_lib.CheckpointError, match="prior_top.*another shape"):
     main.run_stage(config, str(tmp_path))
 

@@ -8,7 +8,9 @@ import pytest
 
 from vqvae2_jax import checkpoint as ckpt_lib
 from vqvae2_jax import parallel
+from vqvae2_jax import restore as restore_lib
 from vqvae2_jax.stages import vqvae_stage
+from vqvae2_jax.workdir import Workdir
 from vqvae2_jax.train import loop
 
 from helpers import load_config
@@ -21,11 +23,13 @@ def tiny_config(**overrides):
 
 def run(config, workdir, devices=None, loader_hook=None):
   mesh = parallel.make_mesh(config.mesh, devices)
-  task = vqvae_stage.build_task(config, mesh, workdir)
+  w = Workdir(workdir)
+  task = vqvae_stage.build_task(config, mesh, w)
   task.evaluate = task.pictures = None
   if loader_hook is not None:
     task.loader = loader_hook(task.loader)
-  return loop.train(task, config.vqvae_train, workdir=workdir, mesh=mesh,
+  return loop.train(task, config.vqvae_train, directory=w.stage_dir("vqvae"),
+                    checkpoint_dir=w.checkpoint_dir("vqvae"), mesh=mesh,
                     axis_rules=config.axis_rules, seed=config.seed)
 
 
@@ -97,9 +101,10 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   ckpt.close()
   # The surviving checkpoint is readable and finite.
   mesh = parallel.make_mesh(config.mesh)
-  task = vqvae_stage.build_task(config, mesh, str(tmp_path))
-  state, record = loop.restore_state(str(tmp_path), "vqvae", task.init_variables,
-                                     config.vqvae_train, mesh, config.axis_rules)
+  task = vqvae_stage.build_task(config, mesh, Workdir(str(tmp_path)))
+  state, record = restore_lib.restore_train_state(
+      Workdir(str(tmp_path)), "vqvae", task.init_variables, config.vqvae_train, mesh,
+      config.axis_rules)
   assert record["step"] == last
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params_of(state)))
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from vqvae2_jax.models.vqvae import VQVAE2, level_strides
-from vqvae2_jax.stages import common
+from vqvae2_jax import builders
 
 from helpers import load_config
 
@@ -73,7 +73,7 @@ def test_bad_image_shape_is_a_clear_error():
                                                ("ffhq1024", [(32, 32), (64, 64), (128, 128)])])
 def test_paper_size_vqvae_shape_checks(experiment, levels):
   config = load_config(experiment, "vqvae")
-  model = common.build_vqvae(config)
+  model = builders.build_vqvae(config)
   size = config.data.image_size
   x = jax.ShapeDtypeStruct((2, size, size, 3), jnp.float32)
   variables = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False), x)

@@ -27,6 +27,7 @@ from vqvae2_jax import config_lib
 from vqvae2_jax import images as image_lib
 from vqvae2_jax import parallel
 from vqvae2_jax import restore
+from vqvae2_jax.eval.feature_networks import load_feature_network
 from vqvae2_jax.sampling import scorers
 from vqvae2_jax.sampling.hierarchical import HierarchicalSampler, SampleOptions
 from vqvae2_jax.workdir import (CLASSIFIER, VQVAE, StageMissingError, Workdir,
@@ -183,7 +184,6 @@ class Run:
       model, params = self.classifier
       return scorers.classifier_scorer(model, params, self.mesh, batch_size)
     if kind == "efficientnet_lite0":
-      from vqvae2_jax.eval.feature_networks import load_feature_network  # pylint: disable=g-import-not-at-top
       apply_fn, variables, info = load_feature_network(
           "efficientnet_lite0", self.config.evaluate.efficientnet_weights or None)
       return scorers.network_scorer(apply_fn, variables, info["logits_key"], self.mesh,

@@ -1,6 +1,6 @@
 """Pictures of a run: training curves, codebook usage, reconstructions from level subsets.
 
-matplotlib and JAX are imported inside the functions, so importing the package stays
+matplotlib is imported inside the functions that draw, so importing the module stays
 light. Figures are drawn on matplotlib's Agg canvas without pyplot, so nothing changes the
 backend or the figures of an interactive session (a notebook's inline plots). Every
 function writes a PNG and returns its path; figure sizes are fixed per panel (see the
@@ -14,7 +14,14 @@ import math
 import os
 from typing import Any, Mapping, Sequence
 
+import jax
+from jax.experimental import multihost_utils
+import jax.numpy as jnp
 import numpy as np
+from PIL import Image, ImageDraw
+
+from vqvae2_jax import images as image_lib
+from vqvae2_jax.models import vqvae as vqvae_model
 
 # Metrics drawn by `plot_training_curves`, in panel order.
 CURVE_METRICS = ("loss", "mse", "psnr", "commitment", "perplexity", "code_usage",
@@ -42,8 +49,7 @@ def _save(fig, path: str) -> str:
 
 
 def _level_name(index: int, num_levels: int) -> str:
-  from vqvae2_jax.models.vqvae import level_names  # pylint: disable=g-import-not-at-top
-  return level_names(num_levels)[index]
+  return vqvae_model.level_names(num_levels)[index]
 
 
 def read_metrics(stage_dir: str) -> list[dict[str, Any]]:
@@ -233,8 +239,6 @@ def codebook_usage_histogram(variables_or_counts: Any, level_names: Sequence[str
 
 def _subset_decode(model, variables, images):
   """uint8 [N, H, W, 3] -> float [L, N, H, W, 3]: decodes from levels 0..l for each l."""
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from vqvae2_jax import images as image_lib  # pylint: disable=g-import-not-at-top
   codes = model.apply(variables, image_lib.to_model(images), method=model.encode)
   n = model.num_levels
   outs = [model.apply(variables, codes, tuple(i <= l for i in range(n)),
@@ -244,7 +248,6 @@ def _subset_decode(model, variables, images):
 
 @functools.cache
 def _subset_decoder():
-  import jax  # pylint: disable=g-import-not-at-top
   # Modules are hashable, so one jitted function serves every model (one trace each).
   return jax.jit(_subset_decode, static_argnums=0)
 
@@ -264,9 +267,6 @@ def level_subset_images(model, variables, images_uint8: np.ndarray) -> np.ndarra
     uint8 [L, N, H, W, 3]; entry l decodes with levels 0..l (top first) and the levels
     below replaced by zeros (`VQVAE2.decode_codes` with a level mask).
   """
-  import jax  # pylint: disable=g-import-not-at-top
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  from vqvae2_jax import images as image_lib  # pylint: disable=g-import-not-at-top
   images_uint8 = np.asarray(images_uint8)
   if images_uint8.ndim != 4 or images_uint8.shape[-1] != 3 or images_uint8.dtype != np.uint8:
     raise ValueError(f"images must be uint8 [N, H, W, 3]; got {images_uint8.dtype} "
@@ -319,7 +319,6 @@ def save_level_subset_figure(subsets: np.ndarray, originals: np.ndarray,
                              pad: int = 2, header: int = 14) -> str:
   """Draws `level_subset_images` output uint8 [L, N, H, W, 3] beside the originals
   uint8 [N, H, W, 3] (layout as in `level_subset_reconstructions`); returns path."""
-  from PIL import Image, ImageDraw  # pylint: disable=g-import-not-at-top
   subsets, originals = np.asarray(subsets), np.asarray(originals)
   if subsets.shape[0] != len(level_names) or subsets.shape[1:] != originals.shape:
     raise ValueError(f"subsets {subsets.shape} must be [L={len(level_names)}, N, H, W, 3] "

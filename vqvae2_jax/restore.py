@@ -4,7 +4,7 @@ Inference (extract, classifier scoring, sample, evaluate, the Python API) reads 
 arrays it runs: the parameters that serve inference (the parameter EMA when the stage kept
 one, `Workdir.inference_params_key`) and, for stage 1, the codebook state. The optimizer
 state is never built or read, so a restore costs the memory of the model, not ~3x it.
-Full-state restore, for resuming training, is `train.loop.train`'s.
+Full-state restore (`restore_train_state`) is for resuming and inspecting training.
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from jax.sharding import Mesh
 from vqvae2_jax import checkpoint as ckpt_lib
 from vqvae2_jax import parallel
 from vqvae2_jax.builders import InitFn
+from vqvae2_jax.train import state as state_lib
 from vqvae2_jax.workdir import Workdir
 
 
@@ -59,3 +60,22 @@ def restore_inference_variables(workdir: Workdir, stage: str, init_fn: InitFn, m
   finally:
     checkpointer.close()
   return {"params": restored[key], **restored.get("model_state", {})}, step
+
+
+def restore_train_state(workdir: Workdir, stage: str, init_fn: InitFn, train_config,
+                        mesh: Mesh, axis_rules, step: int | None = None
+                        ) -> tuple[state_lib.TrainState, dict[str, Any]]:
+  """The whole train state (optimizer moments included) of a stage, and its record.
+
+  For resuming and inspecting training only (e.g. comparing two runs' optimizer
+  states); inference uses `restore_inference_variables`, which reads a third of it.
+  """
+  tx = state_lib.make_optimizer(train_config)
+  _, abstract, shardings = state_lib.plan_state(init_fn, tx, mesh, axis_rules,
+                                                train_config.param_ema_decay > 0)
+  checkpointer = ckpt_lib.Checkpointer(workdir.checkpoint_dir(stage), keep=None)
+  try:
+    return checkpointer.restore(state_lib.abstract_with_shardings(abstract, shardings),
+                                step)
+  finally:
+    checkpointer.close()
