@@ -212,7 +212,7 @@ def load_feature_network(name: str, weights_path: str | None = None, *,
 
   Args:
     name: 'inception', 'vgg16' or 'efficientnet_lite0'.
-    weights_path: a PyTorch state dict (.pth, needs torch) or a converted
+    weights_path: a PyTorch state dict (.pth, read without torch) or a converted
       .npz; None searches `candidate_weight_paths(name)`.
     assume_real_weights: treat an Inception file whose SHA-256 does not start
       with 6726825d as the real FID weights anyway (e.g. a re-saved copy).
