@@ -31,23 +31,23 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   REJECTION=trained
 fi
 
-# Every stage gets the same overrides, so later stages rebuild the models exactly.
-ARGS=(
-  "--workdir=$WORKDIR" "--verbosity=-1"
-  "--config.data.root=$DATA_ROOT"
-  "--config.vqvae_train.steps=$VQ_STEPS" "--config.vqvae_train.eval_every=200"
-  "--config.vqvae_train.image_every=200" "--config.vqvae_train.checkpoint_every=200"
-  "--config.priors.top.train.steps=$PRIOR_STEPS" "--config.priors.bottom.train.steps=$PRIOR_STEPS"
-  "--config.priors.top.train.eval_every=$PRIOR_STEPS" "--config.priors.bottom.train.eval_every=$PRIOR_STEPS"
-  "--config.classifier.train.steps=$CLS_STEPS" "--config.classifier.train.eval_every=$CLS_STEPS"
-  "--config.sample.rejection.classifier=$REJECTION"
-  "--config.evaluate.num_images=$EVAL_IMAGES" "--config.evaluate.max_real_images=$REAL_IMAGES"
-  "--config.evaluate.mse_max_images=1000"
+# Each stage gets only the overrides it uses: later stages rebuild every model from what
+# the workdir recorded, so model fields are never repeated (and contradicting one fails).
+COMMON=("--workdir=$WORKDIR" "--verbosity=-1" "--config.data.root=$DATA_ROOT")
+declare -A STAGE_ARGS=(
+  [vqvae]="--config.vqvae_train.steps=$VQ_STEPS --config.vqvae_train.eval_every=200 --config.vqvae_train.image_every=200 --config.vqvae_train.checkpoint_every=200"
+  [extract]=""
+  [prior_top]="--config.priors.top.train.steps=$PRIOR_STEPS --config.priors.top.train.eval_every=$PRIOR_STEPS"
+  [prior_bottom]="--config.priors.bottom.train.steps=$PRIOR_STEPS --config.priors.bottom.train.eval_every=$PRIOR_STEPS"
+  [classifier]="--config.classifier.train.steps=$CLS_STEPS --config.classifier.train.eval_every=$CLS_STEPS"
+  [sample]="--config.sample.rejection.classifier=$REJECTION"
+  [evaluate]="--config.sample.rejection.classifier=$REJECTION --config.evaluate.num_images=$EVAL_IMAGES --config.evaluate.max_real_images=$REAL_IMAGES --config.evaluate.mse_max_images=1000"
 )
 
 start=$(date +%s)
 for stage in vqvae extract prior_top prior_bottom classifier sample evaluate; do
   echo "=== $stage ($(( $(date +%s) - start ))s since start) ==="
-  "$PY" -m vqvae2_jax.main "--config=configs/imagenette64.py:$stage" "${ARGS[@]}"
+  # shellcheck disable=SC2086  # the per-stage overrides split on spaces on purpose
+  "$PY" -m vqvae2_jax.main "--config=configs/imagenette64.py:$stage" "${COMMON[@]}" ${STAGE_ARGS[$stage]}
 done
 echo "=== done in $(( $(date +%s) - start ))s: $WORKDIR/evaluate/report.md ==="

@@ -63,4 +63,4 @@ def test_notebook_runs_tiny(tmp_path, monkeypatch):
     assert (workdir / rel).is_file(), rel
   shown = sum(1 for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs
               if "image/png" in out.get("data", {}))
-  assert shown == 8, f"{shown} images displayed"
+  assert shown == 9, f"{shown} images displayed"
