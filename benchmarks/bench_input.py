@@ -166,7 +166,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--workers", default="0,1,2", help="grain worker_count values")
   parser.add_argument("--threads", type=int, default=4, help="read threads per process")
   parser.add_argument("--batch", type=int, default=32)
-  parser.add_argument("--batches", type=int, default=12, help="timed batches per variant")
+  parser.add_argument("--batches", type=int, default=24, help="timed batches per variant")
   parser.add_argument("--rounds", type=int, default=3, help="interleaved repetitions")
   parser.add_argument("--tfds-images", type=int, default=3000)
   parser.add_argument("--experiment", default="imagenet256", help="configs/<name>.py")
@@ -210,8 +210,9 @@ def main(argv=None) -> dict:
                 s, args.batch, seed=round_index, process_index=0, process_count=1,
                 num_threads=args.threads, worker_count=w))
           for name, (w, make) in variants.items():
-            # grain reads `threads` batches ahead per process (+1 in each worker's queue).
-            buffered = 2 + (args.threads + 1) * max(w, 1)
+            # grain reads `threads` batches ahead per process, and each worker adds its
+            # output queue and the interleave buffer: skip twice that many.
+            buffered = 2 + 2 * (args.threads + 2) * max(w, 1)
             rate = images_per_second(make(), args.batches, buffered)
             runs.setdefault((kind, size, name), []).append(rate)
             print(f"  round {round_index}  {kind:6s} {size:4d}px  {name:18s} {rate:8.1f} "
