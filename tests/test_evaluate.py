@@ -2,19 +2,23 @@
 import json
 import math
 import os
+import shutil
 
 import numpy as np
 import pytest
 
+from vqvae2_jax import api
 from vqvae2_jax import checkpoint as ckpt_lib
 from vqvae2_jax import main
 from vqvae2_jax import parallel
 from vqvae2_jax.data.sources import make_source
-from vqvae2_jax.eval import feature_sets as fs
+from vqvae2_jax.eval import classifier_training
+from vqvae2_jax.eval import distances
 from vqvae2_jax.eval import metrics
 from vqvae2_jax.eval import report as report_lib
-from vqvae2_jax.stages import classifier_stage
-from vqvae2_jax.stages import evaluate_stage
+from vqvae2_jax.eval import tradeoff
+from vqvae2_jax.sampling import rejection
+from vqvae2_jax.sampling.hierarchical import SampleOptions
 
 from helpers import load_config
 
@@ -73,6 +77,8 @@ def test_report_sample_metrics_tradeoff_and_cas(evaluated):
     assert os.path.exists(os.path.join(out, "tradeoff.png")) and "tradeoff.png" in md
     mu, sigma = metrics.load_stats(os.path.join(out, "ref_stats_efficientnet_lite0.npz"))
     assert mu.shape == (1280,) and sigma.shape == (1280, 1280)
+    # The experiment's own classifier selects: EfficientNet judging is not self-judging.
+    assert report["self_judged"] is False and "WARNING" not in md
   # CAS: the real-data classifier's figure equals accuracy_on over the validation split.
   cas = report["cas"]
   assert set(cas) == {"real_trained_on_real", "real_trained_on_recon",
@@ -80,9 +86,9 @@ def test_report_sample_metrics_tradeoff_and_cas(evaluated):
   config = load_config("demo", "classifier,tiny")
   mesh = parallel.make_mesh(config.mesh)
   val = make_source(config.data, "val")
-  model, params = classifier_stage.load_classifier(config, evaluated, val.num_classes, mesh)
-  ref = classifier_stage.accuracy_on(classifier_stage.make_logits_fn(model, mesh), params, val,
-                                     8, mesh)
+  model, params = api.load(evaluated, config=config, mesh=mesh).classifier
+  ref = classifier_training.accuracy_on(classifier_training.make_logits_fn(model, mesh), params,
+                                        val, 8, mesh)
   assert cas["real_trained_on_real"]["top1"] == pytest.approx(ref["top1"])
   assert cas["real_trained_on_real"]["top5"] == pytest.approx(ref["top5"])
   assert "Classification Accuracy Score" in md
@@ -99,10 +105,10 @@ def test_too_few_images_for_a_covariance_is_a_clear_error(evaluated):
   with pytest.raises(ValueError, match="covariance needs at least 2 images"):
     main.run_stage(load_config("demo", "evaluate,tiny", **{"evaluate.num_images": 1}),
                    evaluated)
-  one = fs.SetStats(1, 0, seed=0)
+  one = distances.SetStats(1, 0, seed=0)
   one.update({"fid": np.ones((1, 4))})
   with pytest.raises(ValueError, match="covariance needs at least 2 images"):  # eval.metrics
-    fs.fid_between(one, (np.zeros(4), np.eye(4)), [], "one image")
+    distances.fid_between(one, (np.zeros(4), np.eye(4)), [], "one image")
 
 
 def test_evaluate_without_stage1_checkpoint_is_a_clear_error(tmp_path):
@@ -116,25 +122,28 @@ def test_fast_frechet_distance_matches_pytorch_fid_formula(n1, dim):
   rng = np.random.default_rng(n1)
   a = rng.normal(size=(n1, dim))
   b = rng.normal(size=(200, dim)) * 1.3 + 0.2
-  s = fs.SetStats(n1, 0, seed=0)
+  s = distances.SetStats(n1, 0, seed=0)
   for block in np.array_split(a, 3):
     s.update({"fid": block})
   mu1, s1 = s.moments.stats()
   mu2, s2 = metrics.stats_from_features(b)
   ref = metrics.frechet_distance(mu1, s1, mu2, s2)
-  assert fs.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(ref, rel=1e-6)
+  fast = metrics.frechet_distance(mu1, s1, mu2, s2, method="eigh")
+  assert fast == pytest.approx(ref, rel=1e-6)
   factor = s.covariance_factor()
   assert (factor is None) == (n1 > dim)
   if factor is not None:
     np.testing.assert_allclose(factor.T @ factor, s1, atol=1e-12)
-    assert fs.frechet_distance(mu1, s1, mu2, s2, factor) == pytest.approx(ref, rel=1e-6)
+    assert metrics.frechet_distance(mu1, s1, mu2, s2, method="eigh",
+                                    factor1=factor) == pytest.approx(ref, rel=1e-6)
+    assert distances.fid_between(s, (mu2, s2), [], "set") == pytest.approx(ref, rel=1e-6)
 
 
 def test_precision_recall_subsample_is_fixed_and_independent_of_blocks():
   feats = np.arange(50 * 3, dtype=np.float32).reshape(50, 3)
   kept = []
   for splits in (1, 7):
-    s = fs.SetStats(50, 12, seed=3)
+    s = distances.SetStats(50, 12, seed=3)
     for block in np.array_split(feats, splits):
       s.update({"pr": block})
     kept.append(s.pr_features())
@@ -148,7 +157,7 @@ def test_acceptance_masks_keep_num_images_and_the_class_mix():
   num, classes = 30, 3
   labels = np.resize(np.arange(classes), 120)
   scores = rng.random(120)
-  masks = evaluate_stage.acceptance_masks(scores, labels, num, [1.0, 0.5, 0.25])
+  masks = rejection.acceptance_masks(scores, labels, num, [1.0, 0.5, 0.25])
   np.testing.assert_array_equal(np.nonzero(masks[1.0])[0], np.arange(num))
   for f, m in masks.items():
     prefix = math.ceil(num / f)
@@ -173,3 +182,84 @@ def test_markdown_without_inputs_notes_what_was_skipped(tmp_path):
   assert "0.0400 [0.0100]" in md and "prior NLL skipped" in md
   assert written["tradeoff_plot"] is None and not (tmp_path / "tradeoff.png").exists()
   assert json.load(open(tmp_path / "report.json"))["table1"]["vqvae"]["train"]["mse"] == 0.04
+
+
+def test_self_judged_names_the_metrics_the_selector_computes():
+  eff = "efficientnet_lite0"
+  assert tradeoff.self_judged(eff, eff, eff) == ["FID / IS / FID*", "precision / recall"]
+  assert tradeoff.self_judged(eff, "inception", eff) == ["precision / recall"]
+  assert tradeoff.self_judged(eff, "inception", "vgg16") == []
+  assert tradeoff.self_judged(None, eff, eff) == []  # the experiment's own classifier
+
+
+def test_self_judged_tradeoff_is_marked_at_the_top_of_its_section(tmp_path):
+  rows = [{"keep_fraction": f, "candidates": 8, "num_images": 4, "fid": 3.0 - f,
+           "is_mean": 1.0 + f} for f in (1.0, 0.5)]
+  warning = tradeoff.self_judged_warning("efficientnet_lite0 (ImageNet)", ["FID / IS / FID*"])
+  for judged in (True, False):
+    report = {"tradeoff": rows, "self_judged": judged,
+              "networks": {"fid": {"name": "efficientnet_lite0",
+                                   "comparable_with_published": False}}}
+    if judged:
+      report["self_judged_warning"] = warning
+    out = tmp_path / str(judged)
+    report_lib.write(report, str(out))
+    lines = (out / "report.md").read_text().splitlines()
+    top = lines[lines.index("## Classifier-based rejection sampling (paper Figure 7)") + 2]
+    assert top.startswith("> **WARNING** SELF-JUDGED") == judged
+    assert json.load(open(out / "report.json"))["self_judged"] is judged
+  assert "efficientnet_lite0 (ImageNet)" in warning and "inception_weights" in warning
+
+
+def test_evaluate_flags_efficientnet_selecting_and_judging(evaluated, tmp_path):
+  """Issue 11 item 6: EfficientNet-Lite0 both rejecting and computing FID is flagged."""
+  report = json.load(open(os.path.join(evaluated, "evaluate", "report.json")))
+  if report["networks"]["fid"] is None:
+    pytest.skip("no EfficientNet-Lite0 weights: nothing can judge the samples")
+  workdir = str(tmp_path / "w")
+  shutil.copytree(evaluated, workdir)  # candidates, caches and CAS classifiers resume
+  main.run_stage(load_config("demo", "evaluate,tiny",
+                             **{"evaluate.rejection_classifier": "efficientnet_lite0"}),
+                 workdir)
+  out = os.path.join(workdir, "evaluate")
+  report = json.load(open(os.path.join(out, "report.json")))
+  assert report["self_judged"] is True
+  assert report["rejection_classifier"].startswith("efficientnet_lite0")
+  assert any(n.startswith("SELF-JUDGED") for n in report["notes"])
+  lines = open(os.path.join(out, "report.md")).read().splitlines()
+  top = lines[lines.index("## Classifier-based rejection sampling (paper Figure 7)") + 2]
+  assert top.startswith("> **WARNING** SELF-JUDGED") and "precision / recall" in top
+
+
+class _FakeSampler:
+  """Images that depend only on (seed, row): a resumed run must equal a fresh one."""
+
+  def __init__(self, fail_after: int | None = None):
+    self.options = SampleOptions(batch_size=2)
+    self.num_classes, self.calls, self.fail_after = 3, 0, fail_after
+
+  def generate(self, n, labels, seed, progress=False):
+    if self.fail_after is not None and self.calls >= self.fail_after:
+      raise KeyboardInterrupt("killed")
+    self.calls += 1
+    rows = np.arange(n) + seed + 10 * np.asarray(labels)
+    image = (rows % 251)[:, None, None, None]
+    return {"image": np.broadcast_to(image, (n, 4, 4, 3)).astype(np.uint8)}
+
+
+def test_candidates_resume_to_the_uninterrupted_result_and_restart_on_a_new_key(tmp_path):
+  kwargs = dict(seed=5, image_size=4, model_steps={"vqvae_step": 1}, log=lambda m: None)
+  whole = tradeoff.generate_candidates(_FakeSampler(), 300, str(tmp_path / "a"), **kwargs)
+  with pytest.raises(KeyboardInterrupt):  # killed after the first of three chunks
+    tradeoff.generate_candidates(_FakeSampler(fail_after=1), 300, str(tmp_path / "b"), **kwargs)
+  restarted = []
+  resumed_sampler = _FakeSampler()
+  resumed = tradeoff.generate_candidates(resumed_sampler, 300, str(tmp_path / "b"),
+                                         on_restart=lambda: restarted.append(1), **kwargs)
+  assert resumed_sampler.calls == 2 and not restarted  # only the missing chunks
+  np.testing.assert_array_equal(resumed.images, whole.images)
+  np.testing.assert_array_equal(resumed.labels, np.resize(np.arange(3), 300))
+  tradeoff.generate_candidates(_FakeSampler(), 300, str(tmp_path / "b"),
+                               on_restart=lambda: restarted.append(1),
+                               **dict(kwargs, model_steps={"vqvae_step": 2}))
+  assert restarted == [1]  # a new stage-1 checkpoint: start over

@@ -3,16 +3,19 @@
 A classifier of the experiment's `classifier` architecture is trained only on generated
 samples (with the labels they were generated for) and tested on real validation images;
 beside it, the same classifier trained on real data. Testing on VQ-VAE reconstructions of
-the validation images gives the paper's "after reconstructing" row.
+the validation images gives the paper's "after reconstructing" row. Works on built
+modules; the caller says where the trained classifier's checkpoints live.
 """
 from __future__ import annotations
 
-import os
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
+from jax.sharding import Mesh
 
-from vqvae2_jax.stages import classifier_stage
+from vqvae2_jax.eval import classifier_training
+from vqvae2_jax.eval.classifier import ResNetClassifier
+from vqvae2_jax.sampling import scorers
 from vqvae2_jax.train import loop
 
 
@@ -68,41 +71,53 @@ class TopKCounter:
     return {"top1": self.top1 / n, "top5": self.top5 / n, "num_images": self.count}
 
 
-def train_classifier(config, mesh, workdir: str, name: str, train_source=None):
-  """Trains (or resumes) the experiment's classifier into `<workdir>/<name>`.
+class ClassifierAccuracy:
+  """A `validation_pass` consumer: top-1 / top-5 of each classifier on the real images
+  and on their reconstructions."""
 
-  Uses config.classifier (architecture and train fields: the same steps as the
-  `classifier` stage). train_source None means the experiment's train split.
+  def __init__(self, classifiers: Mapping[str, tuple[ResNetClassifier, Any]],
+               batch_size: int, mesh: Mesh):
+    """classifiers: name -> (model, params); batch_size a multiple of the mesh size."""
+    self.batch_size, self.mesh = batch_size, mesh
+    self.fns = {name: (classifier_training.make_logits_fn(model, mesh), params)
+                for name, (model, params) in classifiers.items()}
+    self.counters = {(name, kind): TopKCounter() for name in classifiers
+                     for kind in ("real", "recon")}
+
+  def update(self, originals: np.ndarray, reconstructions: np.ndarray,
+             labels: np.ndarray) -> None:
+    """uint8 [n, S, S, 3] twice and their int [n] labels."""
+    for name, (fn, params) in self.fns.items():
+      for kind, images in (("real", originals), ("recon", reconstructions)):
+        logits = scorers.batched(lambda x, fn=fn, params=params: fn(params, x), images,
+                                 self.batch_size, self.mesh)
+        self.counters[name, kind].update(logits, labels)
+
+  def result(self) -> dict[str, dict[str, float]]:
+    """'<name>_on_real' / '<name>_on_recon' -> {'top1', 'top5', 'num_images'}."""
+    return {f"{name}_on_{kind}": c.result() for (name, kind), c in self.counters.items()}
+
+
+def train_classifier(model: ResNetClassifier, train_source, val_source, train_config,
+                     mesh: Mesh, *, name: str, directory: str, checkpoint_dir: str,
+                     image_size: int, axis_rules, seed: int, data_seed: int,
+                     num_threads: int = 4) -> Any:
+  """Trains (or resumes, or just restores when finished) `model` on `train_source`.
+
+  Args:
+    model: a built ResNetClassifier with train_source.num_classes outputs.
+    train_source / val_source: ImageSources (val None: no validation during training).
+    train_config: the classifier's train section (the classifier stage's steps).
+    directory / checkpoint_dir: where metrics and checkpoints go (from the caller's
+      Workdir); a finished run there is restored, not retrained.
+    seed / data_seed: initialisation and data-order seeds.
 
   Returns:
-    (model, params) of the trained classifier.
+    The parameters that serve inference (the parameter EMA when kept).
   """
-  task = classifier_stage.build_task(config, mesh, train_source=train_source, name=name)
-  state = loop.train(task, config.classifier.train, workdir=workdir, mesh=mesh,
-                     axis_rules=config.axis_rules, seed=config.seed)
-  num_classes = (train_source.num_classes if train_source is not None
-                 else task.loader.source.num_classes)
-  return classifier_stage.build_classifier(config, num_classes), state.params
-
-
-def has_checkpoint(workdir: str, name: str) -> bool:
-  """Whether `<workdir>/<name>/checkpoints` holds at least one saved step."""
-  directory = os.path.join(workdir, name, "checkpoints")
-  return os.path.isdir(directory) and any(d.isdigit() for d in os.listdir(directory))
-
-
-def real_data_classifier(config, mesh, workdir: str, num_classes: int,
-                         fallback_name: str) -> tuple[object, object, str]:
-  """The classifier trained on real data: the `classifier` stage's checkpoint if present,
-  else one trained now into `<workdir>/<fallback_name>` with the same settings.
-
-  Returns:
-    (model, params, where) with `where` naming the checkpoint directory used.
-  """
-  if has_checkpoint(workdir, classifier_stage.NAME):
-    model, params = classifier_stage.load_classifier(config, workdir, num_classes, mesh)
-    return model, params, classifier_stage.NAME
-  print(f"[evaluate] no '{classifier_stage.NAME}' checkpoint: training the real-data "
-        f"classifier into {fallback_name}", flush=True)
-  model, params = train_classifier(config, mesh, workdir, fallback_name)
-  return model, params, fallback_name
+  task = classifier_training.classifier_task(
+      model, train_source, val_source, train_config, mesh, name=name, image_size=image_size,
+      seed=data_seed, num_threads=num_threads)
+  state = loop.train(task, train_config, directory=directory, checkpoint_dir=checkpoint_dir,
+                     mesh=mesh, axis_rules=axis_rules, seed=seed)
+  return state.ema_params if train_config.param_ema_decay > 0 else state.params

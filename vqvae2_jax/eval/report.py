@@ -3,7 +3,8 @@
 `write(report, out_dir)` takes the dict the stage assembled (see
 vqvae2_jax.stages.evaluate_stage) and writes:
   report.json    every figure, NaN/inf as null
-  report.md      Table 1 (NLL / MSE), sample quality, CAS, the rejection trade-off, notes
+  report.md      Table 1 (NLL / MSE), sample quality, CAS, the rejection trade-off (headed
+                 by a warning when it is self-judged: report['self_judged']), notes
   tradeoff.png   paper Figure 7: IS vs FID and precision vs recall per keep fraction
 """
 from __future__ import annotations
@@ -123,11 +124,14 @@ def _tradeoff(report: dict, plot_name: str | None) -> list[str]:
   if not rows or len(rows) < 2:
     return []
   k = report.get("settings", {}).get("pr_k", 3)
-  lines = ["## Classifier-based rejection sampling (paper Figure 7)", "",
-           f"Rejection classifier: {report.get('rejection_classifier', '-')}. Keep fraction f: "
-           "of the first ceil(num_images / f) candidates, each class keeps its best by "
-           "p(class | image), as many as it has among the first num_images (so about the "
-           "fraction f of its candidates, and every row holds num_images images).", ""]
+  lines = ["## Classifier-based rejection sampling (paper Figure 7)", ""]
+  if report.get("self_judged"):
+    lines += [f"> **WARNING** {report.get('self_judged_warning', 'SELF-JUDGED trade-off')}",
+              ""]
+  lines += [f"Rejection classifier: {report.get('rejection_classifier', '-')}. Keep fraction f: "
+            "of the first ceil(num_images / f) candidates, each class keeps its best by "
+            "p(class | image), as many as it has among the first num_images (so about the "
+            "fraction f of its candidates, and every row holds num_images images).", ""]
   lines += _table(["Keep fraction", "Candidates", "Accepted", "Mean p(class)", "FID", "FID*",
                    "IS", f"Precision (k={k})", "Recall"],
                   [[_f(r["keep_fraction"], 3), str(r["candidates"]), str(r["num_images"]),
@@ -191,6 +195,8 @@ def write(report: dict, out_dir: str) -> dict:
   if report.get("tradeoff") and len(report["tradeoff"]) > 1:
     net = (report.get("networks") or {}).get("fid") or {}
     label = "FID" if net.get("comparable_with_published") else f"FID ({net.get('name')} features)"
+    if report.get("self_judged"):
+      label += ", SELF-JUDGED"
     if plot_tradeoff(report["tradeoff"], os.path.join(out_dir, "tradeoff.png"), label):
       plot_name = "tradeoff.png"
   report["tradeoff_plot"] = plot_name

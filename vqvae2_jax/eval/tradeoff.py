@@ -1,0 +1,149 @@
+"""The classifier-based rejection trade-off (paper section 3.3, Figure 7).
+
+ceil(num / min(keep_fractions)) candidates are generated once (resumable, kept on disk)
+and scored by the one rejection scorer `sample` uses (`sampling.scorers`); keep fraction
+f takes the first ceil(num / f) candidates and keeps the best-scoring fraction f of each
+class (`sampling.rejection.acceptance_masks`, the rule `sample` applies), so every
+fraction is judged on num images with one class mix. The distances of each selection are
+`distances.set_metrics`.
+
+When the network that selects (the rejection scorer) is also the network whose features
+judge the selection (EfficientNet-Lite0 standing in for missing Inception / VGG-16
+weights), the curve measures the selector's own confidence: `self_judged` names the
+metrics affected, and the report carries a warning.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from typing import Callable, NamedTuple, Sequence
+
+import numpy as np
+
+from vqvae2_jax.eval import distances
+from vqvae2_jax.eval.options import EvalOptions
+from vqvae2_jax.sampling import rejection
+from vqvae2_jax.sampling.hierarchical import HierarchicalSampler
+from vqvae2_jax.sampling.scorers import Scorer
+
+PROGRESS, IMAGES, LABELS = "progress.json", "images.npy", "labels.npy"
+
+
+class Candidates(NamedTuple):
+  """images: uint8 [M, S, S, 3] (a read-only memmap); labels: int32 [M] intended classes."""
+  images: np.ndarray
+  labels: np.ndarray
+
+
+def keep_fractions(opts: EvalOptions, with_scorer: bool) -> list[float]:
+  """The fractions evaluated, descending, always with 1.0 (no rejection); only 1.0
+  without a scorer."""
+  return sorted(set(opts.keep_fractions) | {1.0}, reverse=True) if with_scorer else [1.0]
+
+
+def candidate_labels(num: int, num_classes: int) -> np.ndarray:
+  """int32 [num]: every class in turn (zeros for an unconditional model)."""
+  if not num_classes:
+    return np.zeros(num, np.int32)
+  return np.resize(np.arange(num_classes, dtype=np.int32), num)
+
+
+def generate_candidates(sampler: HierarchicalSampler, num: int, directory: str, *,
+                        seed: int, image_size: int, model_steps: dict,
+                        on_restart: Callable[[], None] | None = None,
+                        log=print) -> Candidates:
+  """Generates `num` candidates into `directory`, resuming what an earlier run wrote.
+
+  The images go to images.npy (a memmap) in chunks of about 128; progress.json records
+  how many are done and the key they were drawn with (num, seed, sampling options, image
+  size and `model_steps`, e.g. the checkpoint steps). A different key starts over, after
+  calling `on_restart` (for results derived from the old candidates). Chunk c uses seed
+  seed * 1_000_003 + c.
+  """
+  o = sampler.options
+  key = dict(num=num, seed=seed, temperature=o.temperature, top_k=o.top_k, top_p=o.top_p,
+             sampler=o.sampler, image_size=image_size, **model_steps)
+  progress_path = os.path.join(directory, PROGRESS)
+  progress = None
+  if os.path.exists(progress_path):
+    with open(progress_path) as f:
+      progress = json.load(f)
+    if progress.get("key") != key:
+      progress = None
+  if progress is None:
+    shutil.rmtree(directory, ignore_errors=True)
+    if on_restart is not None:
+      on_restart()
+    os.makedirs(directory)
+    np.lib.format.open_memmap(os.path.join(directory, IMAGES), "w+", np.uint8,
+                              (num, image_size, image_size, 3)).flush()
+    progress = {"key": key, "done": 0}
+  labels = candidate_labels(num, sampler.num_classes)
+  np.save(os.path.join(directory, LABELS), labels)
+  images = np.load(os.path.join(directory, IMAGES), mmap_mode="r+")
+  chunk = o.batch_size * max(1, 128 // o.batch_size)
+  start = time.time()
+  while progress["done"] < num:
+    lo = progress["done"]
+    hi = min(num, lo + chunk)
+    result = sampler.generate(hi - lo, labels[lo:hi] if sampler.num_classes else None,
+                              seed * 1_000_003 + lo // chunk, progress=False)
+    images[lo:hi] = result["image"]
+    images.flush()
+    progress["done"] = hi
+    with open(progress_path, "w") as f:
+      json.dump(progress, f)
+    log(f"generated {hi}/{num} candidates ({(hi - lo) / (time.time() - start):.2f} img/s)")
+    start = time.time()
+  return Candidates(np.load(os.path.join(directory, IMAGES), mmap_mode="r"), labels)
+
+
+def score_candidates(scorer: Scorer, candidates: Candidates,
+                     class_map: np.ndarray | None = None, block: int = 256) -> np.ndarray:
+  """float [M]: p(intended class | image) of every candidate, read in blocks."""
+  images = candidates.images
+  probs = np.concatenate([scorer(np.asarray(images[lo:lo + block]))
+                          for lo in range(0, len(images), block)])
+  return rejection.intended_class_scores(probs, candidates.labels, class_map)
+
+
+def select(scores: np.ndarray | None, labels: np.ndarray, num: int,
+           fractions: Sequence[float]) -> tuple[dict[float, np.ndarray], dict[float, float]]:
+  """(keep fraction -> bool [M] accepted, keep fraction -> mean score of the accepted
+  or None without scores), by `rejection.acceptance_masks`."""
+  masks = rejection.acceptance_masks(scores, labels, num, fractions)
+  mean = {f: None if scores is None else float(scores[m].mean()) for f, m in masks.items()}
+  return masks, mean
+
+
+def self_judged(selector: str | None, fid_net: str | None, pr_net: str | None
+                ) -> list[str]:
+  """The metrics computed by the very network that selected the samples (network
+  names; selector None or 'trained' is the experiment's own classifier)."""
+  if not selector:
+    return []
+  return [what for what, net in (("FID / IS / FID*", fid_net),
+                                 ("precision / recall", pr_net)) if net == selector]
+
+
+def self_judged_warning(selector: str, metrics_judged: Sequence[str]) -> str:
+  """The warning that heads the trade-off section and joins the notes."""
+  return (f"SELF-JUDGED: the rejection classifier ({selector}) also computes "
+          f"{' and '.join(metrics_judged)} of the samples it selected, so the trade-off "
+          "measures the selector's own confidence, not sample quality. Give "
+          "evaluate.inception_weights / evaluate.vgg16_weights, or select with the "
+          "experiment's classifier (evaluate.rejection_classifier='trained').")
+
+
+def tradeoff_rows(stats: dict[float, distances.SetStats], mean_scores: dict[float, float],
+                  num: int, ref, recon_ref, real_pr, opts: EvalOptions,
+                  notes: list[str]) -> list[dict]:
+  """One row per keep fraction (descending as given): keep_fraction, candidates,
+  mean_class_score and `distances.set_metrics` (FID, FID*, IS, precision/recall)."""
+  return [{"keep_fraction": f, "candidates": rejection.num_candidates(num, f),
+           "mean_class_score": mean_scores[f],
+           **distances.set_metrics(s, ref, recon_ref, real_pr, opts, notes,
+                                   f"samples (keep {f:g})")}
+          for f, s in stats.items()]
