@@ -242,13 +242,27 @@ class ReferenceCache:
       json.dump(self.key, f)
 
 
-class RealSets:
-  """A `validation_pass` consumer: SetStats of the real images and of their
-  reconstructions (`real` only when `need_real`, e.g. the reference cache is stale)."""
+
+class RealReference:
+  """The real side of every distance, filled by one `validation_pass` (a consumer).
+
+  ref (mu, sigma) and real_pr (feature rows) of the original images come from their
+  `ReferenceCache` when its key matches, else they are computed in the pass and cached
+  by `finish`; recon_ref (mu, sigma) of the reconstructions is computed each time (FID*
+  and the FID of reconstructions).
+  """
 
   def __init__(self, fid: Network | None, pr: Network | None, expected: int,
-               opts: EvalOptions, mesh, need_real: bool = True):
-    self.fid, self.pr, self.opts, self.mesh, self.need_real = fid, pr, opts, mesh, need_real
+               opts: EvalOptions, mesh, cache_dir: str, data_key: dict):
+    """expected: images the pass will feed; data_key: what identifies those images
+    (source, split, size, count) in the cache key, beside the weights and pr_max."""
+    self.fid, self.pr, self.opts, self.mesh = fid, pr, opts, mesh
+    self.caches = {role: ReferenceCache(cache_dir, net, role, dict(
+        data_key, weights=net.info["source_sha256"], pr_max=opts.pr_max_images))
+                   for net, role in ((fid, "fid"), (pr, "pr")) if net is not None}
+    cached = {role: c.load() for role, c in self.caches.items()}
+    self.ref, self.real_pr, self.recon_ref = cached.get("fid"), cached.get("pr"), None
+    self.need_real = any(v is None for v in cached.values())
     self.real = SetStats(expected, opts.pr_max_images, opts.seed)
     self.recon = SetStats(expected, 0, opts.seed)
 
@@ -259,3 +273,20 @@ class RealSets:
     if self.need_real:
       self.real.update(net_outputs(self.fid, self.pr, originals, b, self.mesh))
     self.recon.update(net_outputs(self.fid, None, reconstructions, b, self.mesh))
+
+  def finish(self, log=print) -> None:
+    """After the pass: the statistics computed, the caches written."""
+    if self.need_real and self.real.moments is not None:
+      self.ref = self.real.moments.stats()
+      self.caches["fid"].save(self.ref)
+      log(f"cached reference statistics to {self.caches['fid'].stem}.npz")
+    if self.need_real and self.real.pr_features() is not None:
+      self.real_pr = self.real.pr_features()
+      self.caches["pr"].save(self.real_pr)
+    if self.recon.moments is not None:
+      self.recon_ref = self.recon.moments.stats()
+
+  def reconstruction_metrics(self, notes: list[str]) -> dict:
+    """{'fid': FID of the reconstructions against the originals, 'num_images'}."""
+    return {"fid": fid_between(self.recon, self.ref, notes, "FID of reconstructions",
+                               self.opts.fid_method), "num_images": self.recon.count}

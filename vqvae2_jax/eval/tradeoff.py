@@ -31,6 +31,16 @@ from vqvae2_jax.sampling.scorers import Scorer
 PROGRESS, IMAGES, LABELS = "progress.json", "images.npy", "labels.npy"
 
 
+class Selector(NamedTuple):
+  """The rejection scorer: its name in the report, images -> class probabilities, the
+  data-label -> classifier-class map (None: identity), and the feature network it is
+  (None for the experiment's own classifier)."""
+  name: str
+  score: Scorer
+  class_map: np.ndarray | None
+  network: str | None
+
+
 class Candidates(NamedTuple):
   """images: uint8 [M, S, S, 3] (a read-only memmap); labels: int32 [M] intended classes."""
   images: np.ndarray

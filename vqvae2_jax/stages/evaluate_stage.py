@@ -56,14 +56,6 @@ def log(msg: str) -> None:
   parallel.print0(f"[{NAME}] {msg} | {time.time() - _START[0]:.0f}s elapsed")
 
 
-class _Selector:
-  """The rejection scorer: its report name, images -> probs, class_map, and the feature
-  network it is (None for the experiment's own classifier)."""
-
-  def __init__(self, name: str, score: scorers.Scorer, class_map, network: str | None):
-    self.name, self.score, self.class_map, self.network = name, score, class_map, network
-
-
 @dataclasses.dataclass
 class _Evaluation:
   """What the steps share: the loaded run, the options and the report being built."""
@@ -77,14 +69,12 @@ class _Evaluation:
   sampler: Any = None
   val_source: Any = None
   real_clf: tuple | None = None  # (model, params, where)
-  selector: _Selector | None = None
+  selector: tradeoff.Selector | None = None
   candidates: tradeoff.Candidates | None = None
   masks: dict | None = None
   mean_scores: dict | None = None
   classifiers: dict = dataclasses.field(default_factory=dict)
-  ref: Any = None
-  recon_ref: Any = None
-  real_pr: Any = None
+  real: distances.RealReference | None = None
 
   @property
   def config(self):
@@ -188,7 +178,7 @@ def _real_classifier(ev: _Evaluation) -> None:
   ev.real_clf = (model, _train_classifier(ev, model, train_source, CAS_REAL), CAS_REAL)
 
 
-def _selector(ev: _Evaluation) -> _Selector | None:
+def _selector(ev: _Evaluation) -> tradeoff.Selector | None:
   """The rejection scorer of evaluate.rejection_classifier, or None."""
   kind, opts = ev.rejection_kind, ev.opts
   if kind == "efficientnet_lite0":
@@ -201,7 +191,7 @@ def _selector(ev: _Evaluation) -> _Selector | None:
                         "is empty: labels are taken as ImageNet-1k indices")
       score = scorers.network_scorer(net.apply_fn, net.variables, net.info["logits_key"],
                                      ev.mesh, opts.batch_size)
-      return _Selector("efficientnet_lite0 (ImageNet)", score,
+      return tradeoff.Selector("efficientnet_lite0 (ImageNet)", score,
                        np.asarray(class_map, np.int64) if class_map else None, kind)
     ev.notes.append("rejection classifier efficientnet_lite0 unavailable (needs its "
                     "weights file or a converted .npz): using the classifier trained on the "
@@ -209,7 +199,7 @@ def _selector(ev: _Evaluation) -> _Selector | None:
     kind = "trained"
   if kind == "trained" and ev.real_clf is not None:
     model, params, where = ev.real_clf
-    return _Selector(f"trained ({where})",
+    return tradeoff.Selector(f"trained ({where})",
                      scorers.classifier_scorer(model, params, ev.mesh, opts.batch_size),
                      None, None)
   return None
@@ -271,40 +261,24 @@ def _cas_classifiers(ev: _Evaluation) -> None:
 def _validation(ev: _Evaluation) -> None:
   """One pass over the validation images: reference statistics (cached), FID of
   reconstructions, CAS accuracies."""
-  nets = [(n, role) for n, role in ((ev.fid_net, "fid"), (ev.pr_net, "pr")) if n is not None]
-  if not nets and not ev.classifiers:
+  if ev.fid_net is None and ev.pr_net is None and not ev.classifiers:
     return
   d, opts, n = ev.config.data, ev.opts, len(ev.val_source)
-  data_key = dict(source=d.source, root=d.root, tfds=d.tfds_name, split=d.val_split,
-                  size=d.image_size, n=n)
-  caches = {role: distances.ReferenceCache(
-      ev.run.workdir.stage_dir(NAME), net, role,
-      dict(data_key, weights=net.info["source_sha256"], pr_max=opts.pr_max_images))
-            for net, role in nets}
-  cached = {role: c.load() for role, c in caches.items()}
-  ev.ref, ev.real_pr = cached.get("fid"), cached.get("pr")
-  need_real = any(v is None for v in cached.values())
-  sets = distances.RealSets(ev.fid_net, ev.pr_net if need_real else None, n, opts, ev.mesh,
-                            need_real) if nets else None
+  ev.real = distances.RealReference(
+      ev.fid_net, ev.pr_net, n, opts, ev.mesh, ev.run.workdir.stage_dir(NAME),
+      dict(source=d.source, root=d.root, tfds=d.tfds_name, split=d.val_split,
+           size=d.image_size, n=n))
   accuracy = (cas.ClassifierAccuracy(ev.classifiers, opts.batch_size, ev.mesh)
               if ev.classifiers else None)
   log(f"validation pass over {n} images"
-      + ("" if need_real else " (reference statistics cached)"))
+      + ("" if ev.real.need_real else " (reference statistics cached)"))
   vqvae, variables = ev.run.vqvae
   validation_pass(ev.val_source, make_reconstruct_fn(vqvae, ev.mesh), variables,
-                  [c for c in (sets, accuracy) if c is not None], opts.batch_size, ev.mesh, log)
-  if sets is not None and need_real and sets.real.moments is not None:
-    ev.ref = sets.real.moments.stats()
-    caches["fid"].save(ev.ref)
-    log(f"cached reference statistics to {caches['fid'].stem}.npz")
-  if sets is not None and need_real and sets.real.pr_features() is not None:
-    ev.real_pr = sets.real.pr_features()
-    caches["pr"].save(ev.real_pr)
+                  [c for c in (ev.real, accuracy) if c is not None], opts.batch_size,
+                  ev.mesh, log)
+  ev.real.finish(log)
   if ev.fid_net is not None:
-    ev.recon_ref = sets.recon.moments.stats()
-    ev.report["reconstructions"] = {
-        "fid": distances.fid_between(sets.recon, ev.ref, ev.notes, "FID of reconstructions",
-                                     opts.fid_method), "num_images": sets.recon.count}
+    ev.report["reconstructions"] = ev.real.reconstruction_metrics(ev.notes)
   if accuracy is not None:
     ev.report["cas"] = accuracy.result()
 
@@ -322,8 +296,9 @@ def _sample_metrics(ev: _Evaluation) -> None:
   stats = distances.selection_stats(ev.candidates.images, ev.masks, fid, pr, ev.opts,
                                     ev.mesh, log)
   log("computing FID / IS / precision / recall")
-  rows = tradeoff.tradeoff_rows(stats, ev.mean_scores, ev.opts.num_images, ev.ref,
-                                ev.recon_ref, ev.real_pr, ev.opts, ev.notes)
+  real = ev.real
+  rows = tradeoff.tradeoff_rows(stats, ev.mean_scores, ev.opts.num_images, real.ref,
+                                real.recon_ref, real.real_pr, ev.opts, ev.notes)
   ev.report["samples"], ev.report["tradeoff"] = rows[0], rows
   if ev.selector is None:
     return
