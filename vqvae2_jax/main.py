@@ -6,32 +6,118 @@ r"""Command-line entry for every stage.
 Stages: vqvae, extract, prior_top | prior_mid | prior_bottom, classifier, sample,
 evaluate, and pipeline (all of them in order). Each reads what earlier stages wrote under
 the same workdir.
+
+Known errors (bad config values or keys, missing or corrupt checkpoints, data problems,
+a diverged run) print one line `error: <message>` on stderr and exit 1; `--debug` or
+`--verbosity=1` shows the traceback. A preempted training stage (SIGTERM) saves, prints
+`preempted: saved step N` and exits 0; rerunning the same command resumes it.
 """
 from __future__ import annotations
 
+import difflib
 import logging as py_logging
+import os
+import sys
 
 from absl import app
 from absl import flags
 from absl import logging
+import ml_collections
 from ml_collections import config_flags
 
+from vqvae2_jax import checkpoint as ckpt_lib
+from vqvae2_jax import workdir as workdir_lib
+from vqvae2_jax.data.errors import DataError
 from vqvae2_jax.runner import run_stage
+from vqvae2_jax.train.guard import NonFiniteLossError
 
 __all__ = ["run_stage"]
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "configs/<experiment>.py:<stage>[,<preset>...]", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for this experiment's stages.")
+_DEBUG = flags.DEFINE_bool("debug", False, "Show the traceback of known errors.")
+
+# Errors whose message says what is wrong and what to do: one line, no traceback.
+# ValueError covers config_lib.validate and ConfigConflictError (one of its subclasses).
+KNOWN_ERRORS = (ckpt_lib.CheckpointError, DataError, NonFiniteLossError, ValueError,
+                workdir_lib.ConfigConflictError, workdir_lib.StageMissingError)
 
 
 class _QuietLibraryInfo(py_logging.Filter):
-  """Drops INFO records of orbax (several per checkpoint save) so progress lines stay
-  readable; warnings and errors pass, and `--verbosity=1` shows everything."""
+  """Drops INFO records of libraries (orbax: several per save; JAX: the probe for a TPU
+  on every start) so progress lines stay readable; warnings and errors pass, and
+  `--verbosity=1` shows everything."""
 
   def filter(self, record: py_logging.LogRecord) -> bool:
     return (record.levelno >= py_logging.WARNING or logging.get_verbosity() >= 1
-            or "/orbax/" not in record.pathname)
+            or f"{os.sep}vqvae2_jax{os.sep}" in record.pathname)
+
+
+def _fail(message: str) -> None:
+  """Prints `error: <message>` as one line on stderr and exits 1."""
+  print("error: " + " ".join(str(message).split()), file=sys.stderr)
+  sys.exit(1)
+
+
+def _flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+  keys = []
+  for key, value in config.items():
+    keys.append(prefix + key)
+    if isinstance(value, ml_collections.ConfigDict):
+      keys.extend(_flat_keys(value, f"{prefix}{key}."))
+  return keys
+
+
+def unknown_key_message(config: ml_collections.ConfigDict, key: str) -> str:
+  """'unknown config key vqvae.hiden; closest: vqvae.hidden, ...' for a dotted key."""
+  keys = _flat_keys(config)
+  section = key.rsplit(".", 1)[0] + "." if "." in key else ""
+  # Siblings first (a typo in the last part), then the whole tree.
+  close = difflib.get_close_matches(key, [k for k in keys if k.startswith(section)], 3, 0.6)
+  close += [k for k in difflib.get_close_matches(key, keys, 3, 0.5) if k not in close]
+  hint = f"closest: {', '.join(close[:3])}" if close else "no close match"
+  return f"unknown config key {key!r} ({hint}); see the experiment's configs/*.py"
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with a config override of an unknown key reported as one line
+  naming it and the closest valid keys (ml_collections raises a bare AttributeError)."""
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError) as e:
+    config_arg = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if config_arg is None:
+      raise
+    config = flags.FLAGS["config"].parser.parse(config_arg)
+    keys = set(_flat_keys(config))
+    for arg in argv:
+      if arg.startswith("--config.") or arg.startswith("--noconfig."):
+        key = arg.split("=", 1)[0].split(".", 1)[1]
+        if key not in keys:
+          _fail(unknown_key_message(config, key))
+    _fail(f"bad --config override: {e}")
+  except flags.Error as e:
+    _fail(f"{e} (see --helpfull)")
+  return []
+
+
+def _show_tracebacks() -> bool:
+  return _DEBUG.value or logging.get_verbosity() >= 1
+
+
+def _fallback_command(error: ckpt_lib.CorruptCheckpointError, workdir: str) -> str:
+  """The command that retrains the stage owning a corrupt checkpoint from the newest step
+  that verifies, when the checkpoint is one of `workdir`'s stages ('' otherwise)."""
+  stage_dir = os.path.dirname(error.directory)
+  if os.path.dirname(stage_dir) != os.path.abspath(workdir):
+    return ""
+  stage = os.path.basename(stage_dir)
+  config_arg = flags.FLAGS["config"].config_filename
+  path, _, arg = config_arg.partition(":")
+  presets = [p for p in arg.split(",")[1:] if p.strip()]
+  return (f" Fallback: python -m vqvae2_jax.main --config={path}:"
+          f"{','.join([stage] + presets)} --workdir={workdir}")
 
 
 def main(argv):
@@ -45,9 +131,19 @@ def main(argv):
   logging.get_absl_handler().addFilter(_QuietLibraryInfo())
   # Keys set with --config.<key>=...: only these may contradict a recorded model (and fail).
   explicit = config_flags.get_override_values(flags.FLAGS["config"])
-  run_stage(_CONFIG.value, _WORKDIR.value, explicit=tuple(explicit))
+  try:
+    run_stage(_CONFIG.value, _WORKDIR.value, explicit=tuple(explicit))
+  except ckpt_lib.Preempted:
+    sys.exit(0)  # the loop printed "preempted: saved step N"; the rerun resumes
+  except KNOWN_ERRORS as e:
+    if _show_tracebacks():
+      raise
+    fallback = ""
+    if isinstance(e, ckpt_lib.CorruptCheckpointError):
+      fallback = _fallback_command(e, _WORKDIR.value)
+    _fail(f"{e}{fallback}")
 
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

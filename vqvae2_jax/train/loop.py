@@ -21,12 +21,9 @@ from vqvae2_jax import checkpoint as ckpt_lib
 from vqvae2_jax import parallel
 from vqvae2_jax import plots
 from vqvae2_jax.train import state as state_lib
+from vqvae2_jax.train.guard import CheckpointGuard, NonFiniteLossError  # noqa: F401
 from vqvae2_jax.train.step import make_train_step  # the jitted update (+ accumulation)
 from vqvae2_jax.train.writer import MetricWriter
-
-
-class NonFiniteLossError(FloatingPointError):
-  """The loss became NaN or infinite; the last good checkpoint is left untouched."""
 
 
 @dataclasses.dataclass
@@ -69,41 +66,73 @@ def train(task: TrainTask, train_config, *, directory: str, checkpoint_dir: str,
   parallel.check_batch_size(train_config.batch_size, mesh, f"{task.name} batch_size")
   tx = state_lib.make_optimizer(train_config)
   use_ema = train_config.param_ema_decay > 0
-  state, shardings = state_lib.init_sharded_state(
-      task.init_variables, tx, jax.random.PRNGKey(seed), mesh, axis_rules, use_ema)
   checkpointer = ckpt_lib.Checkpointer(checkpoint_dir, keep=train_config.keep_checkpoints)
-  writer = MetricWriter(directory, total_steps=train_config.steps, name=task.name)
-  start = 0
-  if checkpointer.latest_step() is not None:
-    target = state_lib.abstract_with_shardings(state, shardings)
-    state, record = checkpointer.restore(target)
-    task.loader.set_state(record["data"])
-    start = int(record["step"])
-    writer.truncate_after(start)
-    parallel.print0(f"[{task.name}] resumed from step {start} ({checkpointer.directory})")
-
-  def save(state, step):
-    checkpointer.save(step, state, {"step": step, "data": task.loader.get_state()})
+  # From here on SIGTERM asks for a save-and-exit: initialisation, restore and the first
+  # compile included (the handler runs when control returns to Python).
+  checkpointer.install_sigterm_handler()
+  guard = CheckpointGuard(task.name, checkpointer, task.loader, train_config.steps,
+                          train_config.learning_rate)
+  writer = None
+  try:
+    state, shardings = state_lib.init_sharded_state(
+        task.init_variables, tx, jax.random.PRNGKey(seed), mesh, axis_rules, use_ema)
+    writer = MetricWriter(directory, total_steps=train_config.steps, name=task.name)
+    start, pending = 0, []
+    resumed = guard.resume(state_lib.abstract_with_shardings(state, shardings))
+    if resumed is not None:
+      state, record = resumed
+      task.loader.set_state(record["data"])
+      start, pending = int(record["step"]), list(record.get("pending", []))
+      writer.truncate_after(start)
+      parallel.print0(f"[{task.name}] resumed from step {start} ({checkpointer.directory})")
+  except BaseException:
+    if writer is not None:
+      writer.close()
+    checkpointer.close()
+    raise
 
   step_fn = jax.jit(make_train_step(task.loss_fn, tx, train_config.param_ema_decay),
                     in_shardings=(shardings, parallel.batch_sharding(mesh)),
                     out_shardings=(shardings, None), donate_argnums=0)
-  checkpointer.install_sigterm_handler()
+  next_batch = lambda: parallel.host_to_global(next(task.loader), mesh)
+
+  def due_work(step: int) -> list[str]:
+    """Evaluation and pictures due after step `step`, in the order they run."""
+    final = step == train_config.steps
+    work = []
+    if task.evaluate is not None and (
+        (train_config.eval_every and step % train_config.eval_every == 0) or final):
+      work.append("evaluate")
+    if task.pictures is not None and (
+        (train_config.image_every and step % train_config.image_every == 0) or final):
+      work.append("pictures")
+    return work
+
+  def run_work(state, step: int, work: list[str]) -> None:
+    """Runs `work` in order; on a preemption request saves with the rest still pending."""
+    for i, kind in enumerate(work):
+      if guard.should_stop(step):
+        guard.preempt(step, state, step_fn, next_batch, pending=work[i:])
+      if kind == "evaluate":
+        row = writer.write(step, task.evaluate(state), split="val")
+        writer.progress(step, row, tuple(k for k in row if k not in ("step", "split")))
+      else:
+        task.pictures(state, step)
+
   window_start, window_steps = time.time(), 0
   step = start
   try:
+    run_work(state, step, pending)  # what a preempted run left undone at its last step
     while step < train_config.steps:
-      batch = parallel.host_to_global(next(task.loader), mesh)
-      state, metrics = step_fn(state, batch)
+      if guard.should_stop(step):  # SIGTERM during initialisation, restore or last save
+        guard.preempt(step, state, step_fn, next_batch)
+      state, metrics = step_fn(state, next_batch())
       step += 1
       window_steps += 1
-      # One host sync per step on the loss: a NaN is caught before anything is saved.
-      loss = float(metrics["loss"])
-      if not np.isfinite(loss):
-        raise NonFiniteLossError(
-            f"[{task.name}] loss is {loss} at step {step}. Nothing was saved after the last "
-            f"checkpoint (step {checkpointer.latest_step()}). Lower the learning rate "
-            "(--config...learning_rate), enable grad_clip_norm, or check the data.")
+      # One host sync per step on the loss and gradient norm: a non-finite value stops
+      # the run before these parameters are saved, and rolls back a checkpoint of the
+      # parameters that produced it.
+      guard.check(step, metrics)
       if step % train_config.log_every == 0 or step == train_config.steps:
         elapsed = time.time() - window_start
         host = jax.tree.map(np.asarray, jax.device_get(metrics))
@@ -113,21 +142,13 @@ def train(task: TrainTask, train_config, *, directory: str, checkpoint_dir: str,
         row = writer.write(step, host)
         writer.progress(step, row, task.progress_keys + (task.throughput_name,))
         window_start, window_steps = time.time(), 0
-      eval_now = train_config.eval_every and step % train_config.eval_every == 0
-      if task.evaluate is not None and (eval_now or step == train_config.steps):
-        row = writer.write(step, task.evaluate(state), split="val")
-        writer.progress(step, row, tuple(k for k in row if k not in ("step", "split")))
-      if task.pictures is not None and (
-          (train_config.image_every and step % train_config.image_every == 0)
-          or step == train_config.steps):
-        task.pictures(state, step)
+      run_work(state, step, due_work(step))
+      if guard.should_stop(step):
+        guard.preempt(step, state, step_fn, next_batch)
       if step % train_config.checkpoint_every == 0 or step == train_config.steps:
-        save(state, step)
-      if checkpointer.should_stop(step):
-        save(state, step)
-        parallel.print0(f"[{task.name}] preempted: saved step {step}; rerun the same command to "
-              "resume.")
-        break
+        guard.save(step, state, step_fn, next_batch)
+    if guard.should_stop(step):  # SIGTERM during the final save: it is complete
+      guard.preempt(step, state, step_fn, next_batch)
   finally:
     writer.close()
     checkpointer.close()
