@@ -41,7 +41,8 @@ import bench_vqvae as bv  # noqa: E402  pylint: disable=g-import-not-at-top
 from vqvae2_jax import parallel  # noqa: E402
 from vqvae2_jax.models.prior import PixelSNAILPrior  # noqa: E402
 from vqvae2_jax.models.vqvae import level_names, level_strides  # noqa: E402
-from vqvae2_jax.stages import common, prior_stage  # noqa: E402
+from vqvae2_jax import builders  # noqa: E402
+from vqvae2_jax.stages import prior_stage  # noqa: E402
 from vqvae2_jax.train import loop  # noqa: E402
 from vqvae2_jax.train import state as state_lib  # noqa: E402
 
@@ -65,7 +66,7 @@ class JaxPriorBench:
   def __init__(self, name: str, prior: PixelSNAILPrior, manifest: dict, level: str,
                train_config, batch: int, seed: int = 0):
     self.name, self.batch, self.framework = name, batch, "jax"
-    _, upper, _ = common.prior_level_info(manifest, level)
+    _, upper, _ = builders.prior_level_info(manifest, level)
     h, w = manifest["shapes"][level]
     self.grid, self.latents = f"{h}x{w}", batch * h * w
     self.widths = dict(hidden=prior.hidden, res_hidden=prior.res_hidden,
@@ -76,7 +77,7 @@ class JaxPriorBench:
                        classes=prior.num_classes, kernel=prior.kernel_size)
     tx = state_lib.make_optimizer(train_config)
     ema = train_config.param_ema_decay
-    params = state_lib.numpy_params(common.prior_init_fn(prior, manifest, level))
+    params = state_lib.numpy_params(builders.prior_init_fn(prior, manifest, level))
     self.params = bv.count_params(params)
     self.state = state_lib.TrainState(
         step=jnp.zeros((), jnp.int32), params=params, opt_state=jax.jit(tx.init)(params),
@@ -183,14 +184,14 @@ def build(name: str, args) -> list[Any]:
                                              [p for p in args.demo_presets.split(",") if p]))
     manifest = manifest_for(config, args.demo_classes)
     p = config.priors[level]
-    prior = common.build_prior(config, level, manifest, _dtype(args, p.train.dtype))
+    prior = builders.build_prior(config, level, manifest, _dtype(args, p.train.dtype))
     return [JaxPriorBench(name, prior, manifest, level, p.train,
                           args.demo_batch or p.train.batch_size)]
   if name == "imagenet_top":
     config = bv.load_config("imagenet256", "prior_top")
     manifest = manifest_for(config, 1000)
     p = config.priors.top
-    prior = common.build_prior(config, "top", manifest, _dtype(args, p.train.dtype))
+    prior = builders.build_prior(config, "top", manifest, _dtype(args, p.train.dtype))
     return [JaxPriorBench(name, prior, manifest, "top", p.train, args.batch)]
   # top85m: widths of the public PyTorch top prior, its recipe (Adam 3e-4, no EMA).
   s = args.top_size

@@ -5,13 +5,15 @@ loss) on random uint8 images, and jitted `model.encode` / `model.decode_codes`; 
 parameter count and XLA's cost-analysis FLOPs per image. With `--torch` a PyTorch model of
 the public architecture (benchmarks/torch_reference.py) with the same widths is timed in the
 same process, interleaved with the JAX variants (A, B, A, B, ...; medians), never both at
-once, and the JAX/PyTorch ratios are printed.
+once, and the JAX/PyTorch ratios are printed. `--peer-src PATH` adds the public code itself
+(rosinality/vq-vae-2-pytorch's VQVAE imported unmodified from a checkout you give; skipped
+when PATH holds no vqvae.py), and the ratios are then taken against it.
 
   python benchmarks/bench_vqvae.py --experiment demo --batch 16
   python benchmarks/bench_vqvae.py --experiment imagenet256 --batch 16 \
       --upsample transpose,subpixel --steps 3
   python benchmarks/bench_vqvae.py --match-torch-reference --image-size 256 --batch 16 \
-      --upsample transpose,subpixel --torch
+      --upsample transpose,subpixel --torch --peer-src ~/src/vq-vae-2-pytorch
 
 XLA flags are read from the environment only (e.g. `XLA_FLAGS=... python ...`); the
 environment block at the top of the output shows which were set.
@@ -37,7 +39,7 @@ import numpy as np
 
 from vqvae2_jax import images as image_lib
 from vqvae2_jax import parallel
-from vqvae2_jax.stages import common
+from vqvae2_jax import builders
 from vqvae2_jax.stages import vqvae_stage
 from vqvae2_jax.train import loop
 from vqvae2_jax.train import state as state_lib
@@ -49,6 +51,7 @@ TORCH_REFERENCE_WIDTHS = dict(num_levels=2, bottom_down=2, hidden=128, res_hidde
                               num_res_layers=2, num_codes=512, code_dim=64, decay=0.99,
                               beta=0.25)
 OPS = ("train", "encode", "decode")
+PEER_NAME = "torch public code"  # the row of --peer-src's model
 
 
 # ----------------------------------------------------------------------- shared helpers
@@ -186,12 +189,12 @@ class JaxVQVAEBench:
                ops=OPS):
     self.name, self.batch, self.framework = name, batch, "jax"
     self.upsample = config.vqvae.upsample
-    model = common.build_vqvae(config, dtype)
+    model = builders.build_vqvae(config, dtype)
     t = config.vqvae_train
     tx = state_lib.make_optimizer(t)
     step = loop.make_train_step(vqvae_stage.make_loss_fn(model, config.vqvae.beta), tx,
                                 t.param_ema_decay)
-    self.state = init_train_state(common.vqvae_init_fn(model, image_size), tx,
+    self.state = init_train_state(builders.vqvae_init_fn(model, image_size), tx,
                                   t.param_ema_decay > 0, seed)
     self.params = count_params(self.state.params)
     images = np.random.default_rng(seed).integers(0, 256, (batch, image_size, image_size, 3),
@@ -243,23 +246,47 @@ class JaxVQVAEBench:
 # ----------------------------------------------------------------------- PyTorch variant
 
 
+def load_peer_vqvae(path: str):
+  """The `VQVAE` class of a rosinality/vq-vae-2-pytorch checkout, imported unmodified.
+
+  path: the checkout's root (holding vqvae.py and its distributed/ package, which vqvae.py
+  imports as a top-level module). Returns None, with a note, when it holds no vqvae.py.
+  """
+  source = os.path.join(path, "vqvae.py")
+  if not os.path.isfile(source):
+    print(f"--peer-src {path!r} holds no vqvae.py: the public model is skipped "
+          "(clone rosinality/vq-vae-2-pytorch and pass its root)", flush=True)
+    return None
+  sys.path.insert(0, os.path.abspath(path))  # vqvae.py does `import distributed`
+  try:
+    spec = importlib.util.spec_from_file_location("peer_vqvae", source)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+  finally:
+    sys.path.remove(os.path.abspath(path))
+  return module.VQVAE
+
+
 class TorchVQVAEBench:
-  """The public PyTorch architecture with the same widths, same batch, Adam, fp32."""
+  """A PyTorch VQ-VAE-2 with the same widths, same batch, Adam, fp32: by default
+  torch_reference.TorchVQVAE, or `model_cls` (the public code's VQVAE, same constructor
+  keywords and encode / decode_code / forward signatures)."""
 
   def __init__(self, v, name: str, batch: int, image_size: int, lr: float, threads: int,
-               seed: int = 0):
+               seed: int = 0, model_cls=None):
     import torch  # pylint: disable=g-import-not-at-top
     import torch_reference as ref  # pylint: disable=g-import-not-at-top
     if v.num_levels != 2 or v.bottom_down != 2:
-      raise ValueError("the PyTorch reference has exactly 2 levels with a x4 bottom encoder; "
+      raise ValueError("the PyTorch models have exactly 2 levels with a x4 bottom encoder; "
                        f"got num_levels={v.num_levels}, bottom_down={v.bottom_down}. Use "
                        "--experiment demo/imagenet256 or --match-torch-reference.")
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     self.torch, self.ref = torch, ref
     self.name, self.batch, self.framework, self.upsample = name, batch, "torch", "transpose"
-    self.model = ref.TorchVQVAE(3, v.hidden, v.num_res_layers, v.res_hidden, v.code_dim,
-                                v.num_codes, v.decay)
+    self.model = (model_cls or ref.TorchVQVAE)(
+        in_channel=3, channel=v.hidden, n_res_block=v.num_res_layers,
+        n_res_channel=v.res_hidden, embed_dim=v.code_dim, n_embed=v.num_codes, decay=v.decay)
     self.beta = v.beta
     self.opt = torch.optim.Adam(self.model.parameters(), lr=lr)
     self.params = ref.num_params(self.model)
@@ -335,6 +362,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                   help="set the widths of the public PyTorch model (channel 128, res 32, "
                        "2 res blocks, K 512, D 64, 2 levels)")
   ap.add_argument("--torch", action="store_true", help="also time the PyTorch reference")
+  ap.add_argument("--peer-src", default="", metavar="PATH",
+                  help="root of a rosinality/vq-vae-2-pytorch checkout: also time its VQVAE, "
+                       "imported unmodified (skipped when PATH holds no vqvae.py); the "
+                       "ratios are then taken against it")
   ap.add_argument("--torch-threads", type=int, default=2)
   ap.add_argument("--ops", default="train,encode,decode")
   ap.add_argument("--steps", type=int, default=5, help="timed calls per op and variant")
@@ -365,11 +396,14 @@ def build_variants(args, ops) -> tuple[list[Any], dict[str, Any]]:
                            code_dim=v.code_dim, num_levels=v.num_levels,
                            bottom_down=v.bottom_down))
   variants = []
+  torch_kw = dict(lr=config.vqvae_train.learning_rate, threads=args.torch_threads)
+  # Built before the JAX variants compile so torch's thread pool is set up once.
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  peer_cls = load_peer_vqvae(args.peer_src) if args.peer_src else None
+  if peer_cls is not None:
+    variants.append(TorchVQVAEBench(v, PEER_NAME, batch, size, model_cls=peer_cls, **torch_kw))
   if args.torch:
-    # Imported before the JAX variants compile so its thread pool is set up once.
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    variants.append(TorchVQVAEBench(v, "torch (public arch)", batch, size,
-                                    config.vqvae_train.learning_rate, args.torch_threads))
+    variants.append(TorchVQVAEBench(v, "torch (public arch)", batch, size, **torch_kw))
   for mode in modes:
     config.vqvae.upsample = mode
     variants.append(JaxVQVAEBench(config, f"jax {mode}", batch, size, parallel.to_dtype(dtype),
@@ -417,10 +451,10 @@ def print_table(rows, setup, ops, steps: int) -> None:
           + "".join(fmt(r["compile_s"][o], ".1f", w) for o in ops))
   torch_rows = [r for r in rows if r["framework"] == "torch"]
   if torch_rows:
-    t = torch_rows[0]
+    t = torch_rows[0]  # the public code itself when --peer-src gave it
     for r in rows:
-      if r["framework"] == "jax":
-        print(f"ratio {r['name']} / torch: " + "  ".join(
+      if r is not t:
+        print(f"ratio {r['name']} / {t['name']}: " + "  ".join(
             f"{o} {r['per_sec'][o] / t['per_sec'][o]:.2f}x" for o in ops)
             + f"   (params {r['params'] / t['params']:.3f}x)")
     print("GFLOP: JAX = XLA cost analysis of the compiled program (all ops, incl. Adam); "

@@ -44,6 +44,34 @@ def test_bench_vqvae_tiny():
   _check_vqvae_rows(rows, torch is not None)
 
 
+@needs_torch
+def test_bench_vqvae_peer_src_imports_the_given_checkout(tmp_path, capsys):
+  """--peer-src imports <PATH>/vqvae.py (which imports its own top-level `distributed`
+  package, as the public code does), times it beside the others and takes the ratios
+  against it; a PATH without vqvae.py is skipped with a note."""
+  (tmp_path / "distributed").mkdir()
+  (tmp_path / "distributed" / "__init__.py").write_text("MARK = 'peer'\n")
+  # A stand-in for the public model: the reference class, built through the checkout.
+  (tmp_path / "vqvae.py").write_text(
+      "import distributed\nfrom torch_reference import TorchVQVAE\n"
+      "assert distributed.MARK == 'peer'\n"
+      "class VQVAE(TorchVQVAE):\n  pass\n")
+  argv = ["--presets", "tiny", "--upsample", "subpixel", "--batch", "2", "--steps", "1",
+          "--warmup", "0", "--torch", "--peer-src", str(tmp_path)]
+  try:
+    rows = bench_vqvae.main(argv)
+  finally:
+    sys.modules.pop("distributed", None)  # the stand-in package, not a real one
+  assert [r["name"] for r in rows] == [bench_vqvae.PEER_NAME, "torch (public arch)",
+                                       "jax subpixel"]
+  assert rows[0]["params"] == rows[1]["params"]
+  out = capsys.readouterr().out
+  assert f"ratio jax subpixel / {bench_vqvae.PEER_NAME}:" in out
+  assert str(tmp_path) not in sys.path  # the checkout does not stay importable
+  assert bench_vqvae.load_peer_vqvae(str(tmp_path / "missing")) is None
+  assert "holds no vqvae.py" in capsys.readouterr().out
+
+
 def test_bench_prior_tiny():
   argv = ["--only", "demo_bottom", "top85m", "--demo-presets", "tiny", "--batch", "2",
           "--demo-batch", "2", "--top-size", "4", "--matched-hidden", "16",
@@ -63,11 +91,11 @@ def test_bench_prior_tiny():
 
 def _jax_vqvae_param_counts(**widths) -> dict[str, int]:
   """Parameters per top-level submodule of our VQVAE2 with these widths."""
-  from vqvae2_jax.stages import common  # pylint: disable=g-import-not-at-top
+  from vqvae2_jax import builders  # pylint: disable=g-import-not-at-top
   config = bench_vqvae.load_config("demo", "vqvae")
   config.vqvae.update(widths)
-  model = common.build_vqvae(config)
-  shapes = jax.eval_shape(common.vqvae_init_fn(model, 64), jax.random.PRNGKey(0))
+  model = builders.build_vqvae(config)
+  shapes = jax.eval_shape(builders.vqvae_init_fn(model, 64), jax.random.PRNGKey(0))
   return {k: bench_vqvae.count_params(v) for k, v in shapes["params"].items()}
 
 
