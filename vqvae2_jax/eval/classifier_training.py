@@ -61,14 +61,19 @@ def accuracy_on(logits_fn, params, source, batch_size: int, mesh: Mesh,
 
 def classifier_task(model: ResNetClassifier, train_source, val_source, train_config,
                     mesh: Mesh, *, name: str, image_size: int, seed: int,
-                    num_threads: int = 4) -> loop.TrainTask:
-  """A TrainTask for `model` on `train_source`, validated on `val_source` (or None)."""
+                    num_threads: int = 4, worker_count: int = 0) -> loop.TrainTask:
+  """A TrainTask for `model` on `train_source`, validated on `val_source` (or None).
+
+  num_threads / worker_count: decode threads per process and decode worker processes
+  (0 = in-process; keep 0 for in-memory sources such as generated samples).
+  """
   if train_source.num_classes < 2:
     raise ValueError(f"the {name} classifier needs labelled data with >= 2 classes; this "
                      f"data has {train_source.num_classes}")
   t = train_config
   logits_fn = make_logits_fn(model, mesh)
-  loader = BatchLoader(train_source, t.batch_size, seed=seed, num_threads=num_threads)
+  loader = BatchLoader(train_source, t.batch_size, seed=seed, num_threads=num_threads,
+                       worker_count=worker_count)
 
   def evaluate(state):
     return accuracy_on(logits_fn, state.params, val_source, t.batch_size, mesh,

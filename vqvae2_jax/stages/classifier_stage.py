@@ -26,7 +26,8 @@ def run(config, workdir: str) -> None:
   task = classifier_task(model, train_source, make_source(config.data, "val"),
                          config.classifier.train, mesh, name=NAME,
                          image_size=config.data.image_size, seed=config.data.seed,
-                         num_threads=config.data.num_threads)
+                         num_threads=config.data.num_threads,
+                         worker_count=config.data.worker_count)
   w.write_config(NAME, config)
   w.write_classes(NAME, list(train_source.class_names))
   loop.train(task, config.classifier.train, directory=w.stage_dir(NAME),

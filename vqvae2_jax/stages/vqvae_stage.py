@@ -65,7 +65,8 @@ def build_task(config, mesh, workdir: Workdir) -> loop.TrainTask:
   train_source = make_source(config.data, "train")
   val_source = make_source(config.data, "val")
   loader = BatchLoader(train_source, t.batch_size, seed=config.data.seed,
-                       num_threads=config.data.num_threads)
+                       num_threads=config.data.num_threads,
+                       worker_count=config.data.worker_count)
   reconstruct = make_reconstruct_fn(model, mesh)
   grid_path = workdir.path_in(NAME, "reconstructions.png")
 
