@@ -14,8 +14,14 @@ import jax
 import jax.numpy as jnp
 
 
+def nucleus_active(top_p: Any) -> bool:
+  """False only when top_p is a Python number >= 1 (nucleus filtering statically off);
+  a traced or array top_p keeps the filter (it is exact at top_p = 1 too)."""
+  return not (isinstance(top_p, (int, float)) and top_p >= 1.0)
+
+
 def filter_logits(logits: jax.Array, temperature: jax.Array | float, top_k: int,
-                  top_p: jax.Array | float) -> jax.Array:
+                  top_p: jax.Array | float, *, nucleus: bool = True) -> jax.Array:
   """Temperature, then top-k, then nucleus (top-p) filtering.
 
   Args:
@@ -24,6 +30,9 @@ def filter_logits(logits: jax.Array, temperature: jax.Array | float, top_k: int,
     top_k: keep the k largest logits (0 = off). A Python int (static).
     top_p: keep the smallest set of most likely codes whose probability mass reaches
       top_p (1.0 = off); the most likely code is always kept.
+    nucleus: static; False skips the top-p step (a sort of [B, K], the costliest part of
+      a sampling step). At top_p >= 1 the step removes nothing, so False gives
+      bit-identical logits there; use `nucleus_active(top_p)`.
 
   Returns:
     float32 [B, K] with removed codes set to -inf.
@@ -33,6 +42,8 @@ def filter_logits(logits: jax.Array, temperature: jax.Array | float, top_k: int,
   if 0 < top_k < num_codes:
     kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
     logits = jnp.where(logits < kth, -jnp.inf, logits)
+  if not nucleus:
+    return logits
   sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
   probs = jax.nn.softmax(sorted_logits, axis=-1)
   mass_before = jnp.cumsum(probs, axis=-1) - probs
@@ -45,11 +56,14 @@ def filter_logits(logits: jax.Array, temperature: jax.Array | float, top_k: int,
 
 
 def draw(rng: jax.Array, position: jax.Array | int, logits: jax.Array,
-         temperature: jax.Array | float, top_k: int, top_p: jax.Array | float) -> jax.Array:
-  """Samples one code per batch row at raster `position`: logits float32 [B, K] -> int32 [B]."""
+         temperature: jax.Array | float, top_k: int, top_p: jax.Array | float, *,
+         nucleus: bool = True) -> jax.Array:
+  """Samples one code per batch row at raster `position`: logits float32 [B, K] -> int32 [B].
+
+  `nucleus` as in `filter_logits` (static)."""
   key = jax.random.fold_in(rng, position)
-  return jax.random.categorical(key, filter_logits(logits, temperature, top_k, top_p),
-                                axis=-1).astype(jnp.int32)
+  filtered = filter_logits(logits, temperature, top_k, top_p, nucleus=nucleus)
+  return jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
 
 
 def plain_params(params: Any) -> Any:
@@ -60,9 +74,9 @@ def plain_params(params: Any) -> Any:
   return nn.meta.unbox(params)
 
 
-def check_args(prior: Any, shape: Sequence[int], cond_codes: Sequence[Any], labels: Any,
-               temperature: float, top_k: int, top_p: float) -> tuple[int, int, int]:
-  """Validates sampler arguments; returns shape as a tuple (B, H, W)."""
+def check_inputs(prior: Any, shape: Sequence[int], cond_codes: Sequence[Any],
+                 labels: Any) -> tuple[int, int, int]:
+  """Validates the code shape and the conditioning inputs; returns shape as (B, H, W)."""
   shape = tuple(int(s) for s in shape)
   if len(shape) != 3 or min(shape) < 1:
     raise ValueError(f"shape must be (B, H, W) with positive entries, got {shape}")
@@ -71,6 +85,13 @@ def check_args(prior: Any, shape: Sequence[int], cond_codes: Sequence[Any], labe
                      f"{len(tuple(cond_codes))}")
   if prior.num_classes and labels is None:
     raise ValueError("this prior is class-conditional: pass labels int32 [B]")
+  return shape
+
+
+def check_args(prior: Any, shape: Sequence[int], cond_codes: Sequence[Any], labels: Any,
+               temperature: float, top_k: int, top_p: float) -> tuple[int, int, int]:
+  """Validates sampler arguments; returns shape as a tuple (B, H, W)."""
+  shape = check_inputs(prior, shape, cond_codes, labels)
   if isinstance(temperature, (int, float)) and temperature <= 0:
     raise ValueError(f"temperature must be > 0, got {temperature}")
   if not isinstance(top_k, int) or top_k < 0:

@@ -1,24 +1,34 @@
-"""Incremental (cached) ancestral sampler for `PixelSNAILPrior`.
+"""Incremental (cached) ancestral sampler for `PixelSNAILPrior`, about one forward pass.
 
 Computes only what each new position needs, with the prior's own submodules (called
-through `prior.apply(..., method=...)`, so every layer has one definition):
+through `prior.apply(..., method=...)`, so every layer has one definition). Work that
+depends only on rows above is done once per row, for all its positions, as wide
+convolutions and matmuls; only what reads the current row runs per position:
 
 * the conditioning stack (upper levels + class) runs once per sample;
-* the vertical stream depends only on rows above, so at the start of row i every gated
-  layer's ConvDown is evaluated for the whole row i from a cache of its (padded) input;
-* the horizontal stream is evaluated at the new position only: each ConvDownRight keeps a
-  padded cache of its input and contracts its kernel with the kh x kw window there;
-* each attention layer keeps a key/value cache; keys/values of position p are written
-  right after p is sampled (they include the embedded code at p), queries at p attend to
-  cached positions < p.
+* at the start of row i (all rows < i known): the vertical stream of every gated layer
+  on row i (its ConvDown reads rows <= i of the vertical stream, i.e. codes of rows < i),
+  and for the horizontal stream the part of every ConvDownRight that reads the rows
+  above, plus the link from the vertical stream and the class/upper-level projection:
+  one [B, W, 2C] row term per layer;
+* at position (i, j): per layer, the row term at j plus the ConvDownRight taps on the
+  current row only (kh of its kh x kh taps; a [B, kh*C] x [kh*C, 2C] matmul), the gate,
+  attention of the new query over a fixed-size key/value cache (masked, no growing
+  shapes), the output stack and head -> logits [B, K];
+* after the code at (i, j) is chosen: its embedding enters the row buffers and the
+  attention caches (keys/values at p include the embedded code at p).
 
-Total work per sample is about one teacher-forced forward pass (plus O(N^2) attention,
-the same as the full pass), instead of one pass per position.
+Caches are rolling buffers of the last few rows ([B, rows, W + pad, C] per layer), so
+memory is O(B * W * C * layers), not O(B * H * W * C * layers). Attention caches are kept
+in the [B, heads, N, d] layout the score contraction reads, so no step transposes them.
+
+Per-position choice is pluggable (`run_incremental(..., choose=...)`): sampling plugs in
+the temperature / top-k / top-p draw; the entropy codec plugs in an ordered io_callback.
 """
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -29,52 +39,36 @@ from vqvae2_jax.models import causal
 from vqvae2_jax.models.prior import PixelSNAILPrior, attention_positions
 from vqvae2_jax.sampling import draw as draw_lib
 
-
-class _Geometry:
-  """Padded-cache layout of one causal conv (mode, kernel) over an [H, W] grid."""
-
-  def __init__(self, mode: str, kernel: tuple[int, int], height: int, width: int):
-    (self.top, _), (self.left, right) = causal.conv_padding(mode, kernel)
-    self.kernel = kernel
-    self.padded = (height + self.top, width + self.left + right)
-
-  def zeros(self, batch: int, channels: int, dtype) -> jax.Array:
-    """An empty cache: zeros [batch, H + top, W + left + right, channels]."""
-    return jnp.zeros((batch,) + self.padded + (channels,), dtype)
-
-  def write(self, cache: jax.Array, value: jax.Array, i, j) -> jax.Array:
-    """Stores the conv input value [B, C] of grid position (i, j)."""
-    return lax.dynamic_update_slice(cache, value[:, None, None, :].astype(cache.dtype),
-                                    (0, i + self.top, j + self.left, 0))
-
-  def write_row(self, cache: jax.Array, row: jax.Array, i) -> jax.Array:
-    """Stores the conv input row [B, W, C] of grid row i."""
-    return lax.dynamic_update_slice(cache, row[:, None].astype(cache.dtype),
-                                    (0, i + self.top, self.left, 0))
-
-  def window(self, cache: jax.Array, i, j) -> jax.Array:
-    """Padded input window [B, kh, kw, C] that conv output (i, j) reads."""
-    b, _, _, c = cache.shape
-    return lax.dynamic_slice(cache, (0, i, j, 0), (b,) + self.kernel + (c,))
-
-  def row_window(self, cache: jax.Array, i) -> jax.Array:
-    """Padded input rows [B, kh, Wp, C] that conv output row i reads."""
-    b, _, wp, c = cache.shape
-    return lax.dynamic_slice(cache, (0, i, 0, 0), (b, self.kernel[0], wp, c))
+Choose = Callable[[jax.Array, jax.Array], jax.Array]
 
 
-def _at(x: jax.Array, idx, axis: int) -> jax.Array:
-  return lax.dynamic_index_in_dim(x, idx, axis=axis, keepdims=False)
+def _roll_in(buf: jax.Array, row: jax.Array) -> jax.Array:
+  """Drops the oldest row of buf [B, R, Wp, C] and appends row [B, Wp, C]."""
+  return jnp.concatenate([buf[:, 1:], row[:, None].astype(buf.dtype)], axis=1)
 
 
-@functools.partial(jax.jit, static_argnames=("prior", "shape", "top_k", "return_logits",
-                                             "sharding"))
-def _sample(prior: PixelSNAILPrior, params, rng, cond_codes, labels, temperature, top_p, *,
-            shape, top_k, return_logits, sharding):
+def _pad_cols(row: jax.Array, left: int, right: int) -> jax.Array:
+  """Zero-pads the width axis of row [B, W, C] to [B, left + W + right, C]."""
+  return jnp.pad(row, ((0, 0), (left, right), (0, 0)))
+
+
+def _conv_row(window: jax.Array, kernel: jax.Array) -> jax.Array:
+  """VALID conv of a pre-padded window [B, kr, W + kw - 1, C] with kernel [kr, kw, C, O]
+  -> one output row [B, W, O]."""
+  y = lax.conv_general_dilated(window.astype(kernel.dtype), kernel, (1, 1), "VALID",
+                               dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  return y[:, 0]
+
+
+def _loop(prior: PixelSNAILPrior, params, cond_codes, labels, *, shape, choose, sharding,
+          return_logits):
+  """The traced sampling loop (call inside jit). Returns codes [, logits]."""
   b, hgt, wid = shape
-  k, ch, dt = prior.kernel_size, prior.hidden, prior.dtype
-  kh = k // 2 + 1
+  k, ch, dt, n_codes = prior.kernel_size, prior.hidden, prior.dtype, prior.num_codes
+  kh = k // 2 + 1  # gated convs: ConvDown (kh, k), ConvDownRight (kh, kh)
+  kx = k // 2  # input convs: in_v (kx, k) 'down' + down shift, in_h (1, kx) + right shift
   attn_after = attention_positions(prior.num_layers, prior.attention_every)
+  n_layers, heads = prior.num_layers, prior.num_heads
   variables = {"params": params}
 
   def apply(fn, *args):
@@ -83,88 +77,180 @@ def _sample(prior: PixelSNAILPrior, params, rng, cond_codes, labels, temperature
   def constrain(x):
     return x if sharding is None else lax.with_sharding_constraint(x, sharding)
 
+  def zeros(*dims, dtype=dt):
+    return constrain(jnp.zeros((b,) + dims, dtype))
+
   cond = apply(lambda m, cc, lab: m.conditioning(cc, lab, shape, train=False),
                cond_codes, labels)
   pos = causal.positional_features(hgt, wid)
-  g_xv = _Geometry("down", (k // 2, k), hgt, wid)
-  g_xh = _Geometry("down_right", (1, k // 2), hgt, wid)
-  g_v = _Geometry("down", (kh, k), hgt, wid)
-  g_h = _Geometry("down_right", (kh, kh), hgt, wid)
-  heads = prior.num_heads
+
+  def h_kernels(m):
+    """Per gated layer, its ConvDownRight kernel split into the rows-above part
+    [kh-1, kh, C, 2C] and the current-row taps as a matmul [kh*C, 2C]."""
+    out = []
+    for layer in m.layers:
+      kern = nn.meta.unbox(layer.h_conv.variables["params"]["kernel"]).astype(dt)
+      out.append((kern[:kh - 1], kern[kh - 1].reshape(kh * ch, 2 * ch)))
+    return out
+
+  kernels = apply(h_kernels)
+  vpad = k // 2  # ConvDown's left/right padding
   state = dict(
       codes=constrain(jnp.zeros(shape, jnp.int32)),
-      xv=constrain(g_xv.zeros(b, ch, dt)),
-      xh=constrain(g_xh.zeros(b, ch, dt)),
-      vin=[constrain(g_v.zeros(b, ch, dt)) for _ in range(prior.num_layers)],
-      hin=[constrain(g_h.zeros(b, ch, dt)) for _ in range(prior.num_layers)],
-      keys=[constrain(jnp.zeros((b, hgt * wid, heads, ch // heads), dt)) for _ in attn_after],
-      values=[constrain(jnp.zeros((b, hgt * wid, heads, ch // heads), dt))
-              for _ in attn_after],
+      # Rolling caches of the rows above: embedded codes for in_v (last kx rows), and per
+      # gated layer the elu'd inputs of its ConvDown (last kh-1 rows) and ConvDownRight
+      # (last kh-1 rows), each zero-padded on the width axis as its conv pads.
+      xv=zeros(kx, wid + 2 * vpad, ch),
+      vin=[zeros(kh - 1, wid + 2 * vpad, ch) for _ in range(n_layers)],
+      hin=[zeros(kh - 1, wid + kh - 1, ch) for _ in range(n_layers)],
+      # Attention caches in the score contraction's layout [B, heads, N, d].
+      keys=[zeros(heads, hgt * wid, ch // heads) for _ in attn_after],
+      values=[zeros(heads, hgt * wid, ch // heads) for _ in attn_after],
   )
   if return_logits:
-    state["logits"] = constrain(jnp.zeros(shape + (prior.num_codes,), jnp.float32))
+    state["logits"] = constrain(jnp.zeros(shape + (n_codes,), jnp.float32))
 
-  def vertical_rows(m, i, xv, vin):
-    """All layers' vertical stream on row i: ([B, W, C] per layer, v0 row, new vin)."""
-    v0 = m.in_v(g_xv.row_window(xv, jnp.maximum(i - 1, 0)), True)  # down shift
-    v0 = jnp.where(i > 0, v0, jnp.zeros_like(v0))
-    c_row = None if cond is None else lax.dynamic_slice_in_dim(cond, i, 1, axis=1)
-    v, rows, vin = v0, [], list(vin)
+  def row_terms(m, i, st):
+    """Everything of row i that reads only rows < i.
+
+    Returns v0 [B, W, C] (initial vertical stream = initial horizontal stream before
+    the right-shifted in_h term), per layer the horizontal row term [B, W, 2C], and
+    the updated vin caches.
+    """
+    v0 = m.in_v(st["xv"], True)[:, 0]  # in_v output at row i-1 = down-shifted row i
+    v0 = jnp.where(i > 0, v0, 0)  # down shift: row 0 sees no row above, not in_v's bias
+    c_row = None if cond is None else lax.dynamic_index_in_dim(cond, i, 1, keepdims=False)
+    v, terms, vin = v0, [], []
     for l, layer in enumerate(m.layers):
-      vin[l] = g_v.write_row(vin[l], nn.elu(v[:, 0]), i)
-      v = layer.vertical(v, g_v.row_window(vin[l], i), c_row, prepadded=True, train=False)
-      rows.append(v[:, 0])
-    return rows, v0[:, 0], vin
+      window = jnp.concatenate(
+          [st["vin"][l], _pad_cols(nn.elu(v), vpad, vpad)[:, None].astype(dt)], axis=1)
+      vin.append(window[:, 1:])
+      c1 = None if c_row is None else c_row[:, None]
+      v = layer.vertical(v[:, None], window, c1, prepadded=True, train=False)[:, 0]
+      term = (_conv_row(st["hin"][l], kernels[l][0])
+              + layer.h_conv.variables["params"]["bias"].astype(dt)
+              + layer.link(nn.elu(v)))
+      if layer.conditioned:
+        term = term + layer.cond_h(c_row)
+      terms.append(term)
+    return v0, terms, vin
 
-  def position(m, i, j, rows, v0, st):
-    """Logits at (i, j), then sample it and update every cache that reads code (i, j)."""
-    p = i * wid + j
-    st = dict(st, hin=list(st["hin"]), keys=list(st["keys"]), values=list(st["values"]))
-    hx = m.in_h(g_xh.window(st["xh"], i, jnp.maximum(j - 1, 0)), True)  # right shift
-    h = _at(v0, j, 1) + jnp.where(j > 0, hx, jnp.zeros_like(hx))
-    c_p = None if cond is None else _at(_at(cond, i, 1), j, 1)
+  def position(m, i, j, v0, terms, st):
+    """Logits at (i, j), the chosen code, and every row buffer / cache that reads it."""
+    p = (i * wid + j).astype(jnp.int32)
+    st = dict(st, hrow=list(st["hrow"]), keys=list(st["keys"]), values=list(st["values"]))
+    # in_h at (i, j-1) reads x(i, j-kx .. j-1) = xrow padded columns j-1 .. j+kx-2.
+    hx = m.in_h(lax.dynamic_slice_in_dim(st["xrow"], jnp.maximum(j - 1, 0), kx, 1)[:, None],
+                True)
+    h = lax.dynamic_index_in_dim(v0, j, 1, keepdims=False) + jnp.where(j > 0, hx, 0)
     pos_p = jnp.broadcast_to(pos[p], (b, pos.shape[-1]))
     attn_in, a = [], 0
     for l, layer in enumerate(m.layers):
-      st["hin"][l] = g_h.write(st["hin"][l], nn.elu(h), i, j)
-      h = layer.horizontal(h, g_h.window(st["hin"][l], i, j), _at(rows[l], j, 1), c_p,
-                           prepadded=True, train=False)
+      st["hrow"][l] = lax.dynamic_update_slice_in_dim(
+          st["hrow"][l], nn.elu(h)[:, None].astype(dt), j + kh - 1, 1)
+      taps = lax.dynamic_slice_in_dim(st["hrow"][l], j, kh, 1).reshape(b, kh * ch)
+      act = lax.dynamic_index_in_dim(terms[l], j, 1, keepdims=False) + taps @ kernels[l][1]
+      h = h + causal.gate(act)
       if l in attn_after:
         q_in, _ = m.attention_inputs(h, h, pos_p)
-        q = m.attn[a].queries(q_in)[:, None]
-        out = m.attn[a].attend(q, st["keys"][a], st["values"][a], p[None], train=False)
+        q = m.attn[a].queries(q_in)[:, None]  # [B, 1, heads, d]
+        # attend contracts [B, N, heads, d]; this swap cancels against its own, so the
+        # cache is read in place (a transposed cache cost a full copy per step).
+        kc, vc = (jnp.swapaxes(c, 1, 2) for c in (st["keys"][a], st["values"][a]))
         attn_in.append(h)
-        h = h + out[:, 0]
+        h = h + m.attn[a].attend(q, kc, vc, p[None], train=False)[:, 0]
         a += 1
-    logits = m.output(h, train=False)  # float32 [B, K]
-    code = draw_lib.draw(rng, p, logits, temperature, top_k, top_p)
+    logits = m.output(h, train=False).astype(jnp.float32)  # [B, K]
+    code = choose(p, logits).astype(jnp.int32)
     x_p = m.embed(code)
-    st["xv"] = g_xv.write(st["xv"], x_p, i, j)
-    st["xh"] = g_xh.write(st["xh"], x_p, i, j)
+    st["xrow"] = lax.dynamic_update_slice_in_dim(st["xrow"], x_p[:, None].astype(dt),
+                                                 j + kx - 1, 1)
     for a, h_a in enumerate(attn_in):
       _, kv_in = m.attention_inputs(h_a, x_p, pos_p)
-      key, val = m.attn[a].keys_values(kv_in)
-      st["keys"][a] = lax.dynamic_update_slice(st["keys"][a], key[:, None].astype(dt),
-                                               (0, p, 0, 0))
-      st["values"][a] = lax.dynamic_update_slice(st["values"][a], val[:, None].astype(dt),
-                                                 (0, p, 0, 0))
-    st["codes"] = lax.dynamic_update_slice(st["codes"], code[:, None, None], (0, i, j))
+      key, val = m.attn[a].keys_values(kv_in)  # [B, heads, d]
+      st["keys"][a] = lax.dynamic_update_slice_in_dim(st["keys"][a],
+                                                      key[:, :, None].astype(dt), p, 2)
+      st["values"][a] = lax.dynamic_update_slice_in_dim(st["values"][a],
+                                                        val[:, :, None].astype(dt), p, 2)
+    st["codes"] = lax.dynamic_update_slice_in_dim(st["codes"], code[:, None], j, 1)
     if return_logits:
-      st["logits"] = lax.dynamic_update_slice(st["logits"], logits[:, None, None],
-                                              (0, i, j, 0))
+      st["logits"] = lax.dynamic_update_slice_in_dim(st["logits"], logits[:, None], j, 1)
     return st
 
   def row_body(i, st):
-    rows, v0, vin = apply(vertical_rows, i, st["xv"], st["vin"])
-    inner = dict(st)
-    del inner["vin"]  # loop-invariant within a row: keep it out of the inner carry
-    inner = lax.fori_loop(0, wid, lambda j, s: apply(position, i, j, rows, v0, s), inner)
-    return dict(inner, vin=vin)
+    v0, terms, vin = apply(row_terms, i, st)
+    inner = dict(xrow=zeros(wid + kx - 1, ch), hrow=[zeros(wid + kh - 1, ch)] * n_layers,
+                 keys=st["keys"], values=st["values"],
+                 codes=zeros(wid, dtype=jnp.int32))
+    if return_logits:
+      inner["logits"] = zeros(wid, n_codes, dtype=jnp.float32)
+    inner = lax.fori_loop(0, wid, lambda j, s: apply(position, i, j, v0, terms, s), inner)
+    x_row = apply(lambda m, c: m.embed(c), inner["codes"])  # [B, W, C]
+    out = dict(st, vin=vin, keys=inner["keys"], values=inner["values"],
+               xv=_roll_in(st["xv"], _pad_cols(x_row, vpad, vpad)),
+               hin=[_roll_in(c, r) for c, r in zip(st["hin"], inner["hrow"])],
+               codes=lax.dynamic_update_slice_in_dim(st["codes"], inner["codes"][:, None],
+                                                     i, 1))
+    if return_logits:
+      out["logits"] = lax.dynamic_update_slice_in_dim(st["logits"], inner["logits"][:, None],
+                                                      i, 1)
+    return out
 
   state = lax.fori_loop(0, hgt, row_body, state)
-  if return_logits:
-    return state["codes"], state["logits"]
-  return state["codes"]
+  return (state["codes"], state["logits"]) if return_logits else state["codes"]
+
+
+_run = jax.jit(_loop, static_argnames=("prior", "shape", "choose", "sharding",
+                                       "return_logits"))
+
+
+def run_incremental(prior: PixelSNAILPrior, params: Any, *, shape: tuple[int, int, int],
+                    cond_codes: Sequence[jax.Array] = (), labels: jax.Array | None = None,
+                    choose: Choose, sharding: jax.sharding.Sharding | None = None,
+                    return_logits: bool = False):
+  """Raster-order incremental pass with a pluggable per-position choice.
+
+  At every raster position p = i * W + j (in order) the loop computes the prior's
+  logits there from the codes already chosen at positions < p, calls
+  `codes_p = choose(p, logits)` and feeds codes_p back exactly as a sampled code.
+
+  Determinism (the entropy codec relies on it): one compiled loop, for fixed shapes
+  (batch size included), cond_codes, labels and params, passes bit-identical logits to
+  `choose` at position p in every run in which `choose` returned the same codes at all
+  positions < p. So an encoder that returns the known codes and a decoder that decodes
+  them see the same probabilities. Logits of another batch size, dtype or backend may
+  differ in the last bits; they agree with the teacher-forced pass to float tolerance.
+
+  Args:
+    prior: the prior module.
+    params: its 'params' collection (boxed or plain).
+    shape: (B, H, W) of the codes.
+    cond_codes: int32 [B, H/s, W/s] upper-level codes (top first); may be batch-sharded.
+    labels: int32 [B] class labels (class-conditional priors only).
+    choose: static, hashable callable (p int32 scalar, logits float32 [B, K]) -> int32 [B],
+      traced inside the loop; it may use `jax.experimental.io_callback(..., ordered=True)`.
+      Module-level functions or functools.partial of them with hashable arguments keep
+      jit's cache warm; a new lambda per call recompiles.
+    sharding: optional sharding for the batch axis (e.g. NamedSharding(mesh, P('data')))
+      imposed on the canvas and the caches; by default sharding follows the inputs.
+    return_logits: also return the logits passed to choose at every position.
+
+  Returns:
+    int32 [B, H, W] codes, or (codes, float32 [B, H, W, K] logits) with return_logits.
+  """
+  shape = draw_lib.check_inputs(prior, shape, cond_codes, labels)
+  return _run(prior, draw_lib.plain_params(params), tuple(cond_codes), labels, shape=shape,
+              choose=choose, sharding=sharding, return_logits=bool(return_logits))
+
+
+@functools.partial(jax.jit, static_argnames=("prior", "shape", "top_k", "nucleus",
+                                             "return_logits", "sharding"))
+def _sample(prior, params, rng, cond_codes, labels, temperature, top_p, *, shape, top_k,
+            nucleus, return_logits, sharding):
+  def choose(p, logits):
+    return draw_lib.draw(rng, p, logits, temperature, top_k, top_p, nucleus=nucleus)
+  return _loop(prior, params, cond_codes, labels, shape=shape, choose=choose,
+               sharding=sharding, return_logits=return_logits)
 
 
 def sample_incremental(prior: PixelSNAILPrior, params: Any, rng: jax.Array, *,
@@ -172,7 +258,7 @@ def sample_incremental(prior: PixelSNAILPrior, params: Any, rng: jax.Array, *,
                        labels: jax.Array | None = None, temperature: float = 1.0,
                        top_k: int = 0, top_p: float = 1.0, return_logits: bool = False,
                        sharding: jax.sharding.Sharding | None = None):
-  """Raster-order ancestral sampling with cached convolutions and attention.
+  """Raster-order ancestral sampling: `run_incremental` with the shared draw.
 
   Same arguments, same per-position keys (jax.random.fold_in(rng, p)) and the same draw
   as `sample_reference`, so both give the same codes for the same rng.
@@ -195,4 +281,5 @@ def sample_incremental(prior: PixelSNAILPrior, params: Any, rng: jax.Array, *,
   shape = draw_lib.check_args(prior, shape, cond_codes, labels, temperature, top_k, top_p)
   return _sample(prior, draw_lib.plain_params(params), rng, tuple(cond_codes), labels,
                  jnp.float32(temperature), jnp.float32(top_p), shape=shape, top_k=top_k,
-                 return_logits=bool(return_logits), sharding=sharding)
+                 nucleus=draw_lib.nucleus_active(top_p), return_logits=bool(return_logits),
+                 sharding=sharding)

@@ -15,16 +15,18 @@ from vqvae2_jax.models.prior import PixelSNAILPrior
 from vqvae2_jax.sampling import draw as draw_lib
 
 
-@functools.partial(jax.jit, static_argnames=("prior", "shape", "top_k", "positions"))
+@functools.partial(jax.jit,
+                   static_argnames=("prior", "shape", "top_k", "nucleus", "positions"))
 def _sample(prior, params, rng, cond_codes, labels, temperature, top_p, *, shape, top_k,
-            positions):
+            nucleus, positions):
   b, hgt, wid = shape
   variables = {"params": params}
 
   def body(p, codes):
     logits = prior.apply(variables, codes, cond_codes, labels, train=False)
     i, j = p // wid, p % wid
-    code = draw_lib.draw(rng, p, logits[:, i, j], temperature, top_k, top_p)
+    code = draw_lib.draw(rng, p, logits[:, i, j], temperature, top_k, top_p,
+                         nucleus=nucleus)
     return codes.at[:, i, j].set(code)
 
   codes = jnp.zeros(shape, jnp.int32)
@@ -58,4 +60,4 @@ def sample_reference(prior: PixelSNAILPrior, params: Any, rng: jax.Array, *,
   n = shape[1] * shape[2] if num_positions is None else int(num_positions)
   return _sample(prior, draw_lib.plain_params(params), rng, tuple(cond_codes), labels,
                  jnp.float32(temperature), jnp.float32(top_p), shape=shape, top_k=top_k,
-                 positions=n)
+                 nucleus=draw_lib.nucleus_active(top_p), positions=n)
