@@ -138,9 +138,12 @@ def main(argv):
   except KNOWN_ERRORS as e:
     if _show_tracebacks():
       raise
-    fallback = ""
-    if isinstance(e, ckpt_lib.CorruptCheckpointError):
-      fallback = _fallback_command(e, _WORKDIR.value)
+    fallback, cause = "", e
+    while cause is not None:  # callers may wrap it (e.g. naming the stage)
+      if isinstance(cause, ckpt_lib.CorruptCheckpointError):
+        fallback = _fallback_command(cause, _WORKDIR.value)
+        break
+      cause = cause.__cause__
     _fail(f"{e}{fallback}")
 
 
