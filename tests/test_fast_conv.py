@@ -1,5 +1,6 @@
 """FastConv equals nn.Conv(padding='SAME') and FastConvTranspose equals
 nn.ConvTranspose(padding='SAME'): params tree, values and all three gradients."""
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -91,17 +92,75 @@ def _n_convs(model, params, x, t):
 
 
 def test_backward_replaces_the_kernel_gradient_convolution(monkeypatch):
-  x, t = _inputs((3, 6, 5, 3, 4, 3, 1))
-  ref, fast = _pair(4, 3, 1)
+  x, t = _inputs((3, 6, 5, 3, 4, 1, 1))
+  ref, fast = _pair(4, 1, 1)
   params = nn.unbox(ref.init(jax.random.PRNGKey(2), x))["params"]
   # nn.Conv's gradient program has three convolutions (forward, input and kernel
-  # gradients); FastConv's has two, its kernel gradient being a matmul.
+  # gradients); a 1x1 FastConv's has two, its kernel gradient being a matmul.
   assert (_n_convs(ref, params, x, t), _n_convs(fast, params, x, t)) == (3, 2)
   # A layer narrower than MIN_FAST_CHANNELS keeps XLA's kernel gradient.
   monkeypatch.setattr(fast_conv, "MIN_FAST_CHANNELS", 16)
   assert _n_convs(fast, params, x, t) == 3
 
 
+def test_cpu_plans_of_the_stage1_layers(monkeypatch):
+  """Which path each stage-1 layer takes on CPU (benchmarks/README.md has the timings),
+  and that accelerators keep XLA's own convolutions."""
+  monkeypatch.setattr(fast_conv, "MIN_FAST_CHANNELS", 16)
+  plan = fast_conv.conv_plan
+  assert plan((4, 4), (2, 2), 3, 64) == "space_to_depth"     # strided encoder convs
+  assert plan((4, 4), (2, 2), 64, 128) == "space_to_depth"
+  assert plan((3, 3), (1, 1), 128, 128) == "xla"             # XLA's 3x3 kernel gradient
+  assert plan((1, 1), (1, 1), 32, 128) == "im2col"           # residual 1x1s, pre-quant
+  assert plan((1, 1), (1, 1), 3, 128) == "xla"
+  tplan = fast_conv.transpose_plan
+  assert tplan((4, 4), (2, 2), 128, 64) == "blocks_im2col"
+  assert tplan((4, 4), (2, 2), 64, 3) == "blocks"           # the RGB output layer
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert plan((4, 4), (2, 2), 64, 128) == plan((1, 1), (1, 1), 32, 128) == "xla"
+  assert tplan((4, 4), (2, 2), 128, 64) == "xla"
+
+
+@pytest.mark.parametrize("plan", fast_conv.CONV_PLANS)
+@pytest.mark.parametrize("case", [(2, 7, 9, 3, 4, 4, 2), (1, 8, 8, 2, 3, 3, 2),
+                                  (2, 6, 5, 3, 2, 3, 1), (1, 9, 7, 2, 3, 5, 3)])
+def test_every_conv_plan_matches_nn_conv(plan, case, monkeypatch):
+  """Each way FastConv can compute a layer equals nn.Conv: values and all gradients."""
+  monkeypatch.setattr(fast_conv, "conv_plan", lambda *a: plan)
+  b, h, w, cin, cout, k, s = case
+  ref, fast = _pair(cout, k, s)
+  x, t = _inputs(case)
+  params = nn.unbox(ref.init(jax.random.PRNGKey(1), x))["params"]
+  _check(ref, fast, params, x, t, jax.jit(_loss_and_grads, static_argnums=0))
+
+
+def _lowered(f, *args) -> str:
+  return jax.jit(f).lower(*args).as_text()
+
+
+def test_strided_conv_input_gradient_is_a_stride_1_conv():
+  """XLA's input gradient of a strided conv dilates the output gradient (lhs_dilation,
+  a slow CPU path); strided_conv2d's is a stride-1 conv on the space-to-depth input."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 3))
+  w = jax.random.normal(jax.random.PRNGKey(1), (4, 4, 3, 5))
+  def dx(conv):
+    return lambda x: jax.grad(lambda x_: jnp.sum(jnp.sin(conv(x_, w, (2, 2)))))(x)
+  assert "lhs_dilate = [2, 2]" in _lowered(dx(fast_conv._conv), x)
+  assert "lhs_dilate = [2, 2]" not in _lowered(dx(fast_conv.strided_conv2d), x)
+  np.testing.assert_allclose(dx(fast_conv.strided_conv2d)(x), dx(fast_conv._conv)(x),
+                             rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("k,s,padding", [(4, 2, "SAME"), (3, 2, "SAME"), (5, 3, "SAME"),
+                                         (4, 2, ((1, 2), (0, 3))), (2, 2, ((0, 0), (1, 0))),
+                                         (3, 1, ((2, 0), (1, 1)))])
+def test_space_to_depth_conv_equals_the_strided_conv(k, s, padding):
+  x = jax.random.normal(jax.random.PRNGKey(k + s), (2, 9, 8, 3))
+  w = jax.random.normal(jax.random.PRNGKey(7), (k, k, 3, 4))
+  want = fast_conv._conv(x, w, (s, s), padding)
+  got = fast_conv._space_to_depth_conv(x, w, (s, s), padding)
+  chex.assert_shape(got, want.shape)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 @pytest.mark.parametrize("case", [(8, 6, 6, 3, 4, 3, 1), (16, 8, 8, 2, 3, 4, 2)])
 def test_matches_nn_conv_with_sharded_batch(case):
   devices = np.array(jax.devices()[:8])
@@ -247,3 +306,36 @@ def test_causal_conv_fast_path_matches_xla(mode, kernel, monkeypatch):
   np.testing.assert_allclose(gx_fast, gx_ref, rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(gp_fast["kernel"], gp_ref["kernel"], rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(gp_fast["bias"], gp_ref["bias"], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("plan", fast_conv.TRANSPOSE_PLANS)
+@pytest.mark.parametrize("case", TRANSPOSE_CASES + [(2, 4, 5, 3, 3, 6, 2), (1, 3, 4, 2, 2, 4, 3)])
+def test_every_transpose_plan_matches_nn_conv_transpose(plan, case, monkeypatch):
+  """Each way FastConvTranspose can compute a layer equals nn.ConvTranspose: values and
+  all gradients."""
+  monkeypatch.setattr(fast_conv, "transpose_plan", lambda *a: plan)
+  _, _, _, cin, cout, k, s = case
+  ref, fast = _transpose_pair(cout, k, s)
+  x, t = _transpose_inputs(case)
+  params = nn.unbox(ref.init(jax.random.PRNGKey(1), x))["params"]
+  _check(ref, fast, params, x, t, jax.jit(_loss_and_grads, static_argnums=0))
+
+
+@pytest.mark.parametrize("k,s", [(4, 2), (3, 2), (2, 2), (5, 2), (6, 2), (4, 3), (5, 3),
+                                 (3, 1), (1, 1)])
+def test_block_conv_transpose_is_one_stride_1_conv(k, s):
+  """`_block_conv_transpose` equals lax.conv_transpose 'SAME' and needs no dilated input;
+  for the paper's 4x4 stride-2 upsampler its kernel holds no zeros (no wasted FLOPs)."""
+  x = jax.random.normal(jax.random.PRNGKey(k), (2, 5, 4, 3))
+  w = jax.random.normal(jax.random.PRNGKey(s), (k, k, 3, 2))
+  want = fast_conv._conv_transpose(x, w, (s, s))
+  got = fast_conv._block_conv_transpose(x, w, (s, s))
+  chex.assert_shape(got, (2, 5 * s, 4 * s, 2))
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  text = _lowered(lambda x: fast_conv._block_conv_transpose(x, w, (s, s)), x)
+  assert text.count("stablehlo.convolution") == 1
+  if s > 1:
+    assert f"lhs_dilate = [{s}, {s}]" not in text
+  _, _, length, taps = fast_conv._block_plan(k, s)
+  if (k, s) == (4, 2):
+    assert length == 2 and sorted(r for t in taps for r, _ in t) == [0, 1, 2, 3]

@@ -1,22 +1,25 @@
-"""A 'SAME'-padded 2-D convolution whose weight gradient is one matmul.
+"""CPU convolutions that avoid XLA:CPU's slow lowerings; values and parameters of nn.Conv.
 
-XLA's CPU backend lowers the gradient of a convolution w.r.t. its kernel to another
-convolution whose "kernel" is the whole output map, and runs it several times slower
-than the forward convolution (benchmarks/README.md, "What limits training on CPU").
-`fast_conv2d` keeps XLA's forward convolution and input gradient but computes the kernel
-gradient as im2col (the kh*kw shifted, strided slices of the padded input concatenated on
-the channel axis) times the output gradient, a single matmul with float32 accumulation.
+XLA:CPU runs stride-1 convolutions fast (through YNNPACK or Eigen), but a convolution
+with a dilated input (the forward pass of a transposed conv, the input gradient of a
+strided conv) and the kernel gradient of 1x1 and transposed convs take slow paths
+(benchmarks/README.md, "profile_stage1"). Each layer therefore gets a plan:
 
-`FastConv` is a drop-in Linen module for `nn.Conv(..., padding='SAME')`: same parameter
-names, shapes and initialisers, so checkpoints are interchangeable. Layers with fewer than
-`MIN_FAST_CHANNELS` input or output channels keep XLA's gradient, which wins there.
+* `conv_plan` (FastConv, 'SAME' nn.Conv): 'space_to_depth' for strided convs
+  (`strided_conv2d`: XLA's forward and kernel gradient, the input gradient that of the
+  same conv written as space-to-depth + a stride-1 conv); 'im2col' for 1x1 convs
+  (`fast_conv2d`: the kernel gradient is one matmul of the input with the output
+  gradient, k*k shifted slices for larger kernels, float32 sums); 'xla' otherwise.
+* `transpose_plan` (FastConvTranspose, 'SAME' nn.ConvTranspose): the forward pass is
+  `_block_conv_transpose`, one stride-1 conv whose kernel holds the s*s output phases
+  side by side on the output channels, then depth to space; its kernel gradient is
+  phase-wise im2col matmuls ('blocks_im2col', `fast_conv_transpose2d`) or autodiff
+  ('blocks', a stride-1 kernel-gradient conv, for the thin RGB output layer).
 
-`fast_conv_transpose2d` / `FastConvTranspose` do the same for the paper's strided
-transposed convolution (`nn.ConvTranspose(..., padding='SAME')`, kernel not flipped). Its
-output position s*i + a only sees kernel taps r with r = pad - a (mod s), so the kernel
-gradient splits into s*s output phases, each one im2col matmul over shifted views of the
-undilated input: the same FLOPs as the forward pass, none spent on the zeros of a dilated
-input.
+Accelerators always get plan 'xla' (XLA's own convolutions). `fast_conv2d` also serves
+the priors' causal convolutions (explicit padding, `fast_gradient_pays`). Layers with
+fewer than `MIN_FAST_CHANNELS` input or output channels keep XLA's kernel gradient.
+Parameters have nn.Conv's names, shapes and initialisers: checkpoints are interchangeable.
 """
 from __future__ import annotations
 
@@ -124,6 +127,58 @@ def _bwd(strides, padding, res, g):
 fast_conv2d.defvjp(_fwd, _bwd)
 
 
+def _space_to_depth_conv(x: jax.Array, w: jax.Array, strides: tuple[int, int],
+                         padding="SAME") -> jax.Array:
+  """The strided convolution `_conv(x, w, strides, padding)` as a stride-1 one.
+
+  The padded input is folded s_h x s_w -> channels (space to depth) and the kernel zero-
+  padded to a multiple of the strides and folded alike: [ceil(kh/sh), ceil(kw/sw), sh*sw*C,
+  O]. Same values (no FLOPs spent on zeros when the kernel divides by the strides, as the
+  4x4 stride-2 convs do). Its input gradient is a stride-1 convolution too, where XLA's own
+  for a strided conv dilates the output gradient (a slow CPU lowering).
+  """
+  b, h, w_, c = x.shape
+  kh, kw, _, o = w.shape
+  sh, sw = strides
+  (plo_h, phi_h), (plo_w, phi_w) = _pads(padding, x.shape, w.shape, strides)
+  oh, ow = (h + plo_h + phi_h - kh) // sh + 1, (w_ + plo_w + phi_w - kw) // sw + 1
+  fh, fw = -(-kh // sh), -(-kw // sw)  # folded kernel size
+  hn, wn = sh * (oh + fh - 1), sw * (ow + fw - 1)  # padded input the folded conv reads
+  zero = jnp.zeros((), x.dtype)
+  xp = lax.pad(x, zero, ((0, 0, 0), (plo_h, hn - h - plo_h, 0), (plo_w, wn - w_ - plo_w, 0),
+                         (0, 0, 0)))  # negative high padding crops rows no output reads
+  xs = xp.reshape(b, hn // sh, sh, wn // sw, sw, c).transpose(0, 1, 3, 2, 4, 5)
+  xs = xs.reshape(b, hn // sh, wn // sw, sh * sw * c)
+  wp = jnp.pad(w, ((0, fh * sh - kh), (0, fw * sw - kw), (0, 0), (0, 0)))
+  ws = wp.reshape(fh, sh, fw, sw, c, o).transpose(0, 2, 1, 3, 4, 5).reshape(fh, fw, -1, o)
+  return lax.conv_general_dilated(xs, ws, (1, 1), "VALID", dimension_numbers=_DIMENSION_NUMBERS)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def strided_conv2d(x: jax.Array, w: jax.Array, strides: tuple[int, int] = (2, 2),
+                   padding="SAME") -> jax.Array:
+  """`_conv(x, w, strides, padding)` whose input gradient is a stride-1 convolution.
+
+  Args / returns as `fast_conv2d`. The forward pass and kernel gradient are XLA's; the
+  input gradient is that of `_space_to_depth_conv` (same linear map, so the same values).
+  """
+  return _conv(x, w, strides, padding)
+
+
+def _fwd_strided(x, w, strides, padding):
+  return _conv(x, w, strides, padding), (x, w)
+
+
+def _bwd_strided(strides, padding, res, g):
+  x, w = res
+  _, vjp_x = jax.vjp(lambda x_: _space_to_depth_conv(x_, w, strides, padding), x)
+  _, vjp_w = jax.vjp(lambda w_: _conv(x, w_, strides, padding), w)
+  return vjp_x(g)[0], vjp_w(g)[0]
+
+
+strided_conv2d.defvjp(_fwd_strided, _bwd_strided)
+
+
 def _transpose_taps(k: int, s: int) -> list[tuple[int, int]]:
   """Per kernel tap r of a 'SAME' transposed conv (kernel k, stride s): (output phase a,
   input offset d), meaning out[s*i + a] receives x[i + d] * w[r]."""
@@ -151,6 +206,67 @@ def _phase_plan(kernel_shape: Sequence[int], strides: tuple[int, int]):
              [(q, d) for q, (p, d) in enumerate(taps_w) if p == b])
             for a in range(strides[0]) for b in range(strides[1])]
   return pads(taps_h), pads(taps_w), phases
+
+
+def _block_plan(k: int, s: int) -> tuple[int, int, int, list[list[tuple[int, int]]]]:
+  """Blocks of s consecutive outputs of a 'SAME' transposed conv that read one window.
+
+  Output s*u + c + j (j < s) of block u receives x[u + lo + e] * w[r] for its (r, e) in
+  taps[j], e < L: every block reads the same L inputs, so one stride-1 conv with an
+  [L, C, s*O] kernel computes all s outputs. The shift c is chosen for the shortest window;
+  for k = 4, s = 2 it is 1 and L = 2, so each tap is used once and no FLOP hits a zero.
+  Returns (c, lo, L, taps).
+  """
+  phase = _transpose_taps(k, s)
+  best = None
+  for c in range(s):
+    taps = [[(r, (c + j) // s + d) for r, (a, d) in enumerate(phase) if a == (c + j) % s]
+            for j in range(s)]
+    offsets = [e for t in taps for _, e in t]
+    lo, length = min(offsets), max(offsets) - min(offsets) + 1
+    if best is None or length < best[2]:
+      best = (c, lo, length, [[(r, e - lo) for r, e in t] for t in taps])
+  return best
+
+
+def _block_conv_transpose(x: jax.Array, w: jax.Array, strides: tuple[int, int]) -> jax.Array:
+  """`lax.conv_transpose(x, w, strides, 'SAME')` as one stride-1 convolution.
+
+  x: [B, H, W, C]; w: [kh, kw, C, O] -> [B, sh*H, sw*W, O]. The kernel is gathered into
+  [Lh, Lw, C, sh*sw*O] (`_block_plan`, zeros where a block's output skips a window tap),
+  the stride-1 conv runs on the input padded to cover every block, and the sh*sw channel
+  groups are moved to their output positions (depth to space) and cropped to sh*H x sw*W.
+  XLA:CPU runs the stride-1 conv through its fast convolution library; its own transposed
+  conv dilates the input first and takes a slow path.
+  """
+  b, h, w_, c = x.shape
+  kh, kw, _, o = w.shape
+  (sh, sw), plans = strides, (_block_plan(kh, strides[0]), _block_plan(kw, strides[1]))
+  (ch, lo_h, len_h, taps_h), (cw, lo_w, len_w, taps_w) = plans
+  # Kernel index of (window row, window col, block row j, block col i); kh*kw = zero tap.
+  index = np.full((len_h, len_w, sh, sw), kh * kw, np.int32)
+  for j, rows in enumerate(taps_h):
+    for i, cols in enumerate(taps_w):
+      for r, e in rows:
+        for q, f in cols:
+          index[e, f, j, i] = r * kw + q
+  taps = jnp.concatenate([w.reshape(kh * kw, c, o), jnp.zeros((1, c, o), w.dtype)])
+  kernel = taps[index].transpose(0, 1, 4, 2, 3, 5).reshape(len_h, len_w, c, sh * sw * o)
+  # Blocks u0..u0+n-1 cover outputs 0..s*H-1; block u reads x[u + lo, u + lo + L).
+  u0_h, u0_w = (-1 if ch else 0), (-1 if cw else 0)
+  n_h, n_w = (sh * h - 1 - ch) // sh - u0_h + 1, (sw * w_ - 1 - cw) // sw - u0_w + 1
+  pads = [(-(u0_h + lo_h), u0_h + n_h + lo_h + len_h - 1 - h),
+          (-(u0_w + lo_w), u0_w + n_w + lo_w + len_w - 1 - w_)]
+  if any(p < 0 for pair in pads for p in pair):  # crop inputs no block reads
+    x = lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0)] + [(min(a, 0), min(b, 0), 0)
+                                                         for a, b in pads] + [(0, 0, 0)])
+  # Zero padding inside the conv: XLA:CPU runs that form faster than pad + 'VALID'.
+  y = lax.conv_general_dilated(x, kernel, (1, 1), [(max(a, 0), max(b, 0)) for a, b in pads],
+                               dimension_numbers=_DIMENSION_NUMBERS)
+  y = y.reshape(b, n_h, n_w, sh, sw, o).transpose(0, 1, 3, 2, 4, 5)
+  y = y.reshape(b, n_h * sh, n_w * sw, o)
+  top, left = -(sh * u0_h + ch), -(sw * u0_w + cw)
+  return y[:, top:top + sh * h, left:left + sw * w_]
 
 
 def _conv_transpose(x: jax.Array, w: jax.Array, strides: tuple[int, int]) -> jax.Array:
@@ -199,14 +315,15 @@ def fast_conv_transpose2d(x: jax.Array, w: jax.Array, strides: tuple[int, int] =
     w: float [kh, kw, C, O], same dtype as x.
     strides: (sh, sw), static Python ints.
   Returns:
-    [B, sh*H, sw*W, O] in x's dtype, identical in value to nn.ConvTranspose's; only the
-    kernel gradient is computed differently (phase-wise im2col matmuls, float32 sums).
+    [B, sh*H, sw*W, O] in x's dtype, equal in value to nn.ConvTranspose's (computed as
+    `_block_conv_transpose`). The input gradient is XLA's (a strided convolution), the
+    kernel gradient phase-wise im2col matmuls with float32 sums.
   """
-  return _conv_transpose(x, w, strides)
+  return _block_conv_transpose(x, w, strides)
 
 
 def _fwd_transpose(x, w, strides):
-  return _conv_transpose(x, w, strides), (x, w)
+  return _block_conv_transpose(x, w, strides), (x, w)
 
 
 def _bwd_transpose(strides, res, g):
@@ -219,11 +336,52 @@ def _bwd_transpose(strides, res, g):
 
 fast_conv_transpose2d.defvjp(_fwd_transpose, _bwd_transpose)
 
+CONV_PLANS = ("xla", "im2col", "space_to_depth")
+TRANSPOSE_PLANS = ("xla", "blocks", "blocks_im2col")
+
+
+def conv_plan(kernel_size: tuple[int, int], strides: tuple[int, int], in_channels: int,
+              out_channels: int) -> str:
+  """How FastConv computes a layer (one of CONV_PLANS; measurements: benchmarks/README.md).
+
+  Accelerators: 'xla'. CPU: 'space_to_depth' for strided convs (`strided_conv2d`: XLA's
+  forward and kernel gradient, a stride-1 input gradient); 'im2col' for 1x1 convs of
+  >= MIN_FAST_CHANNELS channels (`fast_conv2d`: the kernel gradient is one matmul, 7x
+  XLA's); XLA's own otherwise (for 3x3 convs XLA:CPU's kernel gradient beat im2col).
+  """
+  if jax.default_backend() != "cpu":
+    return "xla"
+  if tuple(strides) != (1, 1):
+    return "space_to_depth"
+  if tuple(kernel_size) == (1, 1) and fast_gradient_pays(in_channels, out_channels):
+    return "im2col"
+  return "xla"
+
+
+def transpose_plan(kernel_size: tuple[int, int], strides: tuple[int, int],
+                   in_channels: int, out_channels: int) -> str:
+  """How FastConvTranspose computes a layer (one of TRANSPOSE_PLANS).
+
+  Accelerators: 'xla' (lax.conv_transpose). CPU: the forward pass is always
+  `_block_conv_transpose` (one stride-1 conv); 'blocks_im2col' (`fast_conv_transpose2d`:
+  phase-wise im2col kernel gradient) for layers of >= MIN_FAST_CHANNELS channels, 'blocks'
+  (autodiff, a stride-1 kernel-gradient conv) for thinner ones such as the RGB output.
+  """
+  del kernel_size, strides
+  if jax.default_backend() != "cpu":
+    return "xla"
+  return "blocks_im2col" if fast_gradient_pays(in_channels, out_channels) else "blocks"
+
+
+_CONVOLUTIONS = {"xla": _conv, "im2col": fast_conv2d, "space_to_depth": strided_conv2d}
+_TRANSPOSED = {"xla": _conv_transpose, "blocks": _block_conv_transpose,
+               "blocks_im2col": fast_conv_transpose2d}
+
 
 class _CpuConv(nn.Module):
   """Parameters and dispatch shared by FastConv and FastConvTranspose: float32 'kernel'
   [kh, kw, in, out] and 'bias' [out] from the given initialisers (boxed logical names
-  kept), the fast kernel gradient for layers of >= MIN_FAST_CHANNELS channels."""
+  kept), the convolution `convolution` picks for the layer."""
   features: int
   kernel_size: tuple[int, int]
   strides: tuple[int, int] = (1, 1)
@@ -231,8 +389,8 @@ class _CpuConv(nn.Module):
   kernel_init: Initializer = nn.initializers.lecun_normal()
   bias_init: Initializer = nn.initializers.zeros_init()
 
-  def convolutions(self):
-    """(fast, plain): the custom-gradient convolution and XLA's own, same signature."""
+  def convolution(self, kernel_size, strides, in_channels: int) -> Callable[..., jax.Array]:
+    """fn(x, kernel, strides) -> y for this layer on this backend."""
     raise NotImplementedError
 
   @nn.compact
@@ -249,31 +407,30 @@ class _CpuConv(nn.Module):
                         kernel_size + (x.shape[-1], self.features), jnp.float32)
     bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    fast, plain = self.convolutions()
-    conv = fast if fast_gradient_pays(x.shape[-1], self.features) else plain
+    conv = self.convolution(kernel_size, strides, x.shape[-1])
     return conv(x, kernel, strides) + bias
 
 
 class FastConv(_CpuConv):
-  """`nn.Conv(features, kernel_size, strides, padding='SAME')` with `fast_conv2d` inside,
-  parameters exactly as nn.Conv names them.
+  """`nn.Conv(features, kernel_size, strides, padding='SAME')` computed as `conv_plan`
+  says, parameters exactly as nn.Conv names them.
 
   x: float [B, H, W, in] -> dtype [B, ceil(H / sh), ceil(W / sw), features].
   """
 
-  def convolutions(self):
-    """(fast_conv2d, XLA's 'SAME' convolution)."""
-    return fast_conv2d, _conv
+  def convolution(self, kernel_size, strides, in_channels):
+    """XLA's conv, `fast_conv2d` or `strided_conv2d` (`conv_plan`)."""
+    return _CONVOLUTIONS[conv_plan(kernel_size, strides, in_channels, self.features)]
 
 
 class FastConvTranspose(_CpuConv):
-  """`nn.ConvTranspose(features, kernel_size, strides, padding='SAME')` with
-  `fast_conv_transpose2d` inside, parameters exactly as nn.ConvTranspose names them.
+  """`nn.ConvTranspose(features, kernel_size, strides, padding='SAME')` computed as
+  `transpose_plan` says, parameters exactly as nn.ConvTranspose names them.
 
   x: float [B, H, W, in] -> dtype [B, sh*H, sw*W, features].
   """
   strides: tuple[int, int] = (2, 2)
 
-  def convolutions(self):
-    """(fast_conv_transpose2d, XLA's 'SAME' transposed convolution)."""
-    return fast_conv_transpose2d, _conv_transpose
+  def convolution(self, kernel_size, strides, in_channels):
+    """lax.conv_transpose, `_block_conv_transpose` or `fast_conv_transpose2d`."""
+    return _TRANSPOSED[transpose_plan(kernel_size, strides, in_channels, self.features)]
