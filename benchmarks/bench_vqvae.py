@@ -95,14 +95,23 @@ def _version(name: str) -> str:
 
 
 def _cpu_name() -> str:
+  """'AMD EPYC (family 26 model 2, avx512)': VMs name the CPU vaguely, and XLA:CPU's
+  kernels (and so the JAX/PyTorch ratios) differ between CPU generations."""
+  info = {}
   try:
     with open("/proc/cpuinfo") as f:
       for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
+        key, _, value = line.partition(":")
+        if key.strip() in ("model name", "cpu family", "model", "flags"):
+          info.setdefault(key.strip(), value.strip())
   except OSError:
     pass
-  return platform.processor() or "?"
+  if "model name" not in info:
+    return platform.processor() or "?"
+  simd = "avx512" if "avx512f" in info.get("flags", "").split() else (
+      "avx2" if "avx2" in info.get("flags", "").split() else "no-avx2")
+  return (f"{info['model name']} (family {info.get('cpu family', '?')} model "
+          f"{info.get('model', '?')}, {simd})")
 
 
 def print_environment(env: dict[str, Any]) -> None:
@@ -414,6 +423,7 @@ def build_variants(args, ops) -> tuple[list[Any], dict[str, Any]]:
 def measure(variants, ops, steps: int, warmup: int) -> list[dict[str, Any]]:
   """Times every op of every variant, interleaved so load changes hit them alike."""
   rows = [dict(name=v.name, framework=v.framework, upsample=v.upsample, params=v.params,
+               batch=v.batch,
                flops_per_image=v.flops, compile_s=v.compile_s, seconds={}, per_sec={})
           for v in variants]
   for op in ops:
@@ -457,6 +467,11 @@ def print_table(rows, setup, ops, steps: int) -> None:
         print(f"ratio {r['name']} / {t['name']}: " + "  ".join(
             f"{o} {r['per_sec'][o] / t['per_sec'][o]:.2f}x" for o in ops)
             + f"   (params {r['params'] / t['params']:.3f}x)")
+    fastest = lambda r, o: r["batch"] / min(r["seconds"][o])
+    print("fastest-call ratios (the least disturbed call of each; load only adds time): "
+          + "; ".join(f"{r['name']} " + " ".join(
+              f"{o} {fastest(r, o) / fastest(t, o):.2f}x" for o in ops)
+                      for r in rows if r is not t))
     print("GFLOP: JAX = XLA cost analysis of the compiled program (all ops, incl. Adam); "
           "torch = FlopCounterMode (conv/matmul only).")
   print("seconds per call: " + "; ".join(
