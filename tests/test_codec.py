@@ -331,3 +331,46 @@ def test_cli_end_to_end_on_two_pngs(tiny_pipeline, tmp_path):
   rows = json.load(open(tmp_path / "bits.json"))["images"]
   want = run.log_prob(np.stack([files.read_image(p, size)[0] for p in paths]), 0)["bits"]
   np.testing.assert_allclose([row["bits"] for row in rows], want, rtol=1e-5)
+
+
+# --------------------------------------------------------------------- rate-distortion
+def test_rate_distortion_of_a_lossless_codec_and_the_references():
+  from vqvae2_jax.eval import rate_distortion as rd  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  images = (rng.random((3, 32, 32, 3)) * 64 + np.linspace(0, 160, 32)[None, :, None, None]
+            ).astype(np.uint8)
+  result = rd.rate_distortion(
+      images, lambda x: [im.tobytes() for im in x],
+      lambda s: np.stack([np.frombuffer(b, np.uint8).reshape(32, 32, 3) for b in s]),
+      latents_per_image=80, num_codes=16, header_bytes=0,
+      options=rd.RateDistortionOptions(jpeg_qualities=(10, 50, 95),
+                                       webp_qualities=(10, 50, 95)),
+      code_length_bits=lambda s: np.full(len(s), 8.0 * 32 * 32 * 3))
+  rows = {r["method"].split(" (")[0]: r for r in result["rows"]}
+  assert rows["codec"]["bpp"] == 24.0 and rows["codec"]["psnr"] == float("inf")
+  assert rows["codec"]["ssim"] == 1.0
+  assert rows["raw indices"]["bpp"] == 80 * 4 / 32**2
+  for name in ("jpeg", "webp"):
+    c = result["curves"][name]
+    assert c["bpp"] == sorted(c["bpp"]) and c["psnr"] == sorted(c["psnr"])  # monotone
+    matched = rows[f"{name.upper()} at matched bpp"]
+    assert matched["bpp"] == pytest.approx(max(c["bpp"]), rel=0.2)  # closest to 24 bpp
+  # No lossy setting reaches infinite PSNR.
+  assert rows["JPEG at the codec's PSNR"]["images_reached"] == 0
+  assert result["rate_vs_nll"]["mean_gap"] == 0.0
+  np.testing.assert_allclose(rd.psnr(images, images ^ 1).min(),
+                             10 * np.log10(255**2 / 1.0), atol=1e-3)
+  assert "| codec (priors + range coder) | 24.0000 |" in rd.render_markdown(result)
+
+
+@pytest.mark.xdist_group("tiny_pipeline")
+def test_bench_codec_runs_on_the_tiny_pipeline(tiny_pipeline, tmp_path):
+  sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+  import bench_codec  # pylint: disable=g-import-not-at-top
+  result = bench_codec.main([f"--workdir={tiny_pipeline}", f"--out={tmp_path}",
+                             "--num_images=4", "--batch_size=2"])
+  assert (tmp_path / "rate_distortion.png").is_file()
+  assert "JPEG at matched bpp" in (tmp_path / "report.md").read_text()
+  gap = result["rate_vs_nll"]
+  assert abs(gap["payload_bits"] - gap["nll_bits"]) <= 0.01 * gap["nll_bits"] + 64
+  assert result["speed"]["decompress_images_per_s"] > 0
