@@ -59,8 +59,8 @@ def test_notebook_runs_tiny(tmp_path, monkeypatch):
   # Every picture the notebook shows was written and displayed.
   for rel in ("vqvae/curves.png", "vqvae/codebook_usage.png", "vqvae/level_subsets.png",
               "prior_top/curves.png", "prior_bottom/curves.png", "classifier/curves.png",
-              "sample/samples.png", "sample/rejection.png"):
+              "sample/samples.png", "sample/rejection.png", "bits_per_image.png"):
     assert (workdir / rel).is_file(), rel
   shown = sum(1 for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs
               if "image/png" in out.get("data", {}))
-  assert shown == 9, f"{shown} images displayed"
+  assert shown == 10, f"{shown} images displayed"
