@@ -56,14 +56,16 @@ def main(argv=None) -> dict:
   labels = labels if run.codec.conditional else None
   compress = lambda x: run.compress(x, None if labels is None else labels[:len(x)],
                                     batch_size=b)
-  # Compile warm-up of every program timed below (one batch each).
-  run.decompress(compress(images[:b]))
-  run.sample(b, batch_size=b)
-  run.log_prob(images[:b], None if labels is None else labels[:b])
+  # Compile warm-up of every program timed below, at the very shapes timed (stage-1
+  # encode / decode batch by the number of images, the loops by --batch_size).
+  run.decompress(compress(images))
+  run.sample(n, batch_size=b)
+  run.log_prob(images, labels)
+  run.reconstruct(images)
 
   load_before = os.getloadavg()
   lat = sum(int(np.prod(s)) for s in run.manifest["shapes"].values())
-  header = stream.unpack(compress(images[:1])[0])[0].size_bytes
+  header = stream.unpack(compress(images[:b])[0])[0].size_bytes
   result = rd.rate_distortion(
       images, compress, run.decompress, latents_per_image=lat,
       num_codes=int(run.manifest["num_codes"]), header_bytes=header,
