@@ -12,7 +12,9 @@ Measures, in bfloat16 compute with float32 parameters:
     (Table 3; `--prior-layers` trims the depth when memory demands it);
   * reference vs incremental sampling time for a 32x32 top prior and a 64x64 conditional
     bottom prior (the reference extrapolated from its first positions);
-  * peak device memory.
+  * peak device memory, and first the memory plan (benchmarks/memory_plan.py) of stage 1
+    and the top prior compiled for this device next to their measured peak, to calibrate
+    the CPU-made plan of the paper configs.
 FLOP utilisation = XLA's cost-analysis FLOPs per step / step time / the device's peak
 bf16 FLOP/s (a table of known devices, or --peak-tflops).
 """
@@ -34,9 +36,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_prior  # noqa: E402  pylint: disable=g-import-not-at-top
 import bench_sampling  # noqa: E402  pylint: disable=g-import-not-at-top
 import bench_vqvae  # noqa: E402  pylint: disable=g-import-not-at-top
+import memory_plan  # noqa: E402  pylint: disable=g-import-not-at-top
 
 from vqvae2_jax.models.prior import PixelSNAILPrior  # noqa: E402
-from vqvae2_jax.stages import common  # noqa: E402
+from vqvae2_jax import builders  # noqa: E402
 
 # Dense bf16 peak FLOP/s by device-kind substring (vendor figures, no sparsity).
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L4": 121.0, "A10": 125.0,
@@ -108,7 +111,7 @@ def priors(args, peak) -> dict:
     with config.unlocked():
       if args.prior_layers:
         config.priors[level].num_layers = args.prior_layers
-    prior = common.build_prior(config, level, manifest, jnp.bfloat16)
+    prior = builders.build_prior(config, level, manifest, jnp.bfloat16)
     bench = bench_prior.JaxPriorBench(f"imagenet256_{level}", prior, manifest, level,
                                       config.priors[level].train, args.prior_batch)
     sec = timed(bench.train, args.steps)
@@ -118,6 +121,42 @@ def priors(args, peak) -> dict:
                       "flops_per_step": bench.flops,
                       "mfu": utilisation(bench.flops, sec, peak)}
   return results
+
+
+def memory(args) -> dict:
+  """The memory plan of stage 1 and the top prior on this device next to the measured peak.
+
+  Each step is compiled here (this backend's memory_analysis), then run once on real
+  zero-filled state, and the device's peak_bytes_in_use read after it; the same steps
+  planned on CPU (benchmarks/memory_plan.py, same batch, one device) give the CPU/device
+  ratio that calibrates the paper-config table. Runs first, so the peak is its own.
+  """
+  devices = jax.devices()[:1]
+  mesh = memory_plan.make_mesh(devices, 1)
+  experiment_arg = ",tiny" if args.small else ""
+  out = {"note": "plan = this device's XLA buffer assignment; peak = measured after the step"}
+  jobs = (("vqvae", None, args.vqvae_batch), ("prior", "top", args.prior_batch))
+  for stage, level, batch in jobs:
+    config = memory_plan.load_config(
+        "imagenet256", (stage if level is None else f"prior_{level}") + experiment_arg)
+    if level and args.prior_layers:
+      with config.unlocked():
+        config.priors[level].num_layers = args.prior_layers
+    step = memory_plan.make_step(config, stage, level, "none")
+    compiled, (make_state, shardings), abstract_batch = memory_plan.compile_step(
+        step, mesh, 1, config.axis_rules, batch_size=batch, compiler_options=None)
+    row = memory_plan.memory_row(compiled)
+    state = jax.jit(make_state, out_shardings=shardings)(jax.random.PRNGKey(0))
+    inputs = {k: jnp.zeros(a.shape, a.dtype, device=a.sharding)
+              for k, a in abstract_batch.items()}
+    new_state, metrics = compiled(state, inputs)
+    jax.block_until_ready((new_state, metrics))
+    name = step.name
+    out[name] = {"batch": batch, "plan_bytes": {k: row[k] for k in
+                                                ("argument", "output", "alias", "temp", "peak")},
+                 "measured_peak_bytes": peak_memory_bytes(devices[0])}
+    del state, new_state
+  return out
 
 
 def sampling(args) -> dict:
@@ -173,7 +212,8 @@ def main(argv=None) -> dict:
             "num_devices": jax.device_count(), "peak_bf16_tflops": peak,
             "environment": bench_vqvae.environment(), "small": args.small}
   skip = set(filter(None, args.skip.split(",")))
-  for name, fn in (("stage1", lambda: stage1(args, peak)), ("priors", lambda: priors(args, peak)),
+  for name, fn in (("memory", lambda: memory(args)),
+                   ("stage1", lambda: stage1(args, peak)), ("priors", lambda: priors(args, peak)),
                    ("sampling", lambda: sampling(args))):
     if name in skip:
       continue

@@ -160,3 +160,33 @@ def test_microbatches_are_strided_rows():
   x = jnp.arange(8)
   np.testing.assert_array_equal(step_lib.split_microbatches({"x": x}, 2)["x"],
                                 [[0, 2, 4, 6], [1, 3, 5, 7]])
+
+
+def test_memory_plan_on_a_tiny_prior_extrapolates_depth_like_the_full_compile():
+  import os  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from helpers import ROOT  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+  import memory_plan  # pylint: disable=g-import-not-at-top
+  config = memory_plan.load_config("imagenet256", "prior_top,tiny")
+  with config.unlocked():
+    config.priors.top.update(dict(num_layers=4, num_output_layers=4, attention_every=1))
+    config.priors.top.train.batch_size = 4
+  assert memory_plan.depth_units(config.priors.top) == 4
+  mesh = memory_plan.make_mesh(jax.devices()[:1], 1)
+  rows = {}
+  for exact in (False, True):
+    rows[exact], how = memory_plan.planned_bytes(config, "prior", "top", "block", mesh, 2,
+                                                 config.axis_rules, exact)
+    assert how == ("full" if exact else "u=4 (extrap.)")
+  for key in ("argument", "output", "temp", "peak"):
+    assert rows[True][key] > 0
+    np.testing.assert_allclose(rows[False][key], rows[True][key], rtol=0.1, err_msg=key)
+  r = rows[True]
+  assert r["peak"] == r["argument"] + r["output"] - r["alias"] + r["temp"]
+  assert r["fits_gb"] == [16, 32, 80, 141]
+  line = memory_plan.format_row({"experiment": "x", "step": "prior_top", "batch": 4,
+                                 "per_device_batch": 4, "per_device_micro": 2,
+                                 "remat": "block", "fsdp": 1, "accum": 2, "compile_s": 1.0,
+                                 "how": "full", **r})
+  assert "16,32,80,141" in line

@@ -173,7 +173,9 @@ class CondStack(nn.Module):
       table = self.param(f"embedding_{u}", _table_init(("vocab", "mlp")),
                          (self.num_codes, self.hidden), jnp.float32)
       e = _one_hot_lookup(table, codes, self.dtype)
-      e = jnp.repeat(jnp.repeat(e, s, axis=1), s, axis=2)  # nearest upsample
+      b, h, w, ch = e.shape  # nearest upsample as a broadcast: no gather, cheap gradient
+      e = jnp.broadcast_to(e[:, :, None, :, None], (b, h, s, w, s, ch)).reshape(
+          b, h * s, w * s, ch)
       feats.append(nn.Conv(self.hidden, (3, 3), padding="SAME", dtype=self.dtype,
                            param_dtype=jnp.float32, kernel_init=causal.conv_kernel_init(),
                            bias_init=causal.bias_init(), name=f"upsample_conv_{u}")(e))
