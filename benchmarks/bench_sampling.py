@@ -67,6 +67,12 @@ def _time(fn, repeats: int) -> float:
   return float(np.median(times))
 
 
+def _print_header(header: str):
+  """Prints a table header and a rule under it."""
+  print(header)
+  print("-" * len(header))
+
+
 def _load() -> str:
   return "/".join(f"{x:.1f}" for x in os.getloadavg())
 
@@ -131,7 +137,8 @@ def _peer_models(path: str):
   return {"top32": (top.eval(), 32, None), "cond64": (bottom.eval(), 64, 32)}
 
 
-def peer_time(model, size: int, cond_size: int | None, batch: int, rows: int) -> dict:
+def peer_time(model, size: int, cond_size: int | None, batch: int, rows: int,
+              repeats: int = 2) -> dict:
   """Seconds per batch of the public sampler on a size x size grid, extrapolated.
 
   Runs the body of sample.py's `sample_model` (model on rows 0..i with its cache, softmax
@@ -153,7 +160,7 @@ def peer_time(model, size: int, cond_size: int | None, batch: int, rows: int) ->
 
   first, cache = call(0, 0, {})
   at = sorted(set(np.linspace(0, size - 1, rows).round().astype(int).tolist()))
-  per_call = [call(i, size // 2, cache)[0] for i in at]
+  per_call = [min(call(i, size // 2, cache)[0] for _ in range(repeats)) for i in at]
   all_rows = np.interp(np.arange(size), at, per_call)
   total = float(size * all_rows.sum() + max(first - all_rows[0], 0.0))
   return dict(total=total, first=first, rows=at, per_call=per_call)
@@ -166,19 +173,20 @@ def run_peer(args, ours: dict):
           "(export rosinality/vq-vae-2-pytorch and pass its directory).")
     return
   import torch  # pylint: disable=g-import-not-at-top
+  if args.peer_threads:
+    torch.set_num_threads(args.peer_threads)
   models = _peer_models(args.peer_src)
   print(f"\npublic sampler ({args.peer_src}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads), per call at {args.peer_rows} rows, extrapolated")
   header = (f"{'prior':<8}{'batch':>6}{'params':>9}{'ours':>9}{'calls s (first row..last)':>36}"
             f"{'public s/img':>14}{'ours s/img':>12}{'ratio':>8}  load")
-  print(header)
-  print("-" * len(header))
+  _print_header(header)
   per_image = {}
   for b in args.sweep:
     for name, (model, size, cond_size) in models.items():
       if (name, b) not in ours:
         continue
-      r = peer_time(model, size, cond_size, b, args.peer_rows)
+      r = peer_time(model, size, cond_size, b, args.peer_rows, args.repeats)
       mine = ours[(name, b)]
       n_params = sum(p.numel() for p in model.parameters())
       calls = " ".join(f"{t:.3f}" for t in r["per_call"])
@@ -195,11 +203,10 @@ def run_peer(args, ours: dict):
 
 def run_sweep(args, runs: dict) -> dict:
   """Incremental sampler per-image time and forward-pass multiples at each batch."""
-  print(f"\nbatch sweep: incremental sampler per image and in forward passes of the same batch")
+  print("\nbatch sweep: incremental sampler per image and in forward passes of the same batch")
   header = (f"{'prior':<12}{'grid':>7}{'params':>9}{'batch':>6}{'forward s':>11}{'incr s':>9}"
             f"{'incr s/img':>12}{'incr/fwd':>10}  load")
-  print(header)
-  print("-" * len(header))
+  _print_header(header)
   out = {}
   for b in args.sweep:
     for name in runs:
@@ -243,7 +250,10 @@ def main():
   ap.add_argument("--peer-src", default="",
                   help="checkout of rosinality/vq-vae-2-pytorch: time its sampler too")
   ap.add_argument("--peer-rows", type=int, default=4,
-                  help="rows at which one public sampler call is timed")
+                  help="rows at which the public sampler's call is timed")
+  ap.add_argument("--peer-threads", type=int, default=0,
+                  help="torch threads for the public sampler (0 = torch's default); on a "
+                       "loaded machine 1 thread runs it fastest")
   args = ap.parse_args()
   args.sweep = [int(s) for s in args.sweep.split(",") if s]
   all_runs = priors(args)
@@ -261,8 +271,7 @@ def main():
   header = (f"{'prior':<12}{'grid':>7}{'hid':>5}{'lay':>5}{'attn':>5}{'forward s':>11}"
             f"{'incr s':>9}{'ref s':>11}{'ref/incr':>10}{'incr/fwd':>10}  load")
   print(f"batch={args.batch}")
-  print(header)
-  print("-" * len(header))
+  _print_header(header)
   for name, (model, size) in runs.items():
     r = bench(name, model, args.batch, size, size, args)
     star = "*" if r["extrapolated"] else " "

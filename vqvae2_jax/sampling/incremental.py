@@ -46,6 +46,8 @@ Choose = Callable[[jax.Array, jax.Array], jax.Array]
 # the compiled program. 4 reads 5/8 of a full cache per query.
 ATTENTION_SEGMENTS = 4
 _MASKED = -1e9  # masked attention score: exp underflows to exactly 0 (as in causal.py)
+# Named scopes of the loop's own work (benchmarks/profile_sampling.py groups by them).
+PROFILE_SCOPES = ("row_terms", "horizontal_taps", "attend_cached", "choose", "cache_update")
 
 
 def _roll_in(buf: jax.Array, row: jax.Array) -> jax.Array:
@@ -82,6 +84,11 @@ def _attend_cached(attn: causal.CausalSelfAttention, q: jax.Array,
   Returns:
     float [B, features].
   """
+  with jax.named_scope("attend_cached"):
+    return _attend_cached_impl(attn, q, keys, values, p, start)
+
+
+def _attend_cached_impl(attn, q, keys, values, p, start):
   d = q.shape[-1]
   qf = q.astype(jnp.float32)
   scores = [jnp.einsum("bhd,bhnd->bhn", qf, kc.astype(jnp.float32)) / math.sqrt(d)
@@ -193,9 +200,10 @@ def _loop(prior: PixelSNAILPrior, params, cond_codes, labels, *, shape, choose, 
     for l, layer in enumerate(m.layers):
       st["hrow"][l] = lax.dynamic_update_slice_in_dim(
           st["hrow"][l], nn.elu(h)[:, None].astype(dt), j + kh - 1, 1)
-      taps = lax.dynamic_slice_in_dim(st["hrow"][l], j, kh, 1).reshape(b, kh * ch)
-      act = lax.dynamic_index_in_dim(terms[l], j, 1, keepdims=False) + taps @ kernels[l][1]
-      h = h + causal.gate(act)
+      with jax.named_scope("horizontal_taps"):
+        taps = lax.dynamic_slice_in_dim(st["hrow"][l], j, kh, 1).reshape(b, kh * ch)
+        act = lax.dynamic_index_in_dim(terms[l], j, 1, keepdims=False) + taps @ kernels[l][1]
+        h = h + causal.gate(act)
       if l in attn_after:
         q_in, _ = m.attention_inputs(h, h, pos_p)
         q = m.attn[a].queries(q_in)  # [B, heads, d]
@@ -204,24 +212,27 @@ def _loop(prior: PixelSNAILPrior, params, cond_codes, labels, *, shape, choose, 
                                done[a][1] + [st["values"][a]], p, start)
         a += 1
     logits = m.output(h, train=False).astype(jnp.float32)  # [B, K]
-    code = choose(p, logits).astype(jnp.int32)
+    with jax.named_scope("choose"):
+      code = choose(p, logits).astype(jnp.int32)
     x_p = m.embed(code)
     st["xrow"] = lax.dynamic_update_slice_in_dim(st["xrow"], x_p[:, None].astype(dt),
                                                  j + kx - 1, 1)
     for a, h_a in enumerate(attn_in):
       _, kv_in = m.attention_inputs(h_a, x_p, pos_p)
       key, val = m.attn[a].keys_values(kv_in)  # [B, heads, d]
-      st["keys"][a] = lax.dynamic_update_slice_in_dim(st["keys"][a],
-                                                      key[:, :, None].astype(dt), p - start, 2)
-      st["values"][a] = lax.dynamic_update_slice_in_dim(
-          st["values"][a], val[:, :, None].astype(dt), p - start, 2)
+      with jax.named_scope("cache_update"):
+        st["keys"][a] = lax.dynamic_update_slice_in_dim(
+            st["keys"][a], key[:, :, None].astype(dt), p - start, 2)
+        st["values"][a] = lax.dynamic_update_slice_in_dim(
+            st["values"][a], val[:, :, None].astype(dt), p - start, 2)
     st["codes"] = lax.dynamic_update_slice_in_dim(st["codes"], code[:, None], j, 1)
     if return_logits:
       st["logits"] = lax.dynamic_update_slice_in_dim(st["logits"], logits[:, None], j, 1)
     return st
 
   def row_body(seg, i, st):
-    v0, terms, vin = apply(row_terms, i, st)
+    with jax.named_scope("row_terms"):
+      v0, terms, vin = apply(row_terms, i, st)
     done = [(kk[:seg], vv[:seg]) for kk, vv in zip(st["keys"], st["values"])]
     start = segments[seg][0] * wid
     inner = dict(xrow=zeros(wid + kx - 1, ch), hrow=[zeros(wid + kh - 1, ch)] * n_layers,
