@@ -79,10 +79,9 @@ def _active(session):
 class _Session:
   """Host side of one level of one batch. rows: batch rows holding images."""
 
-  def __init__(self, batch: int, rows: Sequence[int], num_positions: int):
+  def __init__(self, batch: int, rows: Sequence[int]):
     self.batch, self.rows, self.error = batch, list(rows), None
     self.bits = np.zeros(batch, np.float64)  # ideal code length under the frequencies
-    self.num_positions = num_positions
 
   def step(self, p: int, logits: np.ndarray) -> np.ndarray:
     codes = np.zeros(self.batch, np.int32)
@@ -101,7 +100,7 @@ class _Session:
 
 class _EncodeSession(_Session):
   def __init__(self, codes: np.ndarray, rows, encoders):
-    super().__init__(codes.shape[0], rows, codes.shape[1])
+    super().__init__(codes.shape[0], rows)
     self.codes, self.encoders = codes, encoders
 
   def _code(self, p, freqs, weights):
@@ -112,8 +111,8 @@ class _EncodeSession(_Session):
 
 
 class _DecodeSession(_Session):
-  def __init__(self, batch: int, rows, decoders, num_positions: int):
-    super().__init__(batch, rows, num_positions)
+  def __init__(self, batch: int, rows, decoders):
+    super().__init__(batch, rows)
     self.decoders = decoders
 
   def _code(self, p, freqs, weights):
@@ -328,7 +327,7 @@ def decompress_codes(models: CodecModels, streams: Sequence[bytes],
         lab[r] = parsed[slots[r]][0].label
     decoded: list[np.ndarray] = []
     for level in levels:
-      session = _DecodeSession(batch, rows, decoders, int(np.prod(models.shapes[level])))
+      session = _DecodeSession(batch, rows, decoders)
       decoded.append(models._run_level(level, batch, decoded, lab, session))  # pylint: disable=protected-access
     for r in rows:
       i = slots[r]
