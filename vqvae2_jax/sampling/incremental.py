@@ -42,8 +42,8 @@ from vqvae2_jax.models.prior import PixelSNAILPrior, attention_positions
 from vqvae2_jax.sampling import draw as draw_lib
 
 Choose = Callable[[jax.Array, jax.Array], jax.Array]
-# Row segments of the attention cache (see _loop); each adds one copy of the row loop to
-# the compiled program. 4 reads 5/8 of a full cache per query.
+# Row segments of the attention cache (see _loop), at least 4 rows each; each adds one
+# copy of the row loop to the compiled program. 4 reads 5/8 of a full cache per query.
 ATTENTION_SEGMENTS = 4
 _MASKED = -1e9  # masked attention score: exp underflows to exactly 0 (as in causal.py)
 # Named scopes of the loop's own work (benchmarks/profile_sampling.py groups by them).
@@ -138,7 +138,7 @@ def _loop(prior: PixelSNAILPrior, params, cond_codes, labels, *, shape, choose, 
   kernels = apply(h_kernels)
   # Row segments: while sampling segment s, queries attend to the chunks of segments <= s
   # only, about (G + 1) / 2G of the fixed-size cache instead of all of it.
-  n_seg = min(ATTENTION_SEGMENTS, hgt) if attn_after else 1
+  n_seg = max(1, min(ATTENTION_SEGMENTS, hgt // 4)) if attn_after else 1
   bounds = [round(s * hgt / n_seg) for s in range(n_seg + 1)]
   segments = list(zip(bounds[:-1], bounds[1:]))
   vpad = k // 2  # ConvDown's left/right padding
