@@ -17,6 +17,9 @@ a multi-process save sums the per-process partials with one all-gather.
 """
 from __future__ import annotations
 
+import concurrent.futures
+import functools
+import os
 from typing import Any, Iterable
 
 import jax
@@ -38,38 +41,73 @@ def leaf_paths(tree: Any) -> list[tuple[str, Any]]:
 
 
 def _element_bits(block: np.ndarray) -> np.ndarray:
-  """The elements' bit patterns as uint64, flattened in C order."""
+  """The elements' bit patterns as unsigned integers, flattened in C order (a view)."""
   block = np.ascontiguousarray(block)
   if block.dtype.itemsize not in _UNSIGNED:
     raise TypeError(f"cannot checksum arrays of dtype {block.dtype}")
-  return block.reshape(-1).view(_UNSIGNED[block.dtype.itemsize]).astype(np.uint64)
+  return block.reshape(-1).view(_UNSIGNED[block.dtype.itemsize])
+
+
+# PHI * (0, 1, 2, ...): the position keys of one chunk, offset per chunk by one addition.
+_KEYS = np.arange(_CHUNK, dtype=np.uint64) * _PHI
+
+
+def _mix_sum(z: np.ndarray, tmp: np.ndarray) -> int:
+  """sum(mix64(z)) mod 2**64, in place in z (tmp: scratch of z's size)."""
+  for shift, mult in ((30, _MIX1), (27, _MIX2), (31, None)):
+    np.right_shift(z, np.uint64(shift), out=tmp)
+    np.bitwise_xor(z, tmp, out=z)
+    if mult is not None:
+      np.multiply(z, mult, out=z)
+  return int(z.sum(dtype=np.uint64))
+
+
+def _contiguous_sum(bits: np.ndarray, first: int) -> int:
+  """Hash sum of elements with global flat indices first, first + 1, ... (bits 1-D).
+
+  Chunks run on a thread pool: NumPy's integer ufuncs release the GIL, so a host's cores
+  share the pass (a save's checksums cost about one memory pass of the state per core)."""
+  def chunk_sum(s: int) -> int:
+    part = bits[s:s + _CHUNK]
+    z = _KEYS[:part.size] + np.uint64(((first + s) * int(_PHI)) & _MASK)
+    z += part
+    return _mix_sum(z, np.empty_like(z))
+  starts = range(0, bits.size, _CHUNK)
+  if len(starts) < 2:
+    return sum(map(chunk_sum, starts)) & _MASK
+  return sum(_pool().map(chunk_sum, starts)) & _MASK
+
+
+@functools.lru_cache(maxsize=1)
+def _pool() -> concurrent.futures.ThreadPoolExecutor:
+  return concurrent.futures.ThreadPoolExecutor(min(16, os.cpu_count() or 1),
+                                               thread_name_prefix="checksum")
 
 
 def _block_sum(block: np.ndarray, starts: tuple[int, ...], shape: tuple[int, ...]) -> int:
   """Sum of element hashes of `block`, the slice of a [shape] array starting at `starts`."""
   if block.ndim == 0:
     block, starts, shape = block.reshape(1), (0,), (1,)
-  strides = np.cumprod((1,) + tuple(shape[:0:-1]))[::-1].astype(np.uint64)  # C order
-  base = int(sum(int(s) * int(st) for s, st in zip(starts, strides)))
+  strides = [int(np.prod(shape[d + 1:], dtype=np.int64)) for d in range(len(shape))]
+  base = sum(s * st for s, st in zip(starts, strides))
+  if tuple(block.shape[1:]) == tuple(shape[1:]):
+    # Whole trailing dims (replicated, or split along the leading axis only): the block is
+    # one run of consecutive global indices.
+    return _contiguous_sum(_element_bits(block), base)
   # Global flat offsets of one leading-axis row of the block (dims 1..n-1).
   inner = np.zeros((), np.uint64)
   for length, stride in zip(block.shape[1:], strides[1:]):
-    inner = (inner[..., None] + np.arange(length, dtype=np.uint64) * stride)
+    inner = inner[..., None] + np.arange(length, dtype=np.uint64) * np.uint64(stride)
   inner = inner.reshape(-1)
   rows_per_chunk = max(1, _CHUNK // max(1, inner.size))
   total = 0
   for r0 in range(0, block.shape[0], rows_per_chunk):
     rows = block[r0:r0 + rows_per_chunk]
-    z = (np.arange(r0, r0 + rows.shape[0], dtype=np.uint64)[:, None] * strides[0]
+    z = (np.arange(r0, r0 + rows.shape[0], dtype=np.uint64)[:, None] * np.uint64(strides[0])
          + np.uint64(base) + inner[None, :]).reshape(-1)
     z *= _PHI
     z += _element_bits(rows)
-    z ^= z >> np.uint64(30)
-    z *= _MIX1
-    z ^= z >> np.uint64(27)
-    z *= _MIX2
-    z ^= z >> np.uint64(31)
-    total += int(z.sum(dtype=np.uint64))
+    total += _mix_sum(z, np.empty_like(z))
   return total & _MASK
 
 
