@@ -6,6 +6,8 @@ kinds:
   sigterm_step      SIGTERM while step <step>'s batch is drawn (seen after that step)
   sigterm_evaluate  SIGTERM inside the evaluation that runs after step <step>
   sigterm_pictures  SIGTERM inside the picture writing after step <step>
+  sigterm_compile   SIGTERM 0.3 s after batch <step> is drawn (with 1: inside the first
+                    step's compilation)
   sigkill_save      SIGKILL inside the save of step <step>, after its arrays are written
                     and before orbax commits the step (the rename of its tmp folder)
   sigkill_write     SIGKILL inside the save of step <step>, while its arrays are written
@@ -16,6 +18,7 @@ The faults are injected by wrapping the TrainTask that every training stage hand
 import os
 import signal
 import sys
+import threading
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -31,8 +34,8 @@ from vqvae2_jax.train import loop  # noqa: E402
 class _SignalOnBatch:
   """Loader wrapper: sends `sig` to this process when batch number `at` is drawn."""
 
-  def __init__(self, loader, at, sig):
-    self.loader, self.at, self.sig, self.count = loader, at, sig, 0
+  def __init__(self, loader, at, sig, delay=0.0):
+    self.loader, self.at, self.sig, self.delay, self.count = loader, at, sig, delay, 0
 
   def __iter__(self):
     return self
@@ -40,7 +43,10 @@ class _SignalOnBatch:
   def __next__(self):
     self.count += 1
     if self.count == self.at:
-      os.kill(os.getpid(), self.sig)
+      if self.delay:
+        threading.Timer(self.delay, os.kill, (os.getpid(), self.sig)).start()
+      else:
+        os.kill(os.getpid(), self.sig)
     return next(self.loader)
 
   def get_state(self):
@@ -66,6 +72,8 @@ def install(kind: str, at: int) -> None:
   def train(task, *args, **kwargs):
     if kind == "sigterm_step":
       task.loader = _SignalOnBatch(task.loader, at, signal.SIGTERM)
+    elif kind == "sigterm_compile":
+      task.loader = _SignalOnBatch(task.loader, at, signal.SIGTERM, delay=0.3)
     elif kind == "sigterm_evaluate" and task.evaluate is not None:
       task.evaluate = _signal_inside(task.evaluate, at, signal.SIGTERM)
     elif kind == "sigterm_pictures" and task.pictures is not None:
