@@ -2,7 +2,8 @@
 
 A stage describes itself with a `TrainTask` (how to init variables, the loss, its data,
 optional evaluation and pictures); this loop owns everything else, so checkpointing,
-resumption, SIGTERM handling and NaN handling are one piece of code for all stages.
+resumption, SIGTERM handling and NaN handling are one piece of code for all stages
+(the checkpoint policy itself: `train.guard`).
 """
 from __future__ import annotations
 
@@ -10,11 +11,8 @@ import dataclasses
 import time
 from typing import Any, Callable, Iterator
 
-from absl import logging
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 from jax.sharding import Mesh
 
 from vqvae2_jax import checkpoint as ckpt_lib
