@@ -20,7 +20,8 @@ convolutions and matmuls; only what reads the current row runs per position:
 
 Caches are rolling buffers of the last few rows ([B, rows, W + pad, C] per layer), so
 memory is O(B * W * C * layers), not O(B * H * W * C * layers). Attention caches are kept
-in the [B, heads, N, d] layout the score contraction reads, so no step transposes them.
+in the layout the score contraction reads ([B, heads, n, d]), so no step transposes them,
+as one chunk per segment of rows: a query in segment s reads the chunks of segments <= s.
 
 Per-position choice is pluggable (`run_incremental(..., choose=...)`): sampling plugs in
 the temperature / top-k / top-p draw; the entropy codec plugs in an ordered io_callback.
