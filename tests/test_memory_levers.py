@@ -114,9 +114,11 @@ def test_accumulated_vqvae_step_equals_whole_batch_including_ema_codebooks():
   accumulated, m_acc = one_step(vqvae_loss(model, True), variables, batch, 4, finalize)
   assert set(accumulated.model_state) == {"vq_stats"}  # nothing of vq_batch is kept
   for other in (deferred, accumulated):
+    # Adam divides by sqrt(v): float32 rounding in a near-zero gradient becomes up to ~1%
+    # of one step (lr 1e-3) in a few parameters, hence atol 1e-5 on params / moments.
     chex.assert_trees_all_close((other.params, other.opt_state, other.model_state),
                                 (whole.params, whole.opt_state, whole.model_state),
-                                rtol=2e-5, atol=2e-6)
+                                rtol=2e-5, atol=1e-5)
   np.testing.assert_allclose(m_acc["loss"], m_whole["loss"], rtol=1e-5)
   # The codebooks really moved (the comparison is not of two untouched states).
   moved = jnp.abs(whole.model_state["vq_stats"]["quantizers_1"]["ema_count"]

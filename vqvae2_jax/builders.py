@@ -29,7 +29,7 @@ def build_vqvae(config, dtype=None) -> VQVAE2:
                 res_hidden=v.res_hidden, num_res_layers=v.num_res_layers,
                 num_codes=v.num_codes, code_dim=v.code_dim, decay=v.decay,
                 epsilon=v.epsilon, dead_code_threshold=v.dead_code_threshold,
-                upsample=v.upsample,
+                upsample=v.upsample, remat=config.vqvae_train.remat,
                 dtype=dtype or parallel.to_dtype(config.vqvae_train.dtype))
 
 
@@ -71,7 +71,7 @@ def build_prior(config, level: str, manifest: dict, dtype=None) -> PixelSNAILPri
       kernel_size=p.kernel_size, dropout=p.dropout, attn_dropout=p.attn_dropout,
       num_output_layers=p.num_output_layers, num_cond_layers=p.num_cond_layers,
       num_cond_levels=len(upper), cond_scales=scales, num_classes=num_classes,
-      dtype=dtype or parallel.to_dtype(p.train.dtype))
+      remat=p.train.remat, dtype=dtype or parallel.to_dtype(p.train.dtype))
 
 
 def prior_init_fn(prior: PixelSNAILPrior, manifest: dict, level: str) -> InitFn:

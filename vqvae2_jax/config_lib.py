@@ -89,13 +89,15 @@ def base_config() -> ml_collections.ConfigDict:
   # rejection_classifier '' follows sample.rejection.classifier. max_real_images /
   # mse_max_images / nll_max_batches cap the real data used (0 = the whole split);
   # pr_max_images caps the features kept per set for precision/recall. fid_method 'eigh'
-  # (fast, same value) or 'sqrtm' (pytorch-fid's computation).
+  # (fast, same value) or 'sqrtm' (pytorch-fid's computation). rate_distortion_images:
+  # validation images the codec is compared with JPEG / WebP on (0 = off).
   c.evaluate = ml_collections.ConfigDict(dict(
       num_images=512, batch_size=32, inception_weights="", vgg16_weights="",
       efficientnet_weights="", fallback_network="efficientnet_lite0",
       keep_fractions=(1.0, 0.5, 0.25), rejection_classifier="", seed=1,
       max_real_images=0, mse_max_images=10_000, nll_max_batches=0,
-      pr_max_images=10_000, pr_k=3, is_splits=10, cas=True, fid_method="eigh"))
+      pr_max_images=10_000, pr_k=3, is_splits=10, cas=True, fid_method="eigh",
+      rate_distortion_images=0))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
   c.axis_rules = DEFAULT_AXIS_RULES
   c.distributed = ml_collections.ConfigDict(dict(

@@ -129,12 +129,27 @@ def global_to_host(x: jax.Array) -> np.ndarray:
 def logical_shardings(abstract_boxed: Any, mesh: Mesh, rules) -> Any:
   """NamedShardings for a tree of (possibly nn.Partitioned-boxed) abstract values.
 
-  Leaves without logical names are replicated.
+  Leaves without logical names are replicated, and so is any dimension the mesh axes it
+  maps to do not divide (e.g. a 3-channel RGB kernel under fsdp=8): such a parameter is
+  small, and splitting it unevenly would fail at placement.
   """
   specs = nn.get_partition_spec(abstract_boxed)
   rules = tuple((name, tuple(axes) if isinstance(axes, list) else axes)
                 for name, axes in rules)
-  return nn.logical_to_mesh_sharding(specs, mesh, rules)
+  shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
+  shapes = nn.unbox(abstract_boxed)
+
+  def divisible(sharding: NamedSharding, leaf) -> NamedSharding:
+    spec = list(sharding.spec) + [None] * (len(leaf.shape) - len(sharding.spec))
+    for d, axes in enumerate(spec):
+      names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+      size = int(np.prod([mesh.shape[a] for a in names])) if names else 1
+      if leaf.shape[d] % size:
+        spec[d] = None
+    return NamedSharding(mesh, P(*spec[:len(leaf.shape)]))
+
+  return jax.tree.map(divisible, shardings, shapes,
+                      is_leaf=lambda x: isinstance(x, NamedSharding))
 
 
 def to_dtype(name: str):

@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from vqvae2_jax.eval import rate_distortion
+
 MSE_NOTE = ("MSE is per pixel and channel on the [-1, 1] scale the models use; in brackets "
             "mse/4, the [0, 1] scale that the paper's Table 1 MSE figures (0.0047 / 0.0050) "
             "imply.")
@@ -152,6 +154,9 @@ def render_markdown(report: dict, plot_name: str | None = None) -> str:
                _tradeoff(report, plot_name)):
     if part:
       lines += part + [""]
+  if report.get("rate_distortion"):
+    lines += [rate_distortion.render_markdown(report["rate_distortion"],
+                                              "rate_distortion.png")]
   notes = report.get("notes") or []
   if notes:
     lines += ["## Notes and skipped sections", ""] + [f"- {n}" for n in notes] + [""]

@@ -10,6 +10,8 @@ exist (a missing input skips its section with a note in the report):
 - CAS (`eval.cas`) and every sample metric for each rejection keep fraction in
   evaluate.keep_fractions (`eval.tradeoff`, Figure 7), flagged when the selecting
   network also computes the distances (self-judged).
+- Rate-distortion of the image codec (`eval.rate_distortion`) against JPEG, WebP and the
+  raw index cost on evaluate.rate_distortion_images validation images (0 = off).
 
 The stage loads the run (`api.load`) and runs the evaluators in `STEPS`, each adding its
 figures and notes to the report; the evaluators take built models and `EvalOptions`.
@@ -32,7 +34,9 @@ from vqvae2_jax import checkpoint as ckpt_lib
 from vqvae2_jax import parallel
 from vqvae2_jax.data import codes as codes_lib
 from vqvae2_jax.data.sources import make_source, spread_subset
+from vqvae2_jax.codec import stream as codec_stream
 from vqvae2_jax.eval import cas
+from vqvae2_jax.eval import rate_distortion
 from vqvae2_jax.eval import distances
 from vqvae2_jax.eval import report as report_lib
 from vqvae2_jax.eval import table1
@@ -311,9 +315,36 @@ def _sample_metrics(ev: _Evaluation) -> None:
     log(warning)
 
 
+def _rate_distortion(ev: _Evaluation) -> None:
+  """The codec's bits per pixel and PSNR / SSIM against JPEG, WebP and raw indices on
+  evaluate.rate_distortion_images validation images (0 = off)."""
+  n = int(ev.config.evaluate.rate_distortion_images)
+  if not n:
+    return
+  if ev.sampler is None:
+    ev.notes.append("rate-distortion skipped: the codec needs every prior trained")
+    return
+  source = spread_subset(make_source(ev.config.data, "val"), n)
+  images = np.stack([source.get(i)[0] for i in range(len(source))])
+  run = ev.run
+  log(f"rate-distortion of the codec on {len(images)} validation images")
+  header = codec_stream.unpack(run.compress(images[:1])[0])[0].size_bytes
+  result = rate_distortion.rate_distortion(
+      images, run.compress, run.decompress,
+      latents_per_image=sum(int(np.prod(s)) for s in run.manifest["shapes"].values()),
+      num_codes=int(run.manifest["num_codes"]), header_bytes=header,
+      code_length_bits=lambda streams: run.log_prob(
+          images, [codec_stream.unpack(s)[0].label for s in streams]
+          if run.num_classes and run.codec.conditional else None)["bits"])
+  out_dir = run.workdir.stage_dir(NAME)
+  os.makedirs(out_dir, exist_ok=True)
+  rate_distortion.plot(result, os.path.join(out_dir, "rate_distortion.png"))
+  ev.report["rate_distortion"] = result
+
+
 STEPS: tuple[Callable[[_Evaluation], None], ...] = (
     _networks, _sampler, _table1, _real_classifier, _candidates, _cas_classifiers,
-    _validation, _sample_metrics)
+    _validation, _sample_metrics, _rate_distortion)
 
 
 def run(config, workdir: str) -> None:

@@ -15,6 +15,8 @@ from vqvae2_jax import plots
 from vqvae2_jax import parallel
 from vqvae2_jax.data.loader import BatchLoader, iterate_once
 from vqvae2_jax.data.sources import make_source, spread_subset
+from vqvae2_jax.models import vqvae as vqvae_model
+from vqvae2_jax.models.quantizer import VQ_BATCH_COLLECTION, VQ_COLLECTION
 from vqvae2_jax.models.vqvae import level_names
 from vqvae2_jax import builders
 from vqvae2_jax.eval.reconstruction import make_reconstruct_fn, reconstruction_mse
@@ -24,12 +26,19 @@ from vqvae2_jax.workdir import Workdir
 NAME = "vqvae"
 
 
-def make_loss_fn(model, beta: float):
-  """(params, model_state, batch, rng) -> (loss, (metrics, new_model_state))."""
+def make_loss_fn(model, beta: float, deferred_codebooks: bool = False):
+  """(params, model_state, batch, rng) -> (loss, (metrics, new_model_state)).
+
+  deferred_codebooks: the quantizers only write the batch's code statistics ('vq_batch')
+  and `vqvae.finalize_codebooks` applies one EMA step over all microbatches (gradient
+  accumulation); otherwise each step's EMA update happens inside the loss ('vq_stats').
+  """
+  collection = VQ_BATCH_COLLECTION if deferred_codebooks else VQ_COLLECTION
+
   def loss_fn(params, model_state, batch, rng):
     x = image_lib.to_model(batch["image"])
     out, updates = model.apply({"params": params, **model_state}, x, train=True,
-                               mutable=["vq_stats"], rngs={"reseed": rng})
+                               mutable=[collection], rngs={"reseed": rng})
     mse = jnp.mean((out.reconstruction - x)**2)
     loss = mse + beta * out.commitment_loss
     metrics = dict(mse=mse, psnr=image_lib.psnr_from_mse(mse),
@@ -62,6 +71,7 @@ def build_task(config, mesh, workdir: Workdir) -> loop.TrainTask:
   """The stage-1 TrainTask: model, loss, demo/folder/tfds loader, validation, grids."""
   t = config.vqvae_train
   model = builders.build_vqvae(config)
+  accumulate = t.grad_accum_steps > 1
   train_source = make_source(config.data, "train")
   val_source = make_source(config.data, "val")
   loader = BatchLoader(train_source, t.batch_size, seed=config.data.seed,
@@ -92,7 +102,9 @@ def build_task(config, mesh, workdir: Workdir) -> loop.TrainTask:
 
   return loop.TrainTask(
       name=NAME, init_variables=builders.vqvae_init_fn(model, config.data.image_size),
-      loss_fn=make_loss_fn(model, config.vqvae.beta), loader=loader, evaluate=evaluate,
+      loss_fn=make_loss_fn(model, config.vqvae.beta, deferred_codebooks=accumulate),
+      finalize_state=vqvae_model.finalize_codebooks(model) if accumulate else None,
+      loader=loader, evaluate=evaluate,
       pictures=pictures, progress_keys=("loss", "mse", "psnr", "perplexity", "code_usage"))
 
 

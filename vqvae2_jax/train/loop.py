@@ -37,6 +37,8 @@ class TrainTask:
   progress_keys: metric names shown on the progress line.
   throughput_name / throughput_per_example: the throughput figure's name and how many
     counted units (images, latents) one batch row holds.
+  finalize_state: combines the microbatches' model states under gradient accumulation
+    (`train.step.FinalizeState`; e.g. stage 1's EMA codebook step over the whole batch).
   """
   name: str
   init_variables: Callable[[jax.Array], dict]
@@ -47,6 +49,7 @@ class TrainTask:
   progress_keys: tuple[str, ...] = ("loss",)
   throughput_name: str = "images_per_sec"
   throughput_per_example: int = 1
+  finalize_state: Callable[..., Any] | None = None
 
 
 def train(task: TrainTask, train_config, *, directory: str, checkpoint_dir: str, mesh: Mesh,
@@ -89,7 +92,8 @@ def train(task: TrainTask, train_config, *, directory: str, checkpoint_dir: str,
     checkpointer.close()
     raise
 
-  step_fn = jax.jit(make_train_step(task.loss_fn, tx, train_config.param_ema_decay),
+  step_fn = jax.jit(make_train_step(task.loss_fn, tx, train_config.param_ema_decay,
+                                    train_config.grad_accum_steps, task.finalize_state),
                     in_shardings=(shardings, parallel.batch_sharding(mesh)),
                     out_shardings=(shardings, None), donate_argnums=0)
   next_batch = lambda: parallel.host_to_global(next(task.loader), mesh)
