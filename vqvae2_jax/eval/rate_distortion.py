@@ -171,6 +171,13 @@ def rate_distortion(images: np.ndarray, compress: Callable[[np.ndarray], list[by
   return result
 
 
+def _cell(value, digits: int) -> str:
+  """A table cell: '-' for a missing value (NaN, or None once written as JSON)."""
+  if value is None or not np.isfinite(value):
+    return "-"
+  return f"{value:.{digits}f}"
+
+
 def render_markdown(result: dict, plot_name: str | None = None) -> str:
   """The rate-distortion table (and rate-vs-NLL line) as markdown."""
   lines = [f"## Rate-distortion ({result['num_images']} images, "
@@ -179,8 +186,8 @@ def render_markdown(result: dict, plot_name: str | None = None) -> str:
   for r in result["rows"]:
     note = (f" ({r['images_reached']}/{result['num_images']} images reach it)"
             if "images_reached" in r else "")
-    ssim_s = "-" if np.isnan(r["ssim"]) else f"{r['ssim']:.4f}"
-    lines.append(f"| {r['method']}{note} | {r['bpp']:.4f} | {r['psnr']:.2f} | {ssim_s} |")
+    lines.append(f"| {r['method']}{note} | {_cell(r['bpp'], 4)} | {_cell(r['psnr'], 2)} | "
+                 f"{_cell(r['ssim'], 4)} |")
   s = result["speed"]
   lines += ["", f"Codec speed: compress {s['compress_images_per_s']:.2f} images/s, "
             f"decompress {s['decompress_images_per_s']:.2f} images/s."]
