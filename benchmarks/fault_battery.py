@@ -57,6 +57,10 @@ def main():
   parser.add_argument("--tries", type=int, default=len(FAULTS))
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--stage", default="vqvae")
+  parser.add_argument("--random-only", action="store_true",
+                      help="only external SIGTERM/SIGKILL at random moments")
+  parser.add_argument("--max-delay", type=float, default=15.0,
+                      help="latest random kill, seconds after start")
   args = parser.parse_args()
   rng = random.Random(args.seed)
   root = tempfile.mkdtemp(prefix="fault_battery_")
@@ -66,11 +70,12 @@ def main():
   reference = final_checksums(os.path.join(root, "reference"), args.stage)
   faults = survived = 0
   for t in range(args.tries):
-    fault = FAULTS[t % len(FAULTS)]
+    fault = (rng.choice(["random_sigterm", "random_sigkill"]) if args.random_only
+             else FAULTS[t % len(FAULTS)])
     workdir = os.path.join(root, f"try{t}")
     if fault.startswith("random"):
       sig = signal.SIGTERM if fault == "random_sigterm" else signal.SIGKILL
-      delay = rng.uniform(3.0, 15.0)
+      delay = rng.uniform(1.5, args.max_delay)
       rc, out, err = run(args.stage, workdir, kill_after=delay, sig=sig)
       label = f"{fault}@{delay:.1f}s"
     else:

@@ -17,7 +17,23 @@ from __future__ import annotations
 import difflib
 import logging as py_logging
 import os
+import signal
 import sys
+
+
+
+def _exit_on_sigterm(signum, frame):
+  """SIGTERM outside a training loop (loops install their own, which saves first): exit 0
+  at once. Nothing needs saving: stages that write as they go write each file atomically
+  and resume what is on disk (extract's shards), the others redo their work. An
+  exception would not do: generic `except Exception` handlers could swallow it."""
+  del signum, frame
+  print("preempted outside training: nothing to save; rerun the same command.", flush=True)
+  os._exit(0)  # pylint: disable=protected-access
+
+
+if __name__ == "__main__":  # from the start: SIGTERM while importing exits cleanly too
+  signal.signal(signal.SIGTERM, _exit_on_sigterm)
 
 from absl import app
 from absl import flags
@@ -131,10 +147,12 @@ def main(argv):
   logging.get_absl_handler().addFilter(_QuietLibraryInfo())
   # Keys set with --config.<key>=...: only these may contradict a recorded model (and fail).
   explicit = config_flags.get_override_values(flags.FLAGS["config"])
+  # Training loops replace this handler with one that saves at the next safe point.
+  signal.signal(signal.SIGTERM, _exit_on_sigterm)
   try:
     run_stage(_CONFIG.value, _WORKDIR.value, explicit=tuple(explicit))
   except ckpt_lib.Preempted:
-    sys.exit(0)  # the loop printed "preempted: saved step N"; the rerun resumes
+    sys.exit(0)  # a loop printed "preempted: saved step N"; the rerun resumes
   except KNOWN_ERRORS as e:
     if _show_tracebacks():
       raise
