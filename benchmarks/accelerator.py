@@ -12,6 +12,8 @@ Measures, in bfloat16 compute with float32 parameters:
     (Table 3; `--prior-layers` trims the depth when memory demands it);
   * reference vs incremental sampling time for a 32x32 top prior and a 64x64 conditional
     bottom prior (the reference extrapolated from its first positions);
+  * incremental samples/s of the paper-size ImageNet-256 priors over a batch sweep and the
+    projected time for 50,000 256px samples at the best batch;
   * peak device memory, and first the memory plan (benchmarks/memory_plan.py) of stage 1
     and the top prior compiled for this device next to their measured peak, to calibrate
     the CPU-made plan of the paper configs.
@@ -181,6 +183,42 @@ def sampling(args) -> dict:
   return {r["name"]: r for r in rows}
 
 
+def paper_sampling(args) -> dict:
+  """Incremental samples/s of the paper-size ImageNet-256 priors (Table 3: 32x32 top with
+  attention, 64x64 bottom conditioned on it) over a batch sweep, and the projected time of
+  50,000 256px samples at the best batch (both levels; decoding is ~1000x cheaper)."""
+  config = bench_vqvae.load_config("imagenet256", "sample")
+  if args.small:  # CPU smoke test: the same code path at tiny widths and grids
+    for level in ("top", "bottom"):
+      config.priors[level].update(dict(hidden=16, res_hidden=16, num_layers=2, num_heads=2,
+                                       num_output_layers=min(1, config.priors[level]
+                                                             .num_output_layers),
+                                       num_cond_layers=min(1, config.priors[level]
+                                                           .num_cond_layers)))
+    config.data.image_size = 64
+  size = config.data.image_size
+  manifest = {"levels": ["top", "bottom"], "num_codes": config.vqvae.num_codes,
+              "shapes": {"top": [size // 8] * 2, "bottom": [size // 4] * 2},
+              "num_classes": 1000 if not args.small else 10}
+  opts = SimpleNamespace(repeats=1, ref_full_max=0, ref_positions=0)
+  out = {"batches": {}}
+  for b in ([4] if args.small else args.paper_sample_batches):
+    row = {}
+    for level in ("top", "bottom"):
+      prior = builders.build_prior(config, level, manifest, jnp.bfloat16)
+      h, w = manifest["shapes"][level]
+      r = bench_sampling.bench(level, prior, b, h, w, opts, reference=False)
+      row[level] = {"seconds_per_batch": r["inc"], "forward_passes": r["inc"] / r["fwd"],
+                    "params": r["params"]}
+    per_image = (row["top"]["seconds_per_batch"] + row["bottom"]["seconds_per_batch"]) / b
+    row["samples_per_s"] = 1.0 / per_image
+    out["batches"][b] = row
+  best = max(out["batches"], key=lambda b: out["batches"][b]["samples_per_s"])
+  out["best_batch"] = best
+  out["hours_for_50k_samples"] = 50_000 / out["batches"][best]["samples_per_s"] / 3600
+  return out
+
+
 def parse_args(argv=None):
   """Command-line flags (see --help)."""
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -194,6 +232,8 @@ def parse_args(argv=None):
   ap.add_argument("--sample-batch", type=int, default=8)
   ap.add_argument("--sample-hidden", type=int, default=256)
   ap.add_argument("--sample-layers", type=int, default=10)
+  ap.add_argument("--paper-sample-batches", type=lambda s: [int(x) for x in s.split(",")],
+                  default=[16, 64, 256], help="batch sweep of the paper-size sampling")
   ap.add_argument("--peak-tflops", type=float, default=None)
   ap.add_argument("--skip", default="", help="comma list of sections to skip")
   args = ap.parse_args(argv)
@@ -214,7 +254,8 @@ def main(argv=None) -> dict:
   skip = set(filter(None, args.skip.split(",")))
   for name, fn in (("memory", lambda: memory(args)),
                    ("stage1", lambda: stage1(args, peak)), ("priors", lambda: priors(args, peak)),
-                   ("sampling", lambda: sampling(args))):
+                   ("sampling", lambda: sampling(args)),
+                   ("paper_sampling", lambda: paper_sampling(args))):
     if name in skip:
       continue
     start = time.time()
