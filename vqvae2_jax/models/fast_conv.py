@@ -165,10 +165,6 @@ def strided_conv2d(x: jax.Array, w: jax.Array, strides: tuple[int, int] = (2, 2)
   return _conv(x, w, strides, padding)
 
 
-def _fwd_strided(x, w, strides, padding):
-  return _conv(x, w, strides, padding), (x, w)
-
-
 def _bwd_strided(strides, padding, res, g):
   x, w = res
   _, vjp_x = jax.vjp(lambda x_: _space_to_depth_conv(x_, w, strides, padding), x)
@@ -176,7 +172,7 @@ def _bwd_strided(strides, padding, res, g):
   return vjp_x(g)[0], vjp_w(g)[0]
 
 
-strided_conv2d.defvjp(_fwd_strided, _bwd_strided)
+strided_conv2d.defvjp(_fwd, _bwd_strided)  # same forward as fast_conv2d
 
 
 def _transpose_taps(k: int, s: int) -> list[tuple[int, int]]:
