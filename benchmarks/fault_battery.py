@@ -33,7 +33,9 @@ def run(stage, workdir, fault=None, kill_after=None, sig=None):
   env.pop("FAULT", None)
   if fault:
     env["FAULT"] = fault
-  cmd = [sys.executable, DRIVER, f"--config=configs/demo.py:{stage},tiny",
+  # Injected faults need the driver; everything else runs the real command line.
+  entry = [DRIVER] if fault else ["-m", "vqvae2_jax.main"]
+  cmd = [sys.executable, *entry, f"--config=configs/demo.py:{stage},tiny",
          f"--workdir={workdir}", f"--config.{stage}_train.checkpoint_every=1"]
   proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
