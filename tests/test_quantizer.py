@@ -143,14 +143,17 @@ def assert_all_highest(fn, *args, expect_at_least):
         "distances, lookups and EMA sums must be exact float32 on every backend")
 
 
-@pytest.mark.parametrize("threshold", [0.0, 0.5])
-def test_quantizer_contractions_are_float32_exact(threshold):
-  """Distances, one-hot lookup and EMA statistics at HIGHEST, in every training mode."""
+@pytest.mark.parametrize("threshold,options", [
+    (0.0, {}), (0.5, {}), (0.5, {"distance": "cosine"}), (0.0, {"codebook_init": "kmeans"}),
+    (0.0, {"lookup_dim": 2, "distance": "cosine", "codebook_init": "kmeans"})])
+def test_quantizer_contractions_are_float32_exact(threshold, options):
+  """Distances, one-hot lookup, EMA statistics (and the codebook options' k-means and
+  projections) at HIGHEST, in every training mode."""
   k, d = 8, 4
   rng = np.random.default_rng(5)
-  variables = _variables(rng.normal(size=(k, d)).astype(np.float32))
-  module = q.VectorQuantizerEMA(k, d, dead_code_threshold=threshold)
+  module = q.VectorQuantizerEMA(k, d, dead_code_threshold=threshold, **options)
   z = jnp.asarray(rng.normal(size=(2, 3, 3, d)), jnp.bfloat16)  # bf16 encoder output
+  variables = module.init(jax.random.PRNGKey(1), z, train=False)
   rngs = {"reseed": jax.random.PRNGKey(0)}
   for mutable in (["vq_stats"], ["vq_batch"]):
     # distances, lookup, EMA sums (the perplexity histogram is a sum, no contraction).

@@ -30,7 +30,11 @@ def build_vqvae(config, dtype=None) -> VQVAE2:
                 num_codes=v.num_codes, code_dim=v.code_dim, decay=v.decay,
                 epsilon=v.epsilon, dead_code_threshold=v.dead_code_threshold,
                 upsample=v.upsample, remat=config.vqvae_train.remat,
-                dtype=dtype or parallel.to_dtype(config.vqvae_train.dtype))
+                dtype=dtype or parallel.to_dtype(config.vqvae_train.dtype),
+                # Configs recorded before the codebook options lack them: the paper's.
+                code_distance=v.get("code_distance", "l2"),
+                codebook_init=v.get("codebook_init", "random"),
+                lookup_dim=int(v.get("lookup_dim", 0)))
 
 
 def vqvae_init_fn(model: VQVAE2, image_size: int) -> InitFn:

@@ -71,7 +71,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.vqvae = ml_collections.ConfigDict(dict(
       num_levels=2, bottom_down=2, hidden=128, res_hidden=64, num_res_layers=2, num_codes=512,
       code_dim=64, beta=0.25, decay=0.99, epsilon=1e-5, dead_code_threshold=0.0,
-      upsample="transpose"))
+      upsample="transpose",
+      # Codebook options beyond the paper (models/quantizer.py); these values are the paper's:
+      # code_distance 'l2' | 'cosine', codebook_init 'random' | 'kmeans' (k-means++ on the
+      # first batch), lookup_dim 0 | d (search in a learned d-dim projection).
+      code_distance="l2", codebook_init="random", lookup_dim=0))
   c.vqvae_train = train_config(batch_size=128, steps=2_207_444)
   c.priors = ml_collections.ConfigDict()
   c.extract = ml_collections.ConfigDict(dict(batch_size=64, splits=("train", "val")))
@@ -165,6 +169,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
       bad(f"vqvae.{key}", v[key], "must be positive")
   if v.bottom_down < 1:
     bad("vqvae.bottom_down", v.bottom_down, "must be >= 1")
+  if v.code_distance not in ("l2", "cosine"):
+    bad("vqvae.code_distance", v.code_distance, "must be 'l2' or 'cosine'")
+  if v.codebook_init not in ("random", "kmeans"):
+    bad("vqvae.codebook_init", v.codebook_init, "must be 'random' or 'kmeans'")
+  if v.lookup_dim < 0:
+    bad("vqvae.lookup_dim", v.lookup_dim, "must be 0 (off) or a positive projection size")
   stride = 2**v.bottom_down * 2**(v.num_levels - 1)
   if config.data.image_size % stride:
     bad("data.image_size", config.data.image_size,

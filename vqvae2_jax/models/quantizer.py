@@ -20,6 +20,27 @@ Two ways to train (both give the same update for the same batch):
     collection. Microbatch sums add up to the whole batch's, and `commit_batch_statistics`
     then applies one EMA step with them, so an accumulated step sees the whole batch.
 
+Codebook options (all off by default, which is the paper's quantizer and checkpoint layout):
+  * distance='cosine': the search, the EMA statistics and the quantized vector all live on
+    the unit sphere. The encoder output is l2-normalised (z^ = z / |z|), codes are found by
+    the nearest l2-normalised codebook row (= the largest cosine similarity), the EMA sums
+    are sums of z^ (so the stored codebook is a mean of unit vectors, re-normalised at
+    every search), and the quantized vector is the normalised code e^_i, with the
+    straight-through estimator and the commitment loss taken around z^. The decoder thus
+    only ever sees unit vectors, in training and from `lookup` alike.
+  * codebook_init='kmeans': the quantizer keeps an `initialized` flag in 'vq_stats'. The first
+    training call with the flag unset runs k-means++ and `kmeans_steps` Lloyd steps on the
+    batch's encoder outputs (the whole jit-global array, so mesh-global) and that step's
+    commit *replaces* codebook / ema_sum / ema_count by (centres, centres, ones) instead of
+    an EMA step; the EMA starts from the centres at the next step. Under gradient
+    accumulation the first microbatch's centres are used. The forward pass of that first
+    step still quantizes with the random codebook (identically in both training modes).
+  * lookup_dim=d > 0: factorised codes. A learned linear map projects z [.., D] to d, the
+    search, codebook [K, d], EMA and commitment loss work in d, and a second learned map
+    brings the (straight-through) code back to D. Gradients reach the input projection
+    through the straight-through path and the commitment loss, the output one through the
+    decoder. Composes with 'cosine' (normalisation in d).
+
 Precision: every contraction here (distances, one-hot lookup, EMA sums) runs at
 `Precision.HIGHEST`. JAX's default is bf16 passes on TPU and TF32 on Ampere/Hopper GPUs,
 which flips a visible fraction of nearest-code assignments and rounds the "exact" rows of a
@@ -36,6 +57,8 @@ import flax.linen as nn
 VQ_COLLECTION = "vq_stats"
 VQ_BATCH_COLLECTION = "vq_batch"  # deferred per-batch sums (gradient accumulation)
 EXACT = jax.lax.Precision.HIGHEST  # full float32 contractions on every backend
+DISTANCES = ("l2", "cosine")
+INITS = ("random", "kmeans")
 
 
 class QuantizerOutput(NamedTuple):
@@ -71,6 +94,51 @@ def nearest_codes(z: jax.Array, codebook: jax.Array) -> jax.Array:
                - 2.0 * jnp.einsum("...d,kd->...k", z, codebook, precision=EXACT)
                + jnp.sum(codebook**2, axis=-1))
   return jnp.argmin(distances, axis=-1).astype(jnp.int32)
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+  """x [..., D] / |x| along the last axis (zero rows stay zero)."""
+  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps))
+
+
+def kmeans_plus_plus(uniforms: jax.Array, x: jax.Array, num_codes: int,
+                     steps: int, cosine: bool = False) -> jax.Array:
+  """k-means++ seeding and `steps` Lloyd iterations on points x float32 [N, D].
+
+  uniforms: float32 [K] in [0, 1): the i-th centre is the point at which the cumulative
+    sum of the (squared-distance, or uniform for i = 0) weights first exceeds uniforms[i]
+    times their total (inverse-CDF sampling, so a NumPy reference can reproduce the draw).
+  Returns the centres float32 [K, D]. Lloyd steps move each centre to the mean of its
+  points; a centre with no points keeps its place. With fewer distinct points than K the
+  extra centres duplicate points (their distance weights are all zero -> uniform draw).
+  cosine: Lloyd assignments by the nearest normalised centre (spherical k-means, for
+    unit-norm x), as the cosine quantizer searches.
+  """
+  n = x.shape[0]
+
+  def pick(weights, u):
+    total = jnp.sum(weights)
+    weights = jnp.where(total > 0, weights, jnp.ones_like(weights))
+    cdf = jnp.cumsum(weights)
+    return jnp.minimum(jnp.sum(cdf <= u * cdf[-1]), n - 1)
+
+  first = x[pick(jnp.ones((n,), jnp.float32), uniforms[0])]
+  centres = jnp.zeros((num_codes, x.shape[1]), jnp.float32).at[0].set(first)
+  min_dist = jnp.sum((x - first)**2, axis=-1)
+
+  def seed(i, carry):
+    centres, min_dist = carry
+    c = x[pick(min_dist, uniforms[i])]
+    return centres.at[i].set(c), jnp.minimum(min_dist, jnp.sum((x - c)**2, axis=-1))
+
+  centres, _ = jax.lax.fori_loop(1, num_codes, seed, (centres, min_dist))
+
+  def lloyd(_, centres):
+    search = l2_normalize(centres) if cosine else centres
+    count, total = batch_statistics(x, nearest_codes(x, search), num_codes)
+    return jnp.where(count[:, None] > 0, total / jnp.maximum(count, 1.0)[:, None], centres)
+
+  return jax.lax.fori_loop(0, steps, lloyd, centres)
 
 
 def lookup_codes(codes: jax.Array, codebook: jax.Array) -> jax.Array:
@@ -152,34 +220,74 @@ class VectorQuantizerEMA(nn.Module):
     dead_code_threshold: if > 0, codes whose EMA count falls below it are re-seeded
       from random encoder outputs of the current batch (needs the 'reseed' rng in
       training). 0 turns re-seeding off (the paper's setting).
+    distance: 'l2' (paper) | 'cosine' (see the module docstring).
+    codebook_init: 'random' (paper) | 'kmeans' (k-means++ on the first training batch;
+      needs the 'reseed' rng in training).
+    lookup_dim: 0 (paper) or d: search in a learned d-dimensional projection.
+    kmeans_steps: Lloyd iterations after the k-means++ seeding.
   """
   num_codes: int
   code_dim: int
   decay: float = 0.99
   epsilon: float = 1e-5
   dead_code_threshold: float = 0.0
+  distance: str = "l2"
+  codebook_init: str = "random"
+  lookup_dim: int = 0
+  kmeans_steps: int = 4
+
+  @property
+  def search_dim(self) -> int:
+    """d of the codebook: lookup_dim when factorised, else code_dim."""
+    return self.lookup_dim or self.code_dim
 
   def setup(self):
+    if self.distance not in DISTANCES:
+      raise ValueError(f"quantizer distance {self.distance!r}: must be one of {DISTANCES}")
+    if self.codebook_init not in INITS:
+      raise ValueError(f"quantizer codebook_init {self.codebook_init!r}: must be one of "
+                       f"{INITS}")
+    if self.lookup_dim < 0:
+      raise ValueError(f"quantizer lookup_dim={self.lookup_dim}: must be 0 (off) or > 0")
     # The initial codebook doubles as the initial EMA sum with unit counts, so the first
     # EMA steps start from it rather than from zero vectors.
     def init_codebook():
       rng = self.make_rng("params")
-      return jax.random.uniform(rng, (self.num_codes, self.code_dim), jnp.float32,
+      return jax.random.uniform(rng, (self.num_codes, self.search_dim), jnp.float32,
                                 -1.0, 1.0) / self.num_codes**0.5
     self.codebook = self.variable(VQ_COLLECTION, "codebook", init_codebook)
     self.ema_count = self.variable(VQ_COLLECTION, "ema_count", jnp.ones,
                                    (self.num_codes,), jnp.float32)
     self.ema_sum = self.variable(VQ_COLLECTION, "ema_sum", lambda: self.codebook.value)
+    if self.codebook_init == "kmeans":  # only then: today's checkpoints keep their layout
+      self.initialized = self.variable(VQ_COLLECTION, "initialized", jnp.zeros, (), jnp.int32)
+    if self.lookup_dim:
+      self.project_in = nn.Dense(self.lookup_dim, precision=EXACT, name="project_in")
+      self.project_out = nn.Dense(self.code_dim, precision=EXACT, name="project_out")
+
+  def _search_space(self, z: jax.Array) -> jax.Array:
+    """float32 [..., D] -> [..., d]: projected (lookup_dim) and normalised (cosine)."""
+    h = self.project_in(z) if self.lookup_dim else z
+    return l2_normalize(h) if self.distance == "cosine" else h
+
+  def _search_codebook(self) -> jax.Array:
+    """The codebook [K, d] the search and the quantized vectors use."""
+    codebook = self.codebook.value
+    return l2_normalize(codebook) if self.distance == "cosine" else codebook
+
+  def _output_space(self, h: jax.Array) -> jax.Array:
+    """[..., d] -> float32 [..., D]."""
+    return self.project_out(h) if self.lookup_dim else h
 
   def __call__(self, z: jax.Array, *, train: bool) -> QuantizerOutput:
     """Quantizes z: float [B, H, W, D]; when `train`, updates the codebook (immediate) or,
     if the 'vq_batch' collection is mutable, writes this batch's sums there (deferred)."""
     if z.shape[-1] != self.code_dim:
       raise ValueError(f"quantizer expects last axis {self.code_dim}, got shape {z.shape}")
-    codebook = self.codebook.value
-    codes = nearest_codes(z, codebook)
+    codebook = self._search_codebook()
+    z32 = self._search_space(z.astype(jnp.float32))
+    codes = nearest_codes(z32, codebook)
     quantized = lookup_codes(codes, codebook)
-    z32 = z.astype(jnp.float32)
     commitment = jnp.mean((jax.lax.stop_gradient(quantized) - z32)**2)
     if train and not self.is_initializing():
       stats = self._batch_statistics(jax.lax.stop_gradient(z32), codes)
@@ -189,7 +297,7 @@ class VectorQuantizerEMA(nn.Module):
       else:
         self.commit_batch_statistics(jax.tree.map(lambda a: a[None], stats))
     perplexity, usage = code_statistics(codes, self.num_codes)
-    straight_through = z32 + jax.lax.stop_gradient(quantized - z32)
+    straight_through = self._output_space(z32 + jax.lax.stop_gradient(quantized - z32))
     return QuantizerOutput(straight_through.astype(z.dtype), codes, commitment,
                            perplexity, usage)
 
@@ -202,6 +310,14 @@ class VectorQuantizerEMA(nn.Module):
       flat = z.reshape(-1, z.shape[-1])
       picks = jax.random.randint(self.make_rng("reseed"), (self.num_codes,), 0, flat.shape[0])
       stats["candidates"] = flat[picks]
+    if self.codebook_init == "kmeans":  # centres only while uninitialised (cond skips them)
+      flat = z.reshape(-1, z.shape[-1])
+      uniforms = jax.random.uniform(self.make_rng("reseed"), (self.num_codes,))
+      stats["kmeans"] = jax.lax.cond(
+          self.initialized.value > 0,
+          lambda: jnp.zeros((self.num_codes, flat.shape[1]), jnp.float32),
+          lambda: kmeans_plus_plus(uniforms, flat, self.num_codes, self.kmeans_steps,
+                                   self.distance == "cosine"))
     return stats
 
   def commit_batch_statistics(self, stats: dict[str, jax.Array]) -> None:
@@ -210,7 +326,9 @@ class VectorQuantizerEMA(nn.Module):
     stats: the 'vq_batch' entries of A equal-sized microbatches stacked on a leading axis:
       'count' [A, K], 'sum' [A, K, D] (summed here: the whole batch's sums) and, with
       re-seeding, 'candidates' [A, K, D], of which each dead code takes a uniformly chosen
-      microbatch's (so a uniform draw over the whole batch; 'reseed' rng when A > 1).
+      microbatch's (so a uniform draw over the whole batch; 'reseed' rng when A > 1);
+      with codebook_init='kmeans', 'kmeans' [A, K, D] centres, the first microbatch's of which
+      replace the statistics while the `initialized` flag is unset (no EMA step then).
     """
     count, total, codebook = apply_ema(
         self.ema_count.value, self.ema_sum.value, jnp.sum(stats["count"], axis=0),
@@ -227,9 +345,16 @@ class VectorQuantizerEMA(nn.Module):
       codebook = jnp.where(dead[:, None], candidates, codebook)
       count = jnp.where(dead, 1.0, count)
       total = jnp.where(dead[:, None], codebook, total)
+    if self.codebook_init == "kmeans":
+      ready = self.initialized.value > 0
+      centres = stats["kmeans"][0]
+      count = jnp.where(ready, count, jnp.ones_like(count))
+      total = jnp.where(ready, total, centres)
+      codebook = jnp.where(ready, codebook, centres)
+      self.initialized.value = jnp.ones_like(self.initialized.value)
     self.ema_count.value, self.ema_sum.value = count, total
     self.codebook.value = codebook
 
   def lookup(self, codes: jax.Array) -> jax.Array:
-    """Embeddings float32 [..., D] of int codes [...]."""
-    return lookup_codes(codes, self.codebook.value)
+    """Embeddings float32 [..., D] of int codes [...] (what the forward pass outputs)."""
+    return self._output_space(lookup_codes(codes, self._search_codebook()))

@@ -1,0 +1,219 @@
+"""Codebook options beyond the paper (models/quantizer.py): cosine distance, k-means++ init,
+factorised (low-dimensional) lookup. Each is checked against a NumPy reference or by its
+gradients; the defaults keep the paper's quantizer and its variable layout."""
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from test_memory_levers import images, one_step, tiny_vqvae, vqvae_loss
+from vqvae2_jax import config_lib
+from vqvae2_jax.models import quantizer as q
+from vqvae2_jax.models import vqvae as vqvae_lib
+
+
+def _stats(codebook, count=None):
+  k = codebook.shape[0]
+  count = np.ones(k, np.float32) if count is None else count
+  return {"codebook": jnp.asarray(codebook), "ema_count": jnp.asarray(count),
+          "ema_sum": jnp.asarray(codebook * count[:, None])}
+
+
+def _unit(x):
+  return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+# ---------------------------------------------------------------- cosine distance
+
+def test_cosine_assignments_quantized_and_ema_match_numpy():
+  rng = np.random.default_rng(0)
+  k, d, decay = 9, 5, 0.8
+  # Different norms per row: an l2 search would pick other codes than the cosine one.
+  codebook = (rng.normal(size=(k, d)) * rng.uniform(0.1, 5, (k, 1))).astype(np.float32)
+  z = (rng.normal(size=(3, 4, 4, d)) * rng.uniform(0.1, 5, (3, 4, 4, 1))).astype(np.float32)
+  module = q.VectorQuantizerEMA(k, d, decay=decay, distance="cosine")
+  out, updates = module.apply({"vq_stats": _stats(codebook)}, jnp.asarray(z), train=True,
+                              mutable=["vq_stats"])
+  flat = z.reshape(-1, d).astype(np.float64)
+  similarity = _unit(flat) @ _unit(codebook.astype(np.float64)).T
+  codes = np.argmax(similarity, -1)
+  np.testing.assert_array_equal(np.asarray(out.codes).reshape(-1), codes)
+  l2_codes = np.argmin(((flat[:, None] - codebook[None])**2).sum(-1), -1)
+  assert np.mean(l2_codes != codes) > 0.1  # the two distances really differ on this batch
+  # The quantized vector is the normalised code; the commitment is taken on the sphere.
+  np.testing.assert_allclose(np.asarray(out.quantized).reshape(-1, d),
+                             _unit(codebook.astype(np.float64))[codes], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(out.commitment_loss,
+                             np.mean((_unit(codebook)[codes] - _unit(flat))**2), rtol=1e-5)
+  # EMA sums are of the normalised encoder outputs.
+  sums = np.zeros((k, d))
+  np.add.at(sums, codes, _unit(flat))
+  np.testing.assert_allclose(updates["vq_stats"]["ema_sum"],
+                             decay * codebook + (1 - decay) * sums, rtol=1e-5, atol=1e-6)
+  # lookup() gives what the forward pass gave.
+  looked_up = module.apply(updates, out.codes, method=module.lookup)
+  np.testing.assert_allclose(looked_up, _unit(np.asarray(updates["vq_stats"]["codebook"],
+                                                         np.float64))[np.asarray(out.codes)],
+                             rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- k-means++ init
+
+def numpy_kmeans_plus_plus(uniforms, x, k, steps):
+  """The reference: inverse-CDF k-means++ seeding with the given uniforms, then Lloyd."""
+  x = x.astype(np.float64)
+
+  def pick(weights, u):
+    weights = weights if weights.sum() > 0 else np.ones_like(weights)
+    cdf = np.cumsum(weights)
+    return min(int(np.sum(cdf <= u * cdf[-1])), len(x) - 1)
+
+  centres = [x[pick(np.ones(len(x)), uniforms[0])]]
+  min_dist = ((x - centres[0])**2).sum(-1)
+  for i in range(1, k):
+    centres.append(x[pick(min_dist, uniforms[i])])
+    min_dist = np.minimum(min_dist, ((x - centres[-1])**2).sum(-1))
+  centres = np.stack(centres)
+  for _ in range(steps):
+    assign = np.argmin(((x[:, None] - centres[None])**2).sum(-1), -1)
+    for j in range(k):
+      if np.any(assign == j):
+        centres[j] = x[assign == j].mean(0)
+  return centres
+
+
+@pytest.mark.parametrize("steps", [0, 3])
+def test_kmeans_plus_plus_equals_numpy_with_the_same_draws(steps):
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(64, 3)).astype(np.float32)
+  uniforms = np.asarray(jax.random.uniform(jax.random.PRNGKey(4), (10,)))
+  got = q.kmeans_plus_plus(jnp.asarray(uniforms), jnp.asarray(x), 10, steps)
+  np.testing.assert_allclose(got, numpy_kmeans_plus_plus(uniforms, x, 10, steps),
+                             rtol=1e-5, atol=1e-6)
+
+
+def clustered_batch(k=8, d=4, per=6, seed=2):
+  """Encoder outputs [1, k, per, d] in k tight, far-apart clusters: k-means++ finds them
+  whatever its draws, so the module's centres must be the clusters' means."""
+  rng = np.random.default_rng(seed)
+  means = rng.normal(size=(k, d)) * 10
+  z = means[:, None] + rng.normal(size=(k, per, d)) * 0.01
+  return z[None].astype(np.float32), z.mean(1)
+
+
+def test_kmeans_init_replaces_the_codebook_then_the_ema_starts_from_it():
+  k, d, decay = 8, 4, 0.9
+  z, cluster_means = clustered_batch(k, d)
+  module = q.VectorQuantizerEMA(k, d, decay=decay, codebook_init="kmeans")
+  variables = module.init(jax.random.PRNGKey(0), jnp.asarray(z), train=False)
+  assert int(variables["vq_stats"]["initialized"]) == 0
+  rngs = {"reseed": jax.random.PRNGKey(1)}
+  apply = jax.jit(lambda v, z: module.apply(v, z, train=True, mutable=["vq_stats"],
+                                            rngs=rngs))
+  _, first = apply(variables, jnp.asarray(z))
+  stats = first["vq_stats"]
+  assert int(stats["initialized"]) == 1
+  book = np.asarray(stats["codebook"])
+  order = np.argmin(((cluster_means[:, None] - book[None])**2).sum(-1), -1)
+  assert sorted(order) == list(range(k))  # one centre per cluster
+  np.testing.assert_allclose(book[order], cluster_means, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(stats["ema_sum"], book, rtol=0, atol=0)
+  np.testing.assert_allclose(stats["ema_count"], np.ones(k), rtol=0, atol=0)
+  # Second step: one ordinary EMA step from (ones, centres), no re-initialisation.
+  z2 = z + np.float32(0.05)
+  out, second = apply(first, jnp.asarray(z2))
+  flat = z2.reshape(-1, d).astype(np.float64)
+  codes = np.argmin(((flat[:, None] - book[None])**2).sum(-1), -1)
+  np.testing.assert_array_equal(np.asarray(out.codes).reshape(-1), codes)
+  count = decay + (1 - decay) * np.bincount(codes, minlength=k)
+  sums = np.zeros((k, d))
+  np.add.at(sums, codes, flat)
+  total = decay * book + (1 - decay) * sums
+  np.testing.assert_allclose(second["vq_stats"]["ema_count"], count, rtol=1e-5)
+  np.testing.assert_allclose(second["vq_stats"]["ema_sum"], total, rtol=1e-5, atol=1e-5)
+  assert int(second["vq_stats"]["initialized"]) == 1
+
+
+def test_kmeans_init_deferred_equals_immediate_over_vqvae_steps():
+  """Through the train step: the deferred path (vq_batch + finalize_codebooks) gives the
+  same k-means-initialised codebooks and EMA as the immediate one."""
+  model = tiny_vqvae(decay=0.9, codebook_init="kmeans")
+  batch = {"image": images(8)}
+  variables = model.init(jax.random.PRNGKey(0), batch["image"], train=False)
+  finalize = vqvae_lib.finalize_codebooks(model)
+  whole, _ = one_step(vqvae_loss(model, False), variables, batch, 1)
+  deferred, _ = one_step(vqvae_loss(model, True), variables, batch, 1, finalize)
+  chex.assert_trees_all_close(deferred.model_state, whole.model_state, rtol=2e-5, atol=1e-5)
+  accumulated, _ = one_step(vqvae_loss(model, True), variables, batch, 4, finalize)
+  for state in (whole, accumulated):
+    for level in ("quantizers_0", "quantizers_1"):
+      stats = state.model_state["vq_stats"][level]
+      assert int(stats["initialized"]) == 1
+      assert np.all(np.isfinite(np.asarray(stats["codebook"])))
+  moved = np.abs(np.asarray(whole.model_state["vq_stats"]["quantizers_1"]["codebook"])
+                 - np.asarray(variables["vq_stats"]["quantizers_1"]["codebook"])).max()
+  assert moved > 0.01
+
+
+# ---------------------------------------------------------------- factorised lookup
+
+def test_lookup_dim_shapes_and_gradients_reach_both_projections():
+  k, d_model, d_low = 16, 8, 3
+  module = q.VectorQuantizerEMA(k, d_model, lookup_dim=d_low)
+  rng = np.random.default_rng(3)
+  z = jnp.asarray(rng.normal(size=(2, 4, 4, d_model)), jnp.float32)
+  variables = module.init(jax.random.PRNGKey(0), z, train=False)
+  chex.assert_shape(variables["vq_stats"]["codebook"], (k, d_low))
+  chex.assert_shape(variables["params"]["project_in"]["kernel"], (d_model, d_low))
+  chex.assert_shape(variables["params"]["project_out"]["kernel"], (d_low, d_model))
+  out = module.apply(variables, z, train=False)
+  chex.assert_shape(out.quantized, (2, 4, 4, d_model))
+  chex.assert_shape(out.codes, (2, 4, 4))
+  np.testing.assert_allclose(module.apply(variables, out.codes, method=module.lookup),
+                             out.quantized, rtol=1e-6, atol=1e-6)
+  target = jnp.asarray(rng.normal(size=(2, 4, 4, d_model)), jnp.float32)
+
+  def loss(params, commitment_weight):
+    o = module.apply({**variables, "params": params}, z, train=False)
+    return jnp.mean((o.quantized - target)**2) + commitment_weight * o.commitment_loss
+
+  for weight in (0.0, 1.0):  # the straight-through path alone already reaches project_in
+    grads = jax.grad(loss)(variables["params"], weight)
+    for name in ("project_in", "project_out"):
+      assert float(jnp.abs(grads[name]["kernel"]).max()) > 1e-6, (name, weight)
+
+
+def test_vqvae_with_all_options_trains_a_step():
+  model = tiny_vqvae(code_distance="cosine", codebook_init="kmeans", lookup_dim=4)
+  batch = {"image": images(4)}
+  variables = model.init(jax.random.PRNGKey(0), batch["image"], train=False)
+  chex.assert_shape(variables["vq_stats"]["quantizers_0"]["codebook"], (16, 4))
+  out = model.apply(variables, batch["image"], train=False)
+  chex.assert_shape(out.reconstruction, batch["image"].shape)
+  state, metrics = one_step(vqvae_loss(model, False), variables, batch, 1)
+  assert np.isfinite(float(metrics["loss"]))
+  decoded = model.apply({"params": state.params, **state.model_state}, out.codes,
+                        method=model.decode_codes)
+  chex.assert_shape(decoded, batch["image"].shape)
+
+
+# ---------------------------------------------------------------- defaults and config
+
+def test_defaults_keep_the_paper_layout():
+  variables = tiny_vqvae().init(jax.random.PRNGKey(0), images(2), train=False)
+  assert set(variables["vq_stats"]["quantizers_0"]) == {"codebook", "ema_count", "ema_sum"}
+  assert not any(name.startswith("quantizers") for name in variables["params"])
+
+
+@pytest.mark.parametrize("field,value", [("code_distance", "dot"),
+                                         ("codebook_init", "uniform"), ("lookup_dim", -1)])
+def test_bad_codebook_options_are_clear_errors(field, value):
+  config = config_lib.base_config()
+  config.vqvae[field] = value
+  with pytest.raises(ValueError, match=f"vqvae.{field}"):
+    config_lib.validate(config)
+  with pytest.raises(ValueError, match="quantizer"):
+    kw = {"code_distance": "distance"}.get(field, field)
+    q.VectorQuantizerEMA(4, 2, **{kw: value}).init(jax.random.PRNGKey(0),
+                                                   jnp.zeros((1, 2, 2, 2)), train=False)
