@@ -217,3 +217,21 @@ def test_bad_codebook_options_are_clear_errors(field, value):
     kw = {"code_distance": "distance"}.get(field, field)
     q.VectorQuantizerEMA(4, 2, **{kw: value}).init(jax.random.PRNGKey(0),
                                                    jnp.zeros((1, 2, 2, 2)), train=False)
+
+
+# ---------------------------------------------------------------- low-usage warning
+
+def test_usage_warning_after_consecutive_low_logs_names_level_and_options(capsys):
+  from vqvae2_jax.stages.vqvae_stage import UsageWarning  # pylint: disable=g-import-not-at-top
+  watch = UsageWarning(("top", "bottom"), threshold=0.1, patience=3)
+  rows = [[0.05, 0.5], [0.02, 0.05], [0.08, 0.5], [0.01, 0.04], [0.5, 0.03], [0.5, 0.02]]
+  fired = [watch(50 * (i + 1), {"code_usage": u}) for i, u in enumerate(rows)]
+  # top: low at logs 1-4 -> one warning at log 3; bottom: low at logs 4-6 -> at log 6.
+  assert [len(f) for f in fired] == [0, 0, 1, 0, 0, 1]
+  assert "level 'top'" in fired[2][0] and "step 150" in fired[2][0]
+  assert "level 'bottom'" in fired[5][0]
+  for option in ("codebook_init", "code_distance", "lookup_dim"):
+    assert option in fired[2][0]
+  assert "level 'top'" in capsys.readouterr().out
+  assert not watch(350, {"code_usage": [0.5, 0.01]})  # still low: no repeat
+  assert not UsageWarning(("top",), threshold=0.0)(1, {"code_usage": [0.0]})

@@ -28,7 +28,10 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
       dtype="float32",
       # Memory levers (no effect on parameters): microbatches per step (the update equals
       # one step on the whole batch) and rematerialisation of each residual / gated block.
-      grad_accum_steps=1, remat="none"))
+      grad_accum_steps=1, remat="none",
+      # Stage 1 only: warn when a level's code usage (fraction of K used in a batch) stays
+      # below this for 3 consecutive logs (0 = never).
+      usage_warning=0.1))
   c.update(overrides)
   return c
 
@@ -200,11 +203,22 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if t.grad_accum_steps < 1 or t.batch_size % t.grad_accum_steps:
       bad(f"{section}.grad_accum_steps", t.grad_accum_steps,
           f"must be >= 1 and divide batch_size={t.batch_size}")
+    if not 0 <= t.usage_warning <= 1:
+      bad(f"{section}.usage_warning", t.usage_warning, "must be a fraction in [0, 1]")
     if t.remat not in ("none", "block"):
       bad(f"{section}.remat", t.remat, "must be 'none' or 'block'")
   if config.classifier.input_pool < 1 or config.data.image_size % config.classifier.input_pool:
     bad("classifier.input_pool", config.classifier.input_pool,
         f"must be >= 1 and divide data.image_size={config.data.image_size}")
+  for name in config.priors:
+    p = config.priors[name]
+    if not 0.0 <= p.get("label_dropout", 0.0) < 1.0:
+      bad(f"priors.{name}.label_dropout", p.label_dropout, "must be in [0, 1)")
+    if p.get("label_dropout", 0.0) > 0 and not p.class_conditional:
+      bad(f"priors.{name}.label_dropout", p.label_dropout,
+          "needs class_conditional=True (it drops class labels)")
+  if config.sample.get("guidance", 1.0) < 0:
+    bad("sample.guidance", config.sample.guidance, "must be >= 0 (1 = no guidance)")
   if config.sample.sampler not in ("incremental", "reference"):
     bad("sample.sampler", config.sample.sampler, "must be 'incremental' or 'reference'")
   if config.sample.rejection.classifier not in ("none", "efficientnet_lite0", "trained"):

@@ -48,6 +48,38 @@ def make_loss_fn(model, beta: float, deferred_codebooks: bool = False):
   return loss_fn
 
 
+class UsageWarning:
+  """Stage 1's `TrainTask.on_log`: warns when a level's code usage stays low.
+
+  Called with each train row (code_usage: one fraction of the K codes per level, top
+  first); once a level has been below `threshold` for `patience` consecutive logs it
+  prints one warning naming the level and the codebook options, and again only after the
+  level has recovered and fallen back. Returns the warnings of this call (for tests).
+  """
+
+  def __init__(self, names, threshold: float, patience: int = 3):
+    self.names, self.threshold, self.patience = tuple(names), threshold, patience
+    self.streak = [0] * len(self.names)
+
+  def __call__(self, step: int, row: dict) -> list[str]:
+    usage = row.get("code_usage")
+    if self.threshold <= 0 or usage is None:
+      return []
+    usage = usage if isinstance(usage, list) else [usage]
+    warnings = []
+    for l, (name, value) in enumerate(zip(self.names, usage)):
+      self.streak[l] = self.streak[l] + 1 if value < self.threshold else 0
+      if self.streak[l] == self.patience:
+        warnings.append(
+            f"[{NAME}] warning at step {step}: level '{name}' uses {100 * value:.1f}% of its "
+            f"codes (< {100 * self.threshold:.0f}% for {self.patience} logs); consider "
+            "vqvae.codebook_init='kmeans', vqvae.code_distance='cosine', vqvae.lookup_dim=8 "
+            "or vqvae.dead_code_threshold > 0")
+    for w in warnings:
+      parallel.print0(w)
+    return warnings
+
+
 def save_reconstruction_grid(reconstruct, variables, val_source, path: str, mesh,
                              num: int = 8) -> str:
   """Validation originals (row 1) above their reconstructions (row 2)."""
@@ -105,7 +137,8 @@ def build_task(config, mesh, workdir: Workdir) -> loop.TrainTask:
       loss_fn=make_loss_fn(model, config.vqvae.beta, deferred_codebooks=accumulate),
       finalize_state=vqvae_model.finalize_codebooks(model) if accumulate else None,
       loader=loader, evaluate=evaluate,
-      pictures=pictures, progress_keys=("loss", "mse", "psnr", "perplexity", "code_usage"))
+      pictures=pictures, progress_keys=("loss", "mse", "psnr", "perplexity", "code_usage"),
+      on_log=UsageWarning(names, t.get("usage_warning", 0.1)))
 
 
 def run(config, workdir: str) -> None:

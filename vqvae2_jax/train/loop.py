@@ -39,6 +39,8 @@ class TrainTask:
     counted units (images, latents) one batch row holds.
   finalize_state: combines the microbatches' model states under gradient accumulation
     (`train.step.FinalizeState`; e.g. stage 1's EMA codebook step over the whole batch).
+  on_log: optional (step, row) -> None, called after each train log with the written row
+    (e.g. stage 1's low-code-usage warning).
   """
   name: str
   init_variables: Callable[[jax.Array], dict]
@@ -50,6 +52,7 @@ class TrainTask:
   throughput_name: str = "images_per_sec"
   throughput_per_example: int = 1
   finalize_state: Callable[..., Any] | None = None
+  on_log: Callable[[int, dict], None] | None = None
 
 
 def train(task: TrainTask, train_config, *, directory: str, checkpoint_dir: str, mesh: Mesh,
@@ -143,6 +146,8 @@ def train(task: TrainTask, train_config, *, directory: str, checkpoint_dir: str,
                                       * task.throughput_per_example / elapsed)
         row = writer.write(step, host)
         writer.progress(step, row, task.progress_keys + (task.throughput_name,))
+        if task.on_log is not None:
+          task.on_log(step, row)
         window_start, window_steps = time.time(), 0
       run_work(state, step, due_work(step))
       if guard.should_stop(step):
