@@ -210,15 +210,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.classifier.input_pool < 1 or config.data.image_size % config.classifier.input_pool:
     bad("classifier.input_pool", config.classifier.input_pool,
         f"must be >= 1 and divide data.image_size={config.data.image_size}")
-  for name in config.priors:
-    p = config.priors[name]
-    if not 0.0 <= p.get("label_dropout", 0.0) < 1.0:
-      bad(f"priors.{name}.label_dropout", p.label_dropout, "must be in [0, 1)")
-    if p.get("label_dropout", 0.0) > 0 and not p.class_conditional:
-      bad(f"priors.{name}.label_dropout", p.label_dropout,
-          "needs class_conditional=True (it drops class labels)")
-  if config.sample.get("guidance", 1.0) < 0:
-    bad("sample.guidance", config.sample.guidance, "must be >= 0 (1 = no guidance)")
   if config.sample.sampler not in ("incremental", "reference"):
     bad("sample.sampler", config.sample.sampler, "must be 'incremental' or 'reference'")
   if config.sample.rejection.classifier not in ("none", "efficientnet_lite0", "trained"):
