@@ -69,13 +69,16 @@ def build_prior(config, level: str, manifest: dict, dtype=None) -> PixelSNAILPri
   p = config.priors[level]
   _, upper, scales = prior_level_info(manifest, level)
   num_classes = int(manifest.get("num_classes", 0)) if p.class_conditional else 0
+  # Configs recorded before label_dropout existed lack the field: 0 (no null label).
+  label_dropout = float(p.get("label_dropout", 0.0)) if num_classes else 0.0
   return PixelSNAILPrior(
       num_codes=int(manifest["num_codes"]), hidden=p.hidden, res_hidden=p.res_hidden,
       num_layers=p.num_layers, attention_every=p.attention_every, num_heads=p.num_heads,
       kernel_size=p.kernel_size, dropout=p.dropout, attn_dropout=p.attn_dropout,
       num_output_layers=p.num_output_layers, num_cond_layers=p.num_cond_layers,
       num_cond_levels=len(upper), cond_scales=scales, num_classes=num_classes,
-      remat=p.train.remat, dtype=dtype or parallel.to_dtype(p.train.dtype))
+      remat=p.train.remat, dtype=dtype or parallel.to_dtype(p.train.dtype),
+      null_label=label_dropout > 0, label_dropout=label_dropout)
 
 
 def prior_init_fn(prior: PixelSNAILPrior, manifest: dict, level: str) -> InitFn:

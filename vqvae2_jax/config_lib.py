@@ -42,7 +42,10 @@ def prior_config(**overrides) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict(dict(
       hidden=512, res_hidden=2048, num_layers=20, attention_every=5, num_heads=8,
       kernel_size=5, dropout=0.1, attn_dropout=0.1, num_output_layers=0,
-      num_cond_layers=0, class_conditional=True, train=train_config(
+      num_cond_layers=0, class_conditional=True,
+      # Classifier-free guidance: probability that training swaps a label for a learned
+      # null label (0 = off; > 0 adds that label row, enabling sample.guidance != 1).
+      label_dropout=0.0, train=train_config(
           batch_size=32, learning_rate=3e-4, param_ema_decay=0.999)))
   c.update(overrides)
   return c
@@ -87,6 +90,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.sample = ml_collections.ConfigDict(dict(
       num_images=16, batch_size=16, labels=(), temperature=1.0, top_k=0, top_p=1.0,
       sampler="incremental", seed=0,
+      # Classifier-free guidance scale w: logits = l_uncond + w * (l_cond - l_uncond);
+      # 1 = plain conditional sampling; != 1 needs priors trained with label_dropout > 0.
+      guidance=1.0,
       rejection=ml_collections.ConfigDict(dict(
           classifier="none", keep_fraction=0.25, threshold=0.0, class_map=()))))
   # num_images: accepted samples per keep fraction (50,000 for published FID/IS).
@@ -210,6 +216,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.classifier.input_pool < 1 or config.data.image_size % config.classifier.input_pool:
     bad("classifier.input_pool", config.classifier.input_pool,
         f"must be >= 1 and divide data.image_size={config.data.image_size}")
+  for name in config.priors:
+    p = config.priors[name]
+    if not 0.0 <= p.get("label_dropout", 0.0) < 1.0:
+      bad(f"priors.{name}.label_dropout", p.label_dropout, "must be in [0, 1)")
+    if p.get("label_dropout", 0.0) > 0 and not p.class_conditional:
+      bad(f"priors.{name}.label_dropout", p.label_dropout,
+          "needs class_conditional=True (it drops class labels)")
+  if config.sample.get("guidance", 1.0) < 0:
+    bad("sample.guidance", config.sample.guidance, "must be >= 0 (1 = no guidance)")
   if config.sample.sampler not in ("incremental", "reference"):
     bad("sample.sampler", config.sample.sampler, "must be 'incremental' or 'reference'")
   if config.sample.rejection.classifier not in ("none", "efficientnet_lite0", "trained"):

@@ -15,6 +15,10 @@ Architecture (blind-spot-free two-stream PixelCNN, PixelCNN++ pad-and-shift conv
 
   gate(a) = tanh(a_1) * sigmoid(a_2), with a = [a_1, a_2] of width 2 * hidden.
   c = CondStack(upper-level codes) + label_embedding[labels]   [B, H, W, hidden]
+  With null_label the table has one more row, label `num_classes` ("no class"): training
+  with label_dropout > 0 swaps each row's label for it with that probability (rng
+  'dropout'), so the same prior also models p(codes | upper levels) for classifier-free
+  guidance (Ho & Salimans 2022; sampling/draw.py).
   CondStack: per upper level embed -> nearest upsample by its scale -> 3x3 conv;
   concat -> 1x1 -> `num_cond_layers` residual blocks x + dropout(W2 elu(Conv3x3_res(elu(x)))).
 
@@ -215,6 +219,11 @@ class PixelSNAILPrior(nn.Module):
   dtype: Dtype = jnp.float32
   head_init_scale: float = 0.01  # small output layer: NLL starts near ln(num_codes)
   remat: str = "none"
+  # Classifier-free guidance: null_label adds label row `num_classes` (the only effect on
+  # the parameter shapes); label_dropout is the probability that training replaces a
+  # row's label with it (train mode only). Both off keep the checkpoints of before.
+  null_label: bool = False
+  label_dropout: float = 0.0
 
   def setup(self):
     k, c = self.kernel_size, self.hidden
@@ -241,9 +250,15 @@ class PixelSNAILPrior(nn.Module):
     if self.num_cond_levels:
       self.cond_stack = CondStack(c, self.res_hidden, self.num_cond_layers, self.cond_scales,
                                   self.num_codes, self.dropout, self.dtype, self.remat)
+    if not 0.0 <= self.label_dropout < 1.0:
+      raise ValueError(f"label_dropout must be in [0, 1), got {self.label_dropout}")
+    if self.label_dropout > 0 and not (self.null_label and self.num_classes):
+      raise ValueError("label_dropout > 0 needs a class-conditional prior with "
+                       "null_label=True (the row the dropped labels map to)")
     if self.num_classes:
+      rows = self.num_classes + int(self.null_label)
       self.label_embedding = self.param("label_embedding", _table_init(("classes", "mlp")),
-                                        (self.num_classes, c), jnp.float32)
+                                        (rows, c), jnp.float32)
 
   # ---- pieces shared by the full forward pass and the incremental sampler ----
 
@@ -257,7 +272,9 @@ class PixelSNAILPrior(nn.Module):
 
     Args:
       cond_codes: int32 [B, H/s, W/s] per upper level (top first).
-      labels: int32 [B] (required iff num_classes > 0).
+      labels: int32 [B] (required iff num_classes > 0); with null_label, the value
+        num_classes means "no class". In training (train=True) label_dropout of them
+        are replaced by it (rng 'dropout').
       shape: (B, H, W) of this level's codes.
     """
     b, hgt, wid = shape
@@ -278,6 +295,9 @@ class PixelSNAILPrior(nn.Module):
                          "pass labels int32 [B]")
       if labels.shape != (b,):
         raise ValueError(f"labels must be int32 [{b}], got shape {labels.shape}")
+      if train and self.label_dropout > 0:
+        drop = jax.random.bernoulli(self.make_rng("dropout"), self.label_dropout, (b,))
+        labels = jnp.where(drop, self.num_classes, labels)
       lab = _one_hot_lookup(self.label_embedding, labels, self.dtype)[:, None, None, :]
       c = lab if c is None else c + lab
       c = jnp.broadcast_to(c, (b, hgt, wid, self.hidden))
