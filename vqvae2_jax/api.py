@@ -175,7 +175,8 @@ class Run:
     s = self.config.sample
     options = options or SampleOptions(temperature=s.temperature, top_k=s.top_k,
                                        top_p=s.top_p, sampler=s.sampler,
-                                       batch_size=s.batch_size)
+                                       batch_size=s.batch_size,
+                                       guidance=s.get("guidance", 1.0))
     model, variables = self.vqvae
     shapes = {l: tuple(self.manifest["shapes"][l]) for l in self.manifest["levels"]}
     return HierarchicalSampler(model, variables, self.priors, shapes, options, self.mesh)
@@ -257,15 +258,18 @@ class Run:
 
   def sample(self, num: int, labels: Sequence[int] | int | None = None, *,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-             batch_size: int | None = None, return_codes: bool = False):
+             batch_size: int | None = None, return_codes: bool = False,
+             guidance: float = 1.0):
     """`num` generated images, uint8 [num, S, S, 3] (and codes with return_codes).
 
+    guidance: classifier-free guidance scale (1 = off; see SampleOptions).
     labels: the classes to generate for class-conditional priors, cycled to num
       (default: every class in turn); ignored for unconditional priors.
     """
     batch = _round_up(batch_size or min(num, self.config.sample.batch_size), self.mesh.size)
     sampler = self.sampler(SampleOptions(temperature=temperature, top_k=top_k, top_p=top_p,
-                                         sampler=self.config.sample.sampler, batch_size=batch))
+                                         sampler=self.config.sample.sampler, batch_size=batch,
+                                         guidance=guidance))
     label_arr = self.sample_labels(num, labels, sampler.num_classes)
     result = sampler.generate(num, label_arr, seed, progress=False)
     if return_codes:

@@ -99,3 +99,44 @@ def check_args(prior: Any, shape: Sequence[int], cond_codes: Sequence[Any], labe
   if isinstance(top_p, (int, float)) and not 0.0 < top_p <= 1.0:
     raise ValueError(f"top_p must be in (0, 1], got {top_p}")
   return shape
+
+
+# ---- classifier-free guidance (shared by both samplers) ----
+#
+# A guided step runs the prior once on a doubled batch that interleaves each row with
+# its null-label copy (rows 2r: label y_r, rows 2r+1: the null label), so a row and its
+# copy stay on the same device under batch sharding; the guided logits of row r are
+# l_uncond + w * (l_cond - l_uncond), one code is drawn per row r and written to both.
+
+
+def guidance_active(prior: Any, guidance: float) -> bool:
+  """Whether sampling `prior` at scale `guidance` doubles the batch (False at w = 1:
+  plain conditional sampling, bit for bit). Raises if w != 1 but the prior has no null
+  label to guide against."""
+  guidance = float(guidance)
+  if guidance < 0:
+    raise ValueError(f"guidance must be >= 0 (1 = off), got {guidance}")
+  if guidance == 1.0:
+    return False
+  if not (prior.num_classes and getattr(prior, "null_label", False)):
+    raise ValueError(f"guidance={guidance} needs a class-conditional prior trained with "
+                     "label_dropout > 0 (it has no null label); use guidance=1")
+  return True
+
+
+def double_inputs(prior: Any, shape: tuple[int, int, int], cond_codes: Sequence[Any],
+                  labels: Any) -> tuple[tuple[int, int, int], tuple[Any, ...], Any]:
+  """(B, H, W), cond_codes [B, ...], labels [B] -> the interleaved doubled batch:
+  (2B, H, W), each cond map repeated row-wise [2B, ...], labels [2B] = (y_0, null, ...)."""
+  b = shape[0]
+  cond2 = tuple(jnp.repeat(c, 2, axis=0) for c in cond_codes)
+  null = jnp.full((b,), prior.num_classes, jnp.int32)
+  labels2 = jnp.stack([jnp.asarray(labels, jnp.int32), null], axis=1).reshape(2 * b)
+  return (2 * b,) + tuple(shape[1:]), cond2, labels2
+
+
+def guided_logits(logits2: jax.Array, guidance: jax.Array | float) -> jax.Array:
+  """Interleaved doubled logits float32 [2B, ..., K] -> guided float32 [B, ..., K]."""
+  pairs = logits2.reshape((logits2.shape[0] // 2, 2) + logits2.shape[1:])
+  cond, uncond = pairs[:, 0], pairs[:, 1]
+  return uncond + guidance * (cond - uncond)

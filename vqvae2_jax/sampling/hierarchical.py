@@ -27,14 +27,19 @@ SAMPLERS = ("incremental", "reference")
 class SampleOptions:
   """How codes are drawn: temperature > 0, top_k (0 = off), top_p in (0, 1] (1 = off),
   sampler 'incremental' (cached, exact) or 'reference' (one full pass per position),
-  batch_size: images per device call (a multiple of the mesh size)."""
+  batch_size: images per device call (a multiple of the mesh size), guidance:
+  classifier-free guidance scale w >= 0 for the class-conditional priors (1 = off; != 1
+  needs them trained with label_dropout > 0, and costs two prior passes per sample)."""
   temperature: float = 1.0
   top_k: int = 0
   top_p: float = 1.0
   sampler: str = "incremental"
   batch_size: int = 16
+  guidance: float = 1.0
 
   def __post_init__(self):
+    if self.guidance < 0:
+      raise ValueError(f"guidance={self.guidance} must be >= 0 (1 = off)")
     if self.sampler not in SAMPLERS:
       raise ValueError(f"sampler={self.sampler!r}: use one of {SAMPLERS}")
     if self.batch_size < 1:
@@ -67,6 +72,15 @@ class HierarchicalSampler:
     self.priors, self.options, self.mesh = dict(priors), options, mesh
     self.num_classes = max(p.num_classes for p, _ in self.priors.values())
     parallel.check_batch_size(options.batch_size, mesh, "sample.batch_size")
+    if options.guidance != 1.0:
+      if not self.num_classes:
+        raise ValueError(f"guidance={options.guidance} needs class-conditional priors; "
+                         "these are unconditional: use guidance=1")
+      for level, (p, _) in self.priors.items():
+        if p.num_classes and not p.null_label:
+          raise ValueError(f"guidance={options.guidance}: prior {level!r} was trained "
+                           "without label_dropout (no null label); retrain it with "
+                           f"priors.{level}.label_dropout > 0 or use guidance=1")
     self._decode = jax.jit(lambda v, codes: self.vqvae.apply(
         v, codes, method=self.vqvae.decode_codes))
 
@@ -83,7 +97,8 @@ class HierarchicalSampler:
       kwargs = dict(shape=(batch, *self.shapes[level]),
                     cond_codes=tuple(codes[u] for u in self.levels[:i]),
                     labels=labels_arr if prior.num_classes else None,
-                    temperature=o.temperature, top_k=o.top_k, top_p=o.top_p)
+                    temperature=o.temperature, top_k=o.top_k, top_p=o.top_p,
+                    guidance=o.guidance if prior.num_classes else 1.0)
       if o.sampler == "incremental":
         codes[level] = sample_incremental(prior, params, jax.random.fold_in(rng, i),
                                           sharding=sharding, **kwargs)

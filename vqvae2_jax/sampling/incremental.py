@@ -306,19 +306,33 @@ def run_incremental(prior: PixelSNAILPrior, params: Any, *, shape: tuple[int, in
 
 
 @functools.partial(jax.jit, static_argnames=("prior", "shape", "top_k", "nucleus",
-                                             "return_logits", "sharding"))
-def _sample(prior, params, rng, cond_codes, labels, temperature, top_p, *, shape, top_k,
-            nucleus, return_logits, sharding):
+                                             "return_logits", "sharding", "guided"))
+def _sample(prior, params, rng, cond_codes, labels, temperature, top_p, guidance, *, shape,
+            top_k, nucleus, return_logits, sharding, guided):
   def choose(p, logits):
     return draw_lib.draw(rng, p, logits, temperature, top_k, top_p, nucleus=nucleus)
-  return _loop(prior, params, cond_codes, labels, shape=shape, choose=choose,
-               sharding=sharding, return_logits=return_logits)
+  if not guided:
+    return _loop(prior, params, cond_codes, labels, shape=shape, choose=choose,
+                 sharding=sharding, return_logits=return_logits)
+
+  # Guidance: one loop (one cache) over the interleaved doubled batch; at each position
+  # the pair logits combine into one guided row, drawn once, and the code is fed back to
+  # both the conditional and the null-label row.
+  def choose_guided(p, logits2):
+    return jnp.repeat(choose(p, draw_lib.guided_logits(logits2, guidance)), 2, axis=0)
+  shape2, cond2, labels2 = draw_lib.double_inputs(prior, shape, cond_codes, labels)
+  out = _loop(prior, params, cond2, labels2, shape=shape2, choose=choose_guided,
+              sharding=sharding, return_logits=return_logits)
+  if not return_logits:
+    return out[0::2]
+  return out[0][0::2], draw_lib.guided_logits(out[1], guidance)
 
 
 def sample_incremental(prior: PixelSNAILPrior, params: Any, rng: jax.Array, *,
                        shape: tuple[int, int, int], cond_codes: Sequence[jax.Array] = (),
                        labels: jax.Array | None = None, temperature: float = 1.0,
-                       top_k: int = 0, top_p: float = 1.0, return_logits: bool = False,
+                       top_k: int = 0, top_p: float = 1.0, guidance: float = 1.0,
+                       return_logits: bool = False,
                        sharding: jax.sharding.Sharding | None = None):
   """Raster-order ancestral sampling: `run_incremental` with the shared draw.
 
@@ -333,7 +347,11 @@ def sample_incremental(prior: PixelSNAILPrior, params: Any, rng: jax.Array, *,
     cond_codes: int32 [B, H/s, W/s] upper-level codes (top first); may be batch-sharded.
     labels: int32 [B] class labels (class-conditional priors only).
     temperature, top_k, top_p: see `draw_lib.filter_logits`.
-    return_logits: also return the logits used at every position.
+    guidance: classifier-free guidance scale w (1 = off, exactly plain sampling); != 1
+      runs the loop on the doubled batch of `draw_lib.double_inputs` (2x the compute)
+      and needs a prior with a null label.
+    return_logits: also return the logits used at every position (guided ones with
+      guidance).
     sharding: optional sharding for the batch axis (e.g. NamedSharding(mesh, P('data')))
       imposed on the canvas and the caches; by default sharding follows the inputs.
 
@@ -341,7 +359,8 @@ def sample_incremental(prior: PixelSNAILPrior, params: Any, rng: jax.Array, *,
     int32 [B, H, W] codes, or (codes, float32 [B, H, W, K] logits) with return_logits.
   """
   shape = draw_lib.check_args(prior, shape, cond_codes, labels, temperature, top_k, top_p)
+  guided = draw_lib.guidance_active(prior, guidance)
   return _sample(prior, draw_lib.plain_params(params), rng, tuple(cond_codes), labels,
-                 jnp.float32(temperature), jnp.float32(top_p), shape=shape, top_k=top_k,
-                 nucleus=draw_lib.nucleus_active(top_p), return_logits=bool(return_logits),
-                 sharding=sharding)
+                 jnp.float32(temperature), jnp.float32(top_p), jnp.float32(guidance),
+                 shape=shape, top_k=top_k, nucleus=draw_lib.nucleus_active(top_p),
+                 return_logits=bool(return_logits), sharding=sharding, guided=guided)

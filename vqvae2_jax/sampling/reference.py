@@ -16,17 +16,23 @@ from vqvae2_jax.sampling import draw as draw_lib
 
 
 @functools.partial(jax.jit,
-                   static_argnames=("prior", "shape", "top_k", "nucleus", "positions"))
-def _sample(prior, params, rng, cond_codes, labels, temperature, top_p, *, shape, top_k,
-            nucleus, positions):
+                   static_argnames=("prior", "shape", "top_k", "nucleus", "positions",
+                                    "guided"))
+def _sample(prior, params, rng, cond_codes, labels, temperature, top_p, guidance, *, shape,
+            top_k, nucleus, positions, guided):
   b, hgt, wid = shape
   variables = {"params": params}
+  if guided:  # one pass over [rows; null-label rows] interleaved (draw_lib.double_inputs)
+    _, cond_codes, labels = draw_lib.double_inputs(prior, shape, cond_codes, labels)
 
   def body(p, codes):
-    logits = prior.apply(variables, codes, cond_codes, labels, train=False)
+    inputs = jnp.repeat(codes, 2, axis=0) if guided else codes
+    logits = prior.apply(variables, inputs, cond_codes, labels, train=False)
     i, j = p // wid, p % wid
-    code = draw_lib.draw(rng, p, logits[:, i, j], temperature, top_k, top_p,
-                         nucleus=nucleus)
+    logits_p = logits[:, i, j]
+    if guided:
+      logits_p = draw_lib.guided_logits(logits_p, guidance)
+    code = draw_lib.draw(rng, p, logits_p, temperature, top_k, top_p, nucleus=nucleus)
     return codes.at[:, i, j].set(code)
 
   codes = jnp.zeros(shape, jnp.int32)
@@ -36,7 +42,7 @@ def _sample(prior, params, rng, cond_codes, labels, temperature, top_p, *, shape
 def sample_reference(prior: PixelSNAILPrior, params: Any, rng: jax.Array, *,
                      shape: tuple[int, int, int], cond_codes: Sequence[jax.Array] = (),
                      labels: jax.Array | None = None, temperature: float = 1.0,
-                     top_k: int = 0, top_p: float = 1.0,
+                     top_k: int = 0, top_p: float = 1.0, guidance: float = 1.0,
                      num_positions: int | None = None) -> jax.Array:
   """Raster-order ancestral sampling running the whole prior once per position.
 
@@ -50,6 +56,8 @@ def sample_reference(prior: PixelSNAILPrior, params: Any, rng: jax.Array, *,
     temperature: softmax temperature (> 0).
     top_k: keep only the k most likely codes (0 = off).
     top_p: nucleus sampling mass (1.0 = off).
+    guidance: classifier-free guidance scale w (1 = off, exactly plain sampling); != 1
+      needs a prior with a null label (see draw_lib.guidance_active).
     num_positions: sample only the first n raster positions (the rest stay 0); for
       timing a subset of a long run. None = all H * W.
 
@@ -57,7 +65,9 @@ def sample_reference(prior: PixelSNAILPrior, params: Any, rng: jax.Array, *,
     int32 [B, H, W] codes.
   """
   shape = draw_lib.check_args(prior, shape, cond_codes, labels, temperature, top_k, top_p)
+  guided = draw_lib.guidance_active(prior, guidance)
   n = shape[1] * shape[2] if num_positions is None else int(num_positions)
   return _sample(prior, draw_lib.plain_params(params), rng, tuple(cond_codes), labels,
-                 jnp.float32(temperature), jnp.float32(top_p), shape=shape, top_k=top_k,
-                 nucleus=draw_lib.nucleus_active(top_p), positions=n)
+                 jnp.float32(temperature), jnp.float32(top_p), jnp.float32(guidance),
+                 shape=shape, top_k=top_k, nucleus=draw_lib.nucleus_active(top_p),
+                 positions=n, guided=guided)
