@@ -54,9 +54,9 @@ def restore_inference_variables(workdir: Workdir, stage: str, init_fn: InitFn, m
     target["model_state"] = rest
   checkpointer = ckpt_lib.Checkpointer(workdir.checkpoint_dir(stage), keep=None)
   try:
+    # Errors name <workdir>/<stage>/checkpoints/<step>, and keep their class
+    # (CorruptCheckpointError carries the step and the fallback for the CLI's message).
     restored, _ = checkpointer.restore_partial(target, step)
-  except ckpt_lib.CheckpointError as e:
-    raise ckpt_lib.CheckpointError(f"{stage} checkpoint: {e}") from e
   finally:
     checkpointer.close()
   return {"params": restored[key], **restored.get("model_state", {})}, step
