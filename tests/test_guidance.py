@@ -291,3 +291,54 @@ def test_hierarchical_sampler_passes_guidance_to_class_conditional_levels():
   with pytest.raises(ValueError, match="priors.bottom.label_dropout"):
     HierarchicalSampler(None, None, dict(priors, bottom=(no_null, bottom_params)), shapes,
                         options, mesh)
+
+
+# ---- evaluation side ----
+
+def test_sampling_cost_counts_candidates_and_the_doubled_batch():
+  from vqvae2_jax.eval import tradeoff
+  assert tradeoff.sampling_cost(400, 100, 1.0) == 4.0  # keep 0.25, no guidance
+  assert tradeoff.sampling_cost(100, 100, 2.0) == 2.0  # guidance, no rejection
+  assert tradeoff.sampling_cost(200, 100, 0.0) == 4.0  # w = 0 still runs both halves
+
+
+def test_report_lists_guidance_rows_beside_rejection_and_plots_both(tmp_path):
+  from vqvae2_jax.eval import report as report_lib
+  row = lambda f, w, cost, fid: dict(keep_fraction=f, guidance=w, candidates=8,
+                                     num_images=8, sampling_cost=cost, fid=fid, is_mean=2.0,
+                                     precision=0.5, recall=0.4, mean_class_score=0.3)
+  report = {"tradeoff": [row(1.0, 1.0, 1.0, 10.0), row(0.5, 1.0, 2.0, 9.0)],
+            "guidance": [row(1.0, 2.0, 2.0, 8.0), row(1.0, 3.0, 2.0, 7.5)]}
+  written = report_lib.write(report, str(tmp_path))
+  md = (tmp_path / "report.md").read_text()
+  assert "Guidance w" in md and "| 1.000 | 3.000 |" in md and "Cost" in md
+  assert written["tradeoff_plot"] == "tradeoff.png" and (tmp_path / "tradeoff.png").exists()
+  # Guidance rows alone (no rejection classifier) still make a trade-off section.
+  only = report_lib.render_markdown({"tradeoff": report["tradeoff"][:1],
+                                     "guidance": report["guidance"][:1]})
+  assert "Guidance w" in only and "| 1.000 | 2.000 |" in only
+
+
+def test_candidate_key_names_guidance_only_when_on(tmp_path):
+  from vqvae2_jax.eval import tradeoff
+  import json, os
+  sampler = _FakeSampler(SampleOptions(batch_size=2))
+  kw = dict(seed=0, image_size=2, model_steps={})
+  tradeoff.generate_candidates(sampler, 2, str(tmp_path / "a"), log=lambda m: None, **kw)
+  key = json.load(open(os.path.join(tmp_path, "a", tradeoff.PROGRESS)))["key"]
+  assert "guidance" not in key  # keys written before guidance existed stay valid
+  sampler = _FakeSampler(SampleOptions(batch_size=2, guidance=2.0))
+  tradeoff.generate_candidates(sampler, 2, str(tmp_path / "b"), log=lambda m: None, **kw)
+  assert json.load(open(os.path.join(tmp_path, "b", tradeoff.PROGRESS)))["key"][
+      "guidance"] == 2.0
+
+
+class _FakeSampler:
+  num_classes = 2
+
+  def __init__(self, options):
+    self.options = options
+
+  def generate(self, n, labels, seed, progress=False):
+    del labels, seed, progress
+    return {"image": np.zeros((n, 2, 2, 3), np.uint8)}

@@ -110,7 +110,10 @@ def base_config() -> ml_collections.ConfigDict:
       keep_fractions=(1.0, 0.5, 0.25), rejection_classifier="", seed=1,
       max_real_images=0, mse_max_images=10_000, nll_max_batches=0,
       pr_max_images=10_000, pr_k=3, is_splits=10, cas=True, fid_method="eigh",
-      rate_distortion_images=0))
+      rate_distortion_images=0,
+      # Classifier-free guidance scales evaluated beside the keep fractions (no rejection,
+      # evaluate.num_images each); w != 1 needs priors trained with label_dropout > 0.
+      guidance_scales=(1.0,)))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
   c.axis_rules = DEFAULT_AXIS_RULES
   c.distributed = ml_collections.ConfigDict(dict(
@@ -223,6 +226,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if p.get("label_dropout", 0.0) > 0 and not p.class_conditional:
       bad(f"priors.{name}.label_dropout", p.label_dropout,
           "needs class_conditional=True (it drops class labels)")
+  if any(w < 0 for w in config.evaluate.get("guidance_scales", ())):
+    bad("evaluate.guidance_scales", config.evaluate.guidance_scales,
+        "each must be >= 0 (1 = no guidance)")
   if config.sample.get("guidance", 1.0) < 0:
     bad("sample.guidance", config.sample.guidance, "must be >= 0 (1 = no guidance)")
   if config.sample.sampler not in ("incremental", "reference"):

@@ -5,7 +5,8 @@ vqvae2_jax.stages.evaluate_stage) and writes:
   report.json    every figure, NaN/inf as null
   report.md      Table 1 (NLL / MSE), sample quality, CAS, the rejection trade-off (headed
                  by a warning when it is self-judged: report['self_judged']), notes
-  tradeoff.png   paper Figure 7: IS vs FID and precision vs recall per keep fraction
+  tradeoff.png   paper Figure 7: IS vs FID and precision vs recall per keep fraction,
+                 with a second curve per guidance scale (report['guidance'])
 """
 from __future__ import annotations
 
@@ -122,8 +123,8 @@ def _cas(report: dict) -> list[str]:
 
 
 def _tradeoff(report: dict, plot_name: str | None) -> list[str]:
-  rows = report.get("tradeoff")
-  if not rows or len(rows) < 2:
+  rows = (report.get("tradeoff") or []) + (report.get("guidance") or [])
+  if len(rows) < 2:
     return []
   k = report.get("settings", {}).get("pr_k", 3)
   lines = ["## Classifier-based rejection sampling (paper Figure 7)", ""]
@@ -134,9 +135,15 @@ def _tradeoff(report: dict, plot_name: str | None) -> list[str]:
             "of the first ceil(num_images / f) candidates, each class keeps its best by "
             "p(class | image), as many as it has among the first num_images (so about the "
             "fraction f of its candidates, and every row holds num_images images).", ""]
-  lines += _table(["Keep fraction", "Candidates", "Accepted", "Mean p(class)", "FID", "FID*",
-                   "IS", f"Precision (k={k})", "Recall"],
-                  [[_f(r["keep_fraction"], 3), str(r["candidates"]), str(r["num_images"]),
+  if report.get("guidance"):
+    lines += ["Guidance w: classifier-free guidance scale the samples were drawn at (1 = "
+              "none). Cost: prior passes per accepted image relative to one unguided "
+              "sample (candidates / accepted, x2 under guidance).", ""]
+  lines += _table(["Keep fraction", "Guidance w", "Candidates", "Accepted", "Cost",
+                   "Mean p(class)", "FID", "FID*", "IS", f"Precision (k={k})", "Recall"],
+                  [[_f(r["keep_fraction"], 3), _f(r.get("guidance", 1.0), 3),
+                    str(r["candidates"]), str(r["num_images"]),
+                    _f(r.get("sampling_cost"), 3),
                     _f(r.get("mean_class_score"), 3), _f(r.get("fid"), 3),
                     _f(r.get("fid_star"), 3), _f(r.get("is_mean"), 3),
                     _f(r.get("precision"), 3), _f(r.get("recall"), 3)] for r in rows])
@@ -163,25 +170,35 @@ def render_markdown(report: dict, plot_name: str | None = None) -> str:
   return "\n".join(lines)
 
 
-def plot_tradeoff(rows: list[dict], path: str, fid_label: str = "FID") -> str | None:
+def plot_tradeoff(rows: list[dict], path: str, fid_label: str = "FID",
+                  guidance_rows: list[dict] = ()) -> str | None:
   """Figure 7: (a) IS against FID, (b) precision against recall, one point per keep
-  fraction. Returns the path, or None when no row has the figures to plot."""
+  fraction (and a second curve, one point per guidance scale, for `guidance_rows`).
+  Returns the path, or None when no row has the figures to plot."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   panels = [("fid", "is_mean", fid_label, "Inception Score", "(a) IS vs FID"),
             ("recall", "precision", "Recall", "Precision", "(b) Precision vs recall")]
   panels = [p for p in panels if any(r.get(p[0]) is not None and r.get(p[1]) is not None
-                                     for r in rows)]
+                                     for r in list(rows) + list(guidance_rows))]
+  curves = [(rows, "keep_fraction", "keep", "tab:blue", "rejection"),
+            (guidance_rows, "guidance", "w", "tab:orange", "guidance")]
   if not panels:
     return None
   fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
   for ax, (xk, yk, xl, yl, title) in zip(axes[0], panels):
-    pts = [(r[xk], r[yk], r["keep_fraction"]) for r in rows
-           if r.get(xk) is not None and r.get(yk) is not None]
-    ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color="tab:blue")
-    for x, y, f in pts:
-      ax.annotate(f"keep {f:g}", (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    for curve, key, tag, color, name in curves:
+      pts = [(r[xk], r[yk], r[key]) for r in curve
+             if r.get(xk) is not None and r.get(yk) is not None]
+      if not pts:
+        continue
+      ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=color, label=name)
+      for x, y, f in pts:
+        ax.annotate(f"{tag} {f:g}", (x, y), textcoords="offset points", xytext=(5, 5),
+                    fontsize=8)
+    if guidance_rows:
+      ax.legend(fontsize=8)
     ax.set_xlabel(xl)
     ax.set_ylabel(yl)
     ax.set_title(title)
@@ -197,12 +214,13 @@ def write(report: dict, out_dir: str) -> dict:
   os.makedirs(out_dir, exist_ok=True)
   report = _plain(report)
   plot_name = None
-  if report.get("tradeoff") and len(report["tradeoff"]) > 1:
+  if len((report.get("tradeoff") or []) + (report.get("guidance") or [])) > 1:
     net = (report.get("networks") or {}).get("fid") or {}
     label = "FID" if net.get("comparable_with_published") else f"FID ({net.get('name')} features)"
     if report.get("self_judged"):
       label += ", SELF-JUDGED"
-    if plot_tradeoff(report["tradeoff"], os.path.join(out_dir, "tradeoff.png"), label):
+    if plot_tradeoff(report.get("tradeoff") or [], os.path.join(out_dir, "tradeoff.png"),
+                     label, report.get("guidance") or []):
       plot_name = "tradeoff.png"
   report["tradeoff_plot"] = plot_name
   with open(os.path.join(out_dir, "report.json"), "w") as f:

@@ -75,6 +75,8 @@ def generate_candidates(sampler: HierarchicalSampler, num: int, directory: str, 
   o = sampler.options
   key = dict(num=num, seed=seed, temperature=o.temperature, top_k=o.top_k, top_p=o.top_p,
              sampler=o.sampler, image_size=image_size, **model_steps)
+  if getattr(o, "guidance", 1.0) != 1.0:  # (absent at 1: keys written before it stay valid)
+    key["guidance"] = o.guidance
   progress_path = os.path.join(directory, PROGRESS)
   progress = None
   if os.path.exists(progress_path):
@@ -147,13 +149,25 @@ def self_judged_warning(selector: str, metrics_judged: Sequence[str]) -> str:
           "experiment's classifier (evaluate.rejection_classifier='trained').")
 
 
+def sampling_cost(candidates: int, accepted: int, guidance: float) -> float:
+  """Prior passes per accepted image, in units of one unguided sample: candidates drawn
+  per accepted image (about 1 / keep fraction), times 2 under guidance (w != 1 runs the
+  prior on a doubled batch)."""
+  return candidates / max(accepted, 1) * (1.0 if guidance == 1.0 else 2.0)
+
+
 def tradeoff_rows(stats: dict[float, distances.SetStats], mean_scores: dict[float, float],
                   num: int, ref, recon_ref, real_pr, opts: EvalOptions,
-                  notes: list[str]) -> list[dict]:
+                  notes: list[str], guidance: float = 1.0) -> list[dict]:
   """One row per keep fraction (descending as given): keep_fraction, candidates,
-  mean_class_score and `distances.set_metrics` (FID, FID*, IS, precision/recall)."""
-  return [{"keep_fraction": f, "candidates": rejection.num_candidates(num, f),
-           "mean_class_score": mean_scores[f],
-           **distances.set_metrics(s, ref, recon_ref, real_pr, opts, notes,
-                                   f"samples (keep {f:g})")}
-          for f, s in stats.items()]
+  guidance (the scale the candidates were drawn at), sampling_cost, mean_class_score
+  and `distances.set_metrics` (FID, FID*, IS, precision/recall)."""
+  rows = []
+  for f, s in stats.items():
+    cand = rejection.num_candidates(num, f)
+    what = f"samples (keep {f:g})" if guidance == 1.0 else f"samples (keep {f:g}, w {guidance:g})"
+    rows.append({"keep_fraction": f, "candidates": cand, "guidance": guidance,
+                 "sampling_cost": sampling_cost(cand, s.count, guidance),
+                 "mean_class_score": mean_scores[f],
+                 **distances.set_metrics(s, ref, recon_ref, real_pr, opts, notes, what)})
+  return rows

@@ -9,7 +9,9 @@ exist (a missing input skips its section with a note in the report):
   reconstructions, improved precision / recall (k=3).
 - CAS (`eval.cas`) and every sample metric for each rejection keep fraction in
   evaluate.keep_fractions (`eval.tradeoff`, Figure 7), flagged when the selecting
-  network also computes the distances (self-judged).
+  network also computes the distances (self-judged); beside them, the same metrics for
+  each classifier-free guidance scale in evaluate.guidance_scales (no rejection), every
+  row with its sampling cost per accepted image.
 - Rate-distortion of the image codec (`eval.rate_distortion`) against JPEG, WebP and the
   raw index cost on evaluate.rate_distortion_images validation images (0 = off).
 
@@ -209,6 +211,13 @@ def _selector(ev: _Evaluation) -> tradeoff.Selector | None:
   return None
 
 
+def _model_steps(ev: _Evaluation) -> dict:
+  """The checkpoint steps candidates are drawn from (part of their resume key)."""
+  w = ev.run.workdir
+  return dict(vqvae_step=ev.run.vqvae_step,
+              priors={l: w.latest_step(prior_stage(l)) for l in ev.sampler.levels})
+
+
 def _candidates(ev: _Evaluation) -> None:
   """Candidates (generated or resumed), their scores and each keep fraction's selection."""
   if ev.sampler is None:
@@ -223,11 +232,9 @@ def _candidates(ev: _Evaluation) -> None:
   fractions = tradeoff.keep_fractions(opts, ev.selector is not None)
   num = rejection.num_candidates(opts.num_images, min(fractions))
   log(f"{num} candidates for keep fractions {fractions} ({opts.num_images} images each)")
-  steps = dict(vqvae_step=ev.run.vqvae_step,
-               priors={l: w.latest_step(prior_stage(l)) for l in ev.sampler.levels})
   ev.candidates = tradeoff.generate_candidates(
       ev.sampler, num, w.path_in(NAME, "candidates"), seed=opts.seed,
-      image_size=ev.config.data.image_size, model_steps=steps, log=log,
+      image_size=ev.config.data.image_size, model_steps=_model_steps(ev), log=log,
       # A classifier trained on the old candidates no longer describes these.
       on_restart=lambda: shutil.rmtree(w.stage_dir(CAS_SAMPLES), ignore_errors=True))
   scores = None
@@ -302,7 +309,8 @@ def _sample_metrics(ev: _Evaluation) -> None:
   log("computing FID / IS / precision / recall")
   real = ev.real
   rows = tradeoff.tradeoff_rows(stats, ev.mean_scores, ev.opts.num_images, real.ref,
-                                real.recon_ref, real.real_pr, ev.opts, ev.notes)
+                                real.recon_ref, real.real_pr, ev.opts, ev.notes,
+                                guidance=ev.sampler.options.guidance)
   ev.report["samples"], ev.report["tradeoff"] = rows[0], rows
   if ev.selector is None:
     return
@@ -313,6 +321,39 @@ def _sample_metrics(ev: _Evaluation) -> None:
     ev.report["self_judged_warning"] = warning
     ev.notes.append(warning)
     log(warning)
+
+
+def _guidance_metrics(ev: _Evaluation) -> None:
+  """Classifier-free guidance beside rejection: per evaluate.guidance_scales w (other than
+  the sampler's own, which the keep-1 row already measures), num_images samples drawn at
+  w without rejection, scored and measured as the trade-off rows (`report['guidance']`)."""
+  base = ev.sampler.options.guidance if ev.sampler is not None else 1.0
+  scales = ev.config.evaluate.get("guidance_scales", ())
+  scales = [w for w in dict.fromkeys(float(w) for w in scales) if w != base]
+  if not scales or ev.sampler is None or ev.real is None or ev.candidates is None:
+    return
+  unguidable = [l for l, (p, _) in ev.sampler.priors.items() if p.num_classes
+                and not p.null_label]
+  if not ev.sampler.num_classes or unguidable:
+    ev.notes.append(f"guidance scales {scales} skipped: they need class-conditional priors "
+                    f"trained with label_dropout > 0 (not so: {unguidable or 'all'})")
+    return
+  opts, rows = ev.opts, []
+  for w in scales:
+    sampler = ev.run.sampler(dataclasses.replace(ev.sampler.options, guidance=w))
+    cands = tradeoff.generate_candidates(
+        sampler, opts.num_images, ev.run.workdir.path_in(NAME, f"guidance_{w:g}"),
+        seed=opts.seed, image_size=ev.config.data.image_size, model_steps=_model_steps(ev),
+        log=log)
+    scores = (None if ev.selector is None else
+              tradeoff.score_candidates(ev.selector.score, cands, ev.selector.class_map))
+    masks, mean = tradeoff.select(scores, cands.labels, opts.num_images, [1.0])
+    stats = distances.selection_stats(cands.images, masks, ev.fid_net, ev.pr_net, opts,
+                                      ev.mesh, log)
+    rows += tradeoff.tradeoff_rows(stats, mean, opts.num_images, ev.real.ref,
+                                   ev.real.recon_ref, ev.real.real_pr, opts, ev.notes,
+                                   guidance=w)
+  ev.report["guidance"] = rows
 
 
 def _rate_distortion(ev: _Evaluation) -> None:
@@ -344,7 +385,7 @@ def _rate_distortion(ev: _Evaluation) -> None:
 
 STEPS: tuple[Callable[[_Evaluation], None], ...] = (
     _networks, _sampler, _table1, _real_classifier, _candidates, _cas_classifiers,
-    _validation, _sample_metrics, _rate_distortion)
+    _validation, _sample_metrics, _guidance_metrics, _rate_distortion)
 
 
 def run(config, workdir: str) -> None:
