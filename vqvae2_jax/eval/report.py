@@ -219,8 +219,13 @@ def write(report: dict, out_dir: str) -> dict:
     label = "FID" if net.get("comparable_with_published") else f"FID ({net.get('name')} features)"
     if report.get("self_judged"):
       label += ", SELF-JUDGED"
-    if plot_tradeoff(report.get("tradeoff") or [], os.path.join(out_dir, "tradeoff.png"),
-                     label, report.get("guidance") or []):
+    rejection_rows = report.get("tradeoff") or []
+    # The guidance curve starts at the unrejected samples of the sampler's own scale.
+    guidance_rows = report.get("guidance") or []
+    if guidance_rows:
+      guidance_rows = [r for r in rejection_rows if r["keep_fraction"] == 1.0] + guidance_rows
+    if plot_tradeoff(rejection_rows, os.path.join(out_dir, "tradeoff.png"), label,
+                     guidance_rows):
       plot_name = "tradeoff.png"
   report["tradeoff_plot"] = plot_name
   with open(os.path.join(out_dir, "report.json"), "w") as f:
