@@ -342,3 +342,27 @@ class _FakeSampler:
   def generate(self, n, labels, seed, progress=False):
     del labels, seed, progress
     return {"image": np.zeros((n, 2, 2, 3), np.uint8)}
+
+
+def test_evaluate_stage_reports_guidance_rows(tmp_path):
+  """The tiny pipeline with label_dropout > 0, evaluated at two guidance scales."""
+  import json, os
+  from vqvae2_jax import main
+  from helpers import load_config
+  dropout = {"priors.top.label_dropout": 0.5, "priors.bottom.label_dropout": 0.5}
+  workdir = str(tmp_path)
+  for stage in ("vqvae", "extract", "prior_top", "prior_bottom", "classifier"):
+    main.run_stage(load_config("demo", f"{stage},tiny", **dropout), workdir)
+  main.run_stage(load_config("demo", "evaluate,tiny", **dropout,
+                             **{"evaluate.guidance_scales": (1.0, 2.0),
+                                "evaluate.cas": False}), workdir)
+  report = json.load(open(os.path.join(workdir, "evaluate", "report.json")))
+  if report["networks"]["fid"] is None and report["networks"]["precision_recall"] is None:
+    assert "guidance" not in report  # no feature network: every sample metric skipped
+    pytest.skip("no feature network weights (torch or converted EfficientNet-Lite0)")
+  assert [r["guidance"] for r in report["tradeoff"]] == [1.0, 1.0]
+  (row,) = report["guidance"]
+  assert row["guidance"] == 2.0 and row["keep_fraction"] == 1.0 and row["num_images"] == 8
+  assert row["sampling_cost"] == 2.0 and row["mean_class_score"] is not None
+  assert row.get("precision") is not None or row.get("fid") is not None
+  assert "| 1.000 | 2.000 |" in open(os.path.join(workdir, "evaluate", "report.md")).read()

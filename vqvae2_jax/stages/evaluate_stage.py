@@ -330,8 +330,9 @@ def _guidance_metrics(ev: _Evaluation) -> None:
   base = ev.sampler.options.guidance if ev.sampler is not None else 1.0
   scales = ev.config.evaluate.get("guidance_scales", ())
   scales = [w for w in dict.fromkeys(float(w) for w in scales) if w != base]
-  if not scales or ev.sampler is None or ev.real is None or ev.candidates is None:
-    return
+  if (not scales or ev.sampler is None or ev.real is None or ev.candidates is None
+      or (ev.fid_net is None and ev.pr_net is None)):
+    return  # what is missing is already in the notes (see _sample_metrics)
   unguidable = [l for l, (p, _) in ev.sampler.priors.items() if p.num_classes
                 and not p.null_label]
   if not ev.sampler.num_classes or unguidable:
