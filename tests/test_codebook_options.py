@@ -135,6 +135,21 @@ def test_kmeans_init_replaces_the_codebook_then_the_ema_starts_from_it():
   assert int(second["vq_stats"]["initialized"]) == 1
 
 
+def test_kmeans_init_is_mesh_global_under_a_sharded_batch():
+  """With the batch sharded over 8 devices the centres are those of the whole batch."""
+  k, d = 8, 4
+  z, _ = clustered_batch(k, d, per=8)
+  z = jnp.asarray(z.reshape(8, 1, 8, d))  # 8 rows, one per device
+  module = q.VectorQuantizerEMA(k, d, codebook_init="kmeans")
+  variables = module.init(jax.random.PRNGKey(0), z, train=False)
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ("data",))
+  sharded = jax.device_put(z, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
+  step = jax.jit(lambda v, z: module.apply(v, z, train=True, mutable=["vq_stats"],
+                                           rngs={"reseed": jax.random.PRNGKey(1)})[1])
+  chex.assert_trees_all_close(step(variables, sharded), step(variables, z), rtol=1e-6,
+                              atol=1e-6)
+
+
 def test_kmeans_init_deferred_equals_immediate_over_vqvae_steps():
   """Through the train step: the deferred path (vq_batch + finalize_codebooks) gives the
   same k-means-initialised codebooks and EMA as the immediate one."""
