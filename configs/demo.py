@@ -40,7 +40,7 @@ def make():
   c.sample.update(dict(num_images=16, batch_size=16, temperature=1.0))
   c.sample.rejection.classifier = "trained"
   c.evaluate.update(dict(num_images=64, mse_max_images=512, nll_max_batches=8,
-                         rate_distortion_images=32))
+                         rate_distortion_images=32, cas_per_point=True))
   return c
 
 

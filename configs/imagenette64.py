@@ -46,7 +46,7 @@ def make():
   c.sample.rejection.update(dict(classifier="efficientnet_lite0",
                                  class_map=IMAGENET_INDICES, keep_fraction=0.5))
   c.evaluate.update(dict(num_images=1000, batch_size=50, keep_fractions=(1.0, 0.5, 0.25),
-                         max_real_images=2000, mse_max_images=2000))
+                         max_real_images=2000, mse_max_images=2000, cas_per_point=True))
   return c
 
 

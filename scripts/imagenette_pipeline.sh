@@ -7,6 +7,11 @@
 # The budget (about 20-25 minutes on 2 shared CPU cores) is set by the variables below;
 # raise them on a bigger machine, e.g. VQ_STEPS=20000 PRIOR_STEPS=20000 EVAL_IMAGES=10000.
 # Stages resume from what the workdir already holds, so a rerun continues.
+#
+# Guidance against rejection: LABEL_DROPOUT=0.1 trains both priors with a null label, and
+# GUIDANCE=1,1.5,2,3 evaluates those classifier-free guidance scales beside the keep
+# fractions (with a CAS classifier per point and the measured seconds per image), e.g.
+#   LABEL_DROPOUT=0.1 GUIDANCE=1,1.5,2,3 REJECTION=trained scripts/imagenette_pipeline.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,6 +31,8 @@ fi
 # Rejection sampling with the ImageNet EfficientNet-Lite0 (weights from the core install,
 # read without torch); REJECTION=trained uses the classifier trained on Imagenette instead.
 REJECTION=${REJECTION:-efficientnet_lite0}
+LABEL_DROPOUT=${LABEL_DROPOUT:-0}
+GUIDANCE=${GUIDANCE:-1}
 
 # Each stage gets only the overrides it uses: later stages rebuild every model from what
 # the workdir recorded, so model fields are never repeated (and contradicting one fails).
@@ -33,11 +40,11 @@ COMMON=("--workdir=$WORKDIR" "--verbosity=-1" "--config.data.root=$DATA_ROOT")
 declare -A STAGE_ARGS=(
   [vqvae]="--config.vqvae_train.steps=$VQ_STEPS --config.vqvae_train.eval_every=200 --config.vqvae_train.image_every=200 --config.vqvae_train.checkpoint_every=200"
   [extract]=""
-  [prior_top]="--config.priors.top.train.steps=$PRIOR_STEPS --config.priors.top.train.eval_every=$PRIOR_STEPS"
-  [prior_bottom]="--config.priors.bottom.train.steps=$PRIOR_STEPS --config.priors.bottom.train.eval_every=$PRIOR_STEPS"
+  [prior_top]="--config.priors.top.train.steps=$PRIOR_STEPS --config.priors.top.train.eval_every=$PRIOR_STEPS --config.priors.top.label_dropout=$LABEL_DROPOUT"
+  [prior_bottom]="--config.priors.bottom.train.steps=$PRIOR_STEPS --config.priors.bottom.train.eval_every=$PRIOR_STEPS --config.priors.bottom.label_dropout=$LABEL_DROPOUT"
   [classifier]="--config.classifier.train.steps=$CLS_STEPS --config.classifier.train.eval_every=$CLS_STEPS"
   [sample]="--config.sample.rejection.classifier=$REJECTION"
-  [evaluate]="--config.sample.rejection.classifier=$REJECTION --config.evaluate.num_images=$EVAL_IMAGES --config.evaluate.max_real_images=$REAL_IMAGES --config.evaluate.mse_max_images=1000"
+  [evaluate]="--config.sample.rejection.classifier=$REJECTION --config.evaluate.num_images=$EVAL_IMAGES --config.evaluate.max_real_images=$REAL_IMAGES --config.evaluate.mse_max_images=1000 --config.evaluate.guidance_scales=($GUIDANCE,)"
 )
 
 start=$(date +%s)

@@ -81,8 +81,12 @@ def test_report_sample_metrics_tradeoff_and_cas(evaluated):
     assert report["self_judged"] is False and "WARNING" not in md
   # CAS: the real-data classifier's figure equals accuracy_on over the validation split.
   cas = report["cas"]
+  # (the demo trains one more CAS classifier per keep fraction below 1: cas_per_point)
   assert set(cas) == {"real_trained_on_real", "real_trained_on_recon",
-                      "sample_trained_on_real", "sample_trained_on_recon"}
+                      "sample_trained_on_real", "sample_trained_on_recon",
+                      "sample_keep0.5_trained_on_real", "sample_keep0.5_trained_on_recon"}
+  assert [r["cas_top1"] for r in report["tradeoff"]] == [
+      cas["sample_trained_on_real"]["top1"], cas["sample_keep0.5_trained_on_real"]["top1"]]
   config = load_config("demo", "classifier,tiny")
   mesh = parallel.make_mesh(config.mesh)
   val = make_source(config.data, "val")
@@ -250,13 +254,14 @@ class _FakeSampler:
 def test_candidates_resume_to_the_uninterrupted_result_and_restart_on_a_new_key(tmp_path):
   kwargs = dict(seed=5, image_size=4, model_steps={"vqvae_step": 1}, log=lambda m: None)
   whole = tradeoff.generate_candidates(_FakeSampler(), 300, str(tmp_path / "a"), **kwargs)
-  with pytest.raises(KeyboardInterrupt):  # killed after the first of three chunks
-    tradeoff.generate_candidates(_FakeSampler(fail_after=1), 300, str(tmp_path / "b"), **kwargs)
+  with pytest.raises(KeyboardInterrupt):  # killed after the warm-up and the first chunk
+    tradeoff.generate_candidates(_FakeSampler(fail_after=2), 300, str(tmp_path / "b"), **kwargs)
   restarted = []
   resumed_sampler = _FakeSampler()
   resumed = tradeoff.generate_candidates(resumed_sampler, 300, str(tmp_path / "b"),
                                          on_restart=lambda: restarted.append(1), **kwargs)
-  assert resumed_sampler.calls == 2 and not restarted  # only the missing chunks
+  # The warm-up batch (compilation outside the clock), then only the missing chunks.
+  assert resumed_sampler.calls == 3 and not restarted
   np.testing.assert_array_equal(resumed.images, whole.images)
   np.testing.assert_array_equal(resumed.labels, np.resize(np.arange(3), 300))
   tradeoff.generate_candidates(_FakeSampler(), 300, str(tmp_path / "b"),

@@ -355,7 +355,8 @@ def test_evaluate_stage_reports_guidance_rows(tmp_path):
     main.run_stage(load_config("demo", f"{stage},tiny", **dropout), workdir)
   main.run_stage(load_config("demo", "evaluate,tiny", **dropout,
                              **{"evaluate.guidance_scales": (1.0, 2.0),
-                                "evaluate.cas": False}), workdir)
+                                "evaluate.cas": True, "evaluate.cas_per_point": True}),
+                 workdir)
   report = json.load(open(os.path.join(workdir, "evaluate", "report.json")))
   if report["networks"]["fid"] is None and report["networks"]["precision_recall"] is None:
     assert "guidance" not in report  # no feature network: every sample metric skipped
@@ -366,3 +367,9 @@ def test_evaluate_stage_reports_guidance_rows(tmp_path):
   assert row["sampling_cost"] == 2.0 and row["mean_class_score"] is not None
   assert row.get("precision") is not None or row.get("fid") is not None
   assert "| 1.000 | 2.000 |" in open(os.path.join(workdir, "evaluate", "report.md")).read()
+  # Every point is timed, and every point has its own CAS classifier, in its own folder.
+  rows = report["tradeoff"] + report["guidance"]
+  assert all(r["seconds_per_image"] > 0 for r in rows)
+  assert all(0 <= r["cas_top1"] <= r["cas_top5"] <= 1 for r in rows)
+  for name in ("cas_samples", "cas_samples_keep0.5", "cas_samples_w2"):
+    assert os.path.isdir(os.path.join(workdir, "evaluate", name, "checkpoints")), name

@@ -111,6 +111,8 @@ def base_config() -> ml_collections.ConfigDict:
       max_real_images=0, mse_max_images=10_000, nll_max_batches=0,
       pr_max_images=10_000, pr_k=3, is_splits=10, cas=True, fid_method="eigh",
       rate_distortion_images=0,
+      # One more CAS classifier per trade-off point (keep fraction < 1, guidance scale).
+      cas_per_point=False,
       # Classifier-free guidance scales evaluated beside the keep fractions (no rejection,
       # evaluate.num_images each); w != 1 needs priors trained with label_dropout > 0.
       guidance_scales=(1.0,)))

@@ -20,6 +20,8 @@ class EvalOptions:
   pr_max_images: feature rows kept per set for precision/recall (0 = all); pr_k: its k.
   is_splits: Inception Score splits. fid_method: 'eigh' (fast) or 'sqrtm' (pytorch-fid).
   cas: whether to compute the Classification Accuracy Score.
+  cas_per_point: also train one CAS classifier per trade-off point (each keep fraction
+    below 1 and each guidance scale), costing one classifier training each.
   inception_weights / vgg16_weights / efficientnet_weights: weights files ('' = search
     the default places); fallback_network: 'efficientnet_lite0' or 'none', standing in
     for missing Inception / VGG-16 weights.
@@ -36,6 +38,7 @@ class EvalOptions:
   is_splits: int = 10
   fid_method: str = "eigh"
   cas: bool = True
+  cas_per_point: bool = False
   inception_weights: str = ""
   vgg16_weights: str = ""
   efficientnet_weights: str = ""

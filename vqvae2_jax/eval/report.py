@@ -137,16 +137,24 @@ def _tradeoff(report: dict, plot_name: str | None) -> list[str]:
             "fraction f of its candidates, and every row holds num_images images).", ""]
   if report.get("guidance"):
     lines += ["Guidance w: classifier-free guidance scale the samples were drawn at (1 = "
-              "none). Cost: prior passes per accepted image relative to one unguided "
-              "sample (candidates / accepted, x2 under guidance).", ""]
-  lines += _table(["Keep fraction", "Guidance w", "Candidates", "Accepted", "Cost",
-                   "Mean p(class)", "FID", "FID*", "IS", f"Precision (k={k})", "Recall"],
+              "none).", ""]
+  lines += ["Cost: prior passes per accepted image relative to one unguided sample "
+            "(candidates / accepted, x2 under guidance). s / image: measured wall-clock "
+            "seconds per accepted image on this machine (sampling every candidate, plus "
+            "scoring them when rejecting; compilation excluded). CAS: top-1 % on the real "
+            "validation images of a classifier trained on that row's samples only.", ""]
+  with_cas = any(r.get("cas_top1") is not None for r in rows)
+  head = ["Keep fraction", "Guidance w", "Candidates", "Accepted", "Cost", "s / image",
+          "Mean p(class)", "FID", "FID*", "IS", f"Precision (k={k})", "Recall"]
+  lines += _table(head + (["CAS top-1 %"] if with_cas else []),
                   [[_f(r["keep_fraction"], 3), _f(r.get("guidance", 1.0), 3),
                     str(r["candidates"]), str(r["num_images"]),
-                    _f(r.get("sampling_cost"), 3),
+                    _f(r.get("sampling_cost"), 3), _f(r.get("seconds_per_image"), 4),
                     _f(r.get("mean_class_score"), 3), _f(r.get("fid"), 3),
                     _f(r.get("fid_star"), 3), _f(r.get("is_mean"), 3),
-                    _f(r.get("precision"), 3), _f(r.get("recall"), 3)] for r in rows])
+                    _f(r.get("precision"), 3), _f(r.get("recall"), 3)]
+                   + ([_f(None if r.get("cas_top1") is None else 100 * r["cas_top1"], 2)]
+                      if with_cas else []) for r in rows])
   if plot_name:
     lines += ["", f"![trade-off]({plot_name})"]
   return lines
@@ -172,14 +180,17 @@ def render_markdown(report: dict, plot_name: str | None = None) -> str:
 
 def plot_tradeoff(rows: list[dict], path: str, fid_label: str = "FID",
                   guidance_rows: list[dict] = ()) -> str | None:
-  """Figure 7: (a) IS against FID, (b) precision against recall, one point per keep
+  """Figure 7: (a) IS against FID, (b) precision against recall, and (c) CAS against the
+  measured sampling seconds per accepted image where both are known, one point per keep
   fraction (and a second curve, one point per guidance scale, for `guidance_rows`).
   Returns the path, or None when no row has the figures to plot."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   panels = [("fid", "is_mean", fid_label, "Inception Score", "(a) IS vs FID"),
-            ("recall", "precision", "Recall", "Precision", "(b) Precision vs recall")]
+            ("recall", "precision", "Recall", "Precision", "(b) Precision vs recall"),
+            ("seconds_per_image", "cas_top1", "Seconds per accepted image (measured)",
+             "CAS top-1 (classifier trained on the samples)", "(c) CAS vs sampling cost")]
   panels = [p for p in panels if any(r.get(p[0]) is not None and r.get(p[1]) is not None
                                      for r in list(rows) + list(guidance_rows))]
   curves = [(rows, "keep_fraction", "keep", "tab:blue", "rejection"),

@@ -42,9 +42,12 @@ class Selector(NamedTuple):
 
 
 class Candidates(NamedTuple):
-  """images: uint8 [M, S, S, 3] (a read-only memmap); labels: int32 [M] intended classes."""
+  """images: uint8 [M, S, S, 3] (a read-only memmap); labels: int32 [M] intended classes;
+  seconds_per_image: wall-clock seconds the sampler spent per candidate with compilation
+  excluded (None when none was timed, e.g. candidates of an older version)."""
   images: np.ndarray
   labels: np.ndarray
+  seconds_per_image: float | None = None
 
 
 def keep_fractions(opts: EvalOptions, with_scorer: bool) -> list[float]:
@@ -71,6 +74,10 @@ def generate_candidates(sampler: HierarchicalSampler, num: int, directory: str, 
   size and `model_steps`, e.g. the checkpoint steps). A different key starts over, after
   calling `on_restart` (for results derived from the old candidates). Chunk c uses seed
   seed * 1_000_003 + c.
+
+  Sampling is timed: one warm-up batch (discarded) compiles the sampler outside the clock,
+  and progress.json accumulates the seconds of the chunks and how many they drew, so the
+  cost per candidate survives a resume.
   """
   o = sampler.options
   key = dict(num=num, seed=seed, temperature=o.temperature, top_k=o.top_k, top_p=o.top_p,
@@ -96,29 +103,41 @@ def generate_candidates(sampler: HierarchicalSampler, num: int, directory: str, 
   np.save(os.path.join(directory, LABELS), labels)
   images = np.load(os.path.join(directory, IMAGES), mmap_mode="r+")
   chunk = o.batch_size * max(1, 128 // o.batch_size)
-  start = time.time()
+  if progress["done"] < num:  # compile outside the clock (a seed no chunk uses)
+    sampler.generate(o.batch_size, labels[:o.batch_size] if sampler.num_classes else None,
+                     seed * 1_000_003 - 1, progress=False)
   while progress["done"] < num:
     lo = progress["done"]
     hi = min(num, lo + chunk)
+    start = time.perf_counter()
     result = sampler.generate(hi - lo, labels[lo:hi] if sampler.num_classes else None,
                               seed * 1_000_003 + lo // chunk, progress=False)
+    seconds = time.perf_counter() - start
     images[lo:hi] = result["image"]
     images.flush()
     progress["done"] = hi
+    progress["seconds"] = progress.get("seconds", 0.0) + seconds
+    progress["timed"] = progress.get("timed", 0) + hi - lo
     with open(progress_path, "w") as f:
       json.dump(progress, f)
-    log(f"generated {hi}/{num} candidates ({(hi - lo) / (time.time() - start):.2f} img/s)")
-    start = time.time()
-  return Candidates(np.load(os.path.join(directory, IMAGES), mmap_mode="r"), labels)
+    log(f"generated {hi}/{num} candidates ({(hi - lo) / seconds:.2f} img/s)")
+  timed = progress.get("timed", 0)
+  return Candidates(np.load(os.path.join(directory, IMAGES), mmap_mode="r"), labels,
+                    progress["seconds"] / timed if timed else None)
 
 
 def score_candidates(scorer: Scorer, candidates: Candidates,
-                     class_map: np.ndarray | None = None, block: int = 256) -> np.ndarray:
-  """float [M]: p(intended class | image) of every candidate, read in blocks."""
+                     class_map: np.ndarray | None = None, block: int = 256
+                     ) -> tuple[np.ndarray, float]:
+  """(float [M] p(intended class | image) of every candidate, read in blocks; wall-clock
+  seconds of scoring per candidate, after a warm-up call that compiles the scorer)."""
   images = candidates.images
+  scorer(np.asarray(images[:block]))
+  start = time.perf_counter()
   probs = np.concatenate([scorer(np.asarray(images[lo:lo + block]))
                           for lo in range(0, len(images), block)])
-  return rejection.intended_class_scores(probs, candidates.labels, class_map)
+  seconds = (time.perf_counter() - start) / max(len(images), 1)
+  return rejection.intended_class_scores(probs, candidates.labels, class_map), seconds
 
 
 def select(scores: np.ndarray | None, labels: np.ndarray, num: int,
@@ -156,18 +175,50 @@ def sampling_cost(candidates: int, accepted: int, guidance: float) -> float:
   return candidates / max(accepted, 1) * (1.0 if guidance == 1.0 else 2.0)
 
 
+def sampling_seconds(candidates: int, accepted: int, keep_fraction: float,
+                     generate_s: float | None, score_s: float | None) -> float | None:
+  """Measured wall-clock seconds per accepted image: generating every candidate, plus
+  scoring them when rejection selects (keep < 1); None when the sampling was not timed."""
+  if generate_s is None:
+    return None
+  per_candidate = generate_s + ((score_s or 0.0) if keep_fraction < 1.0 else 0.0)
+  return per_candidate * candidates / max(accepted, 1)
+
+
+def cas_name(keep_fraction: float, guidance: float, base_guidance: float) -> str:
+  """The name of the CAS classifier trained on one trade-off point's accepted samples
+  ('sample_trained' for the unrejected samples at the sampler's own scale)."""
+  if guidance != base_guidance:
+    return f"sample_w{guidance:g}_trained"
+  return "sample_trained" if keep_fraction == 1.0 else f"sample_keep{keep_fraction:g}_trained"
+
+
 def tradeoff_rows(stats: dict[float, distances.SetStats], mean_scores: dict[float, float],
                   num: int, ref, recon_ref, real_pr, opts: EvalOptions,
-                  notes: list[str], guidance: float = 1.0) -> list[dict]:
+                  notes: list[str], guidance: float = 1.0,
+                  seconds: tuple[float | None, float | None] = (None, None)
+                  ) -> list[dict]:
   """One row per keep fraction (descending as given): keep_fraction, candidates,
-  guidance (the scale the candidates were drawn at), sampling_cost, mean_class_score
-  and `distances.set_metrics` (FID, FID*, IS, precision/recall)."""
+  guidance (the scale the candidates were drawn at), sampling_cost (counted),
+  seconds_per_image (timed, from seconds = (generation, scoring) per candidate),
+  mean_class_score and `distances.set_metrics` (FID, FID*, IS, precision/recall)."""
   rows = []
   for f, s in stats.items():
     cand = rejection.num_candidates(num, f)
     what = f"samples (keep {f:g})" if guidance == 1.0 else f"samples (keep {f:g}, w {guidance:g})"
     rows.append({"keep_fraction": f, "candidates": cand, "guidance": guidance,
                  "sampling_cost": sampling_cost(cand, s.count, guidance),
+                 "seconds_per_image": sampling_seconds(cand, s.count, f, *seconds),
                  "mean_class_score": mean_scores[f],
                  **distances.set_metrics(s, ref, recon_ref, real_pr, opts, notes, what)})
   return rows
+
+
+def attach_cas(rows: list[dict], cas: dict | None, base_guidance: float) -> None:
+  """Adds cas_top1 / cas_top5 (the point's sample-trained classifier on the real
+  validation images, `cas.ClassifierAccuracy.result` keys) to each row that has one."""
+  for row in rows:
+    acc = (cas or {}).get(
+        f"{cas_name(row['keep_fraction'], row['guidance'], base_guidance)}_on_real")
+    if acc is not None:
+      row["cas_top1"], row["cas_top5"] = acc["top1"], acc["top5"]

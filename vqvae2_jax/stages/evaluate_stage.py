@@ -22,6 +22,7 @@ Single-process: features are computed on this process's devices.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import os
 import shutil
 import time
@@ -79,6 +80,8 @@ class _Evaluation:
   candidates: tradeoff.Candidates | None = None
   masks: dict | None = None
   mean_scores: dict | None = None
+  score_seconds: float | None = None  # rejection scoring per candidate (timed)
+  guided: dict = dataclasses.field(default_factory=dict)  # w -> (Candidates, masks, means)
   classifiers: dict = dataclasses.field(default_factory=dict)
   real: distances.RealReference | None = None
 
@@ -235,20 +238,22 @@ def _candidates(ev: _Evaluation) -> None:
   ev.candidates = tradeoff.generate_candidates(
       ev.sampler, num, w.path_in(NAME, "candidates"), seed=opts.seed,
       image_size=ev.config.data.image_size, model_steps=_model_steps(ev), log=log,
-      # A classifier trained on the old candidates no longer describes these.
-      on_restart=lambda: shutil.rmtree(w.stage_dir(CAS_SAMPLES), ignore_errors=True))
+      # Classifiers trained on the old candidates no longer describe these.
+      on_restart=lambda: _remove_cas_classifiers(ev, "keep"))
   scores = None
   if ev.selector is not None:
     log(f"scoring {num} candidates with the {ev.selector.name} classifier")
-    scores = tradeoff.score_candidates(ev.selector.score, ev.candidates,
-                                       ev.selector.class_map)
+    scores, ev.score_seconds = tradeoff.score_candidates(ev.selector.score, ev.candidates,
+                                                         ev.selector.class_map)
     ev.report["rejection_classifier"] = ev.selector.name
   ev.masks, ev.mean_scores = tradeoff.select(scores, ev.candidates.labels, opts.num_images,
                                              fractions)
 
 
 def _cas_classifiers(ev: _Evaluation) -> None:
-  """The classifiers CAS tests: the real-data one and one trained on samples only."""
+  """The classifiers CAS tests: the real-data one and one trained on the unrejected
+  samples only; with evaluate.cas_per_point also one per other trade-off point (each
+  keep fraction's accepted samples, each guidance scale's samples)."""
   if not ev.opts.cas:
     return
   if ev.real_clf is None:
@@ -262,11 +267,38 @@ def _cas_classifiers(ev: _Evaluation) -> None:
     ev.notes.append(f"CAS on samples skipped: {len(rows)} samples, fewer than one "
                     f"classifier batch ({batch})")
     return
-  source = cas.ArraySource(ev.candidates.images, ev.candidates.labels,
-                           ev.val_source.class_names, rows=rows)
-  log(f"CAS: training the classifier on {len(rows)} samples only")
-  model = builders.build_classifier(ev.config, source.num_classes)
-  ev.classifiers["sample_trained"] = (model, _train_classifier(ev, model, source, CAS_SAMPLES))
+  base = ev.sampler.options.guidance
+  points = [(1.0, base, ev.candidates, rows)]
+  if ev.opts.cas_per_point:
+    points += [(f, base, ev.candidates, np.nonzero(m)[0]) for f, m in ev.masks.items()
+               if f != 1.0]
+    points += [(1.0, w, cands, np.nonzero(masks[1.0])[0])
+               for w, (cands, masks, _) in ev.guided.items()]
+  for keep, w, cands, rows in points:
+    name = tradeoff.cas_name(keep, w, base)
+    source = cas.ArraySource(cands.images, cands.labels, ev.val_source.class_names,
+                             rows=rows)
+    log(f"CAS: training the classifier {name} on {len(rows)} samples only")
+    model = builders.build_classifier(ev.config, source.num_classes)
+    ev.classifiers[name] = (model, _train_classifier(ev, model, source, _cas_stage(name)))
+
+
+def _cas_stage(name: str) -> str:
+  """Where the CAS classifier `name` trains ('sample_trained' keeps its old place)."""
+  return CAS_SAMPLES if name == "sample_trained" else f"{CAS_SAMPLES}_{name[7:-8]}"
+
+
+def _remove_cas_classifiers(ev: _Evaluation, which: str) -> None:
+  """Removes the CAS classifiers trained on candidates that are being redrawn: 'keep'
+  (the rejection candidates: every keep fraction's) or a guidance scale 'w<w>'."""
+  root = ev.run.workdir.stage_dir(NAME)
+  if which == "keep":
+    stale = [ev.run.workdir.stage_dir(CAS_SAMPLES),
+             *glob.glob(os.path.join(root, os.path.basename(CAS_SAMPLES) + "_keep*"))]
+  else:
+    stale = [os.path.join(root, os.path.basename(CAS_SAMPLES) + f"_{which}")]
+  for directory in stale:
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 def _validation(ev: _Evaluation) -> None:
@@ -310,7 +342,9 @@ def _sample_metrics(ev: _Evaluation) -> None:
   real = ev.real
   rows = tradeoff.tradeoff_rows(stats, ev.mean_scores, ev.opts.num_images, real.ref,
                                 real.recon_ref, real.real_pr, ev.opts, ev.notes,
-                                guidance=ev.sampler.options.guidance)
+                                guidance=ev.sampler.options.guidance,
+                                seconds=(ev.candidates.seconds_per_image, ev.score_seconds))
+  tradeoff.attach_cas(rows, ev.report.get("cas"), ev.sampler.options.guidance)
   ev.report["samples"], ev.report["tradeoff"] = rows[0], rows
   if ev.selector is None:
     return
@@ -323,14 +357,14 @@ def _sample_metrics(ev: _Evaluation) -> None:
     log(warning)
 
 
-def _guidance_metrics(ev: _Evaluation) -> None:
+def _guidance_candidates(ev: _Evaluation) -> None:
   """Classifier-free guidance beside rejection: per evaluate.guidance_scales w (other than
   the sampler's own, which the keep-1 row already measures), num_images samples drawn at
-  w without rejection, scored and measured as the trade-off rows (`report['guidance']`)."""
+  w without rejection (resumable), scored by the rejection classifier for the report."""
   base = ev.sampler.options.guidance if ev.sampler is not None else 1.0
   scales = ev.config.evaluate.get("guidance_scales", ())
   scales = [w for w in dict.fromkeys(float(w) for w in scales) if w != base]
-  if (not scales or ev.sampler is None or ev.real is None or ev.candidates is None
+  if (not scales or ev.sampler is None or ev.candidates is None
       or (ev.fid_net is None and ev.pr_net is None)):
     return  # what is missing is already in the notes (see _sample_metrics)
   unguidable = [l for l, (p, _) in ev.sampler.priors.items() if p.num_classes
@@ -339,21 +373,33 @@ def _guidance_metrics(ev: _Evaluation) -> None:
     ev.notes.append(f"guidance scales {scales} skipped: they need class-conditional priors "
                     f"trained with label_dropout > 0 (not so: {unguidable or 'all'})")
     return
-  opts, rows = ev.opts, []
+  opts = ev.opts
   for w in scales:
     sampler = ev.run.sampler(dataclasses.replace(ev.sampler.options, guidance=w))
+    log(f"{opts.num_images} samples at guidance w={w:g}")
     cands = tradeoff.generate_candidates(
         sampler, opts.num_images, ev.run.workdir.path_in(NAME, f"guidance_{w:g}"),
         seed=opts.seed, image_size=ev.config.data.image_size, model_steps=_model_steps(ev),
-        log=log)
+        on_restart=lambda w=w: _remove_cas_classifiers(ev, f"w{w:g}"), log=log)
     scores = (None if ev.selector is None else
-              tradeoff.score_candidates(ev.selector.score, cands, ev.selector.class_map))
+              tradeoff.score_candidates(ev.selector.score, cands, ev.selector.class_map)[0])
     masks, mean = tradeoff.select(scores, cands.labels, opts.num_images, [1.0])
-    stats = distances.selection_stats(cands.images, masks, ev.fid_net, ev.pr_net, opts,
+    ev.guided[w] = (cands, masks, mean)
+
+
+def _guidance_metrics(ev: _Evaluation) -> None:
+  """FID / IS / precision-recall (and CAS) of each guidance scale's samples
+  (`report['guidance']`)."""
+  if not ev.guided or ev.real is None:
+    return
+  rows = []
+  for w, (cands, masks, mean) in ev.guided.items():
+    stats = distances.selection_stats(cands.images, masks, ev.fid_net, ev.pr_net, ev.opts,
                                       ev.mesh, log)
-    rows += tradeoff.tradeoff_rows(stats, mean, opts.num_images, ev.real.ref,
-                                   ev.real.recon_ref, ev.real.real_pr, opts, ev.notes,
-                                   guidance=w)
+    rows += tradeoff.tradeoff_rows(stats, mean, ev.opts.num_images, ev.real.ref,
+                                   ev.real.recon_ref, ev.real.real_pr, ev.opts, ev.notes,
+                                   guidance=w, seconds=(cands.seconds_per_image, None))
+  tradeoff.attach_cas(rows, ev.report.get("cas"), ev.sampler.options.guidance)
   ev.report["guidance"] = rows
 
 
@@ -385,8 +431,8 @@ def _rate_distortion(ev: _Evaluation) -> None:
 
 
 STEPS: tuple[Callable[[_Evaluation], None], ...] = (
-    _networks, _sampler, _table1, _real_classifier, _candidates, _cas_classifiers,
-    _validation, _sample_metrics, _guidance_metrics, _rate_distortion)
+    _networks, _sampler, _table1, _real_classifier, _candidates, _guidance_candidates,
+    _cas_classifiers, _validation, _sample_metrics, _guidance_metrics, _rate_distortion)
 
 
 def run(config, workdir: str) -> None:
