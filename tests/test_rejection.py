@@ -36,3 +36,24 @@ def test_num_candidates_rejects_bad_fractions():
   assert rejection.num_candidates(64, 0.25) == 256
   with pytest.raises(ValueError, match="keep_fraction"):
     rejection.num_candidates(4, 0.0)
+
+
+def test_class_map_applies_to_efficientnet_only():
+  """The ImageNet class map of configs/imagenette64.py must not index the trained
+  10-class classifier's outputs (it did in `sample`: IndexError on class 217)."""
+  imagenet = (0, 217, 482)
+  assert rejection.class_map_for("trained", imagenet) is None
+  assert rejection.class_map_for("efficientnet_lite0", ()) is None
+  np.testing.assert_array_equal(rejection.class_map_for("efficientnet_lite0", imagenet),
+                                imagenet)
+  probs = np.full((3, 1000), 1e-3)
+  probs[np.arange(3), imagenet] = 0.5
+  scores = rejection.intended_class_scores(
+      probs, np.arange(3), rejection.class_map_for("efficientnet_lite0", imagenet))
+  np.testing.assert_array_equal(scores, 0.5)
+
+
+def test_out_of_range_class_is_a_clear_error():
+  with pytest.raises(ValueError, match="class 217 is out of range for a classifier with 10"):
+    rejection.intended_class_scores(np.ones((2, 10)) / 10, np.array([0, 1]),
+                                    np.array([0, 217]))

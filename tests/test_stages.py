@@ -119,6 +119,20 @@ def test_priors_log_nll_and_sample_writes_outputs(tiny_pipeline):
   assert summary["mean_score_accepted"] >= summary["mean_score_all"]
 
 
+def test_sample_rejects_with_the_trained_classifier_despite_an_imagenet_class_map(
+    tiny_pipeline, tmp_path):
+  """class_map is for efficientnet_lite0's ImageNet classes; the trained classifier has
+  the data's classes and ignores it (configs/imagenette64.py sets both)."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  for stage in ("vqvae", "extract", "prior_top", "prior_bottom", "classifier"):
+    shutil.copytree(os.path.join(tiny_pipeline, stage), os.path.join(tmp_path, stage))
+  main.run_stage(load_config("demo", "sample,tiny", **{
+      "sample.rejection.classifier": "trained",
+      "sample.rejection.class_map": tuple(range(500, 532))}), str(tmp_path))
+  summary = json.load(open(os.path.join(tmp_path, "sample", "rejection.json")))
+  assert summary["accepted"] == summary["requested"]
+
+
 def test_sample_refuses_a_prior_of_another_configuration(tiny_pipeline, tmp_path):
   import shutil  # pylint: disable=g-import-not-at-top
   for stage in ("vqvae", "extract", "prior_top", "prior_bottom"):

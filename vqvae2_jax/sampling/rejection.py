@@ -19,10 +19,25 @@ def intended_class_scores(probs: np.ndarray, labels: np.ndarray,
   """p(intended class | image): probs float [N, C], labels int [N] -> float [N].
 
   class_map maps the data set's labels to the classifier's classes (e.g. Imagenette
-  label -> ImageNet-1k index); identity when None.
+  label -> ImageNet-1k index); identity when None (see `class_map_for`).
   """
+  labels = np.asarray(labels)
   target = labels if class_map is None else np.asarray(class_map)[labels]
+  if len(target) and target.max() >= probs.shape[1]:
+    raise ValueError(f"class {int(target.max())} is out of range for a classifier with "
+                     f"{probs.shape[1]} classes: sample.rejection.class_map maps labels to "
+                     "the ImageNet-1k classes of efficientnet_lite0 only")
   return probs[np.arange(len(labels)), target]
+
+
+def class_map_for(classifier: str, class_map) -> np.ndarray | None:
+  """The label -> classifier-class map a rejection classifier uses: the config's
+  sample.rejection.class_map for 'efficientnet_lite0' (ImageNet-1k classes; None, i.e.
+  labels taken as ImageNet indices, when empty) and None (identity) for the experiment's
+  own classifier ('trained'), whose classes are the data's."""
+  if classifier == "efficientnet_lite0" and class_map:
+    return np.asarray(class_map, np.int64)
+  return None
 
 
 def num_candidates(num: int, keep_fraction: float) -> int:

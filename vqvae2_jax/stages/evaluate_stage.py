@@ -201,7 +201,7 @@ def _selector(ev: _Evaluation) -> tradeoff.Selector | None:
       score = scorers.network_scorer(net.apply_fn, net.variables, net.info["logits_key"],
                                      ev.mesh, opts.batch_size)
       return tradeoff.Selector("efficientnet_lite0 (ImageNet)", score,
-                       np.asarray(class_map, np.int64) if class_map else None, kind)
+                               rejection.class_map_for(kind, class_map), kind)
     ev.notes.append("rejection classifier efficientnet_lite0 unavailable (needs its "
                     "weights file or a converted .npz): using the classifier trained on the "
                     "data")
@@ -209,8 +209,9 @@ def _selector(ev: _Evaluation) -> tradeoff.Selector | None:
   if kind == "trained" and ev.real_clf is not None:
     model, params, where = ev.real_clf
     return tradeoff.Selector(f"trained ({where})",
-                     scorers.classifier_scorer(model, params, ev.mesh, opts.batch_size),
-                     None, None)
+                             scorers.classifier_scorer(model, params, ev.mesh,
+                                                       opts.batch_size),
+                             None, None)  # its classes are the data's: no class map
   return None
 
 

@@ -75,7 +75,7 @@ def run(config, workdir: str) -> None:
     parallel.print0(f"[sample] wrote {grid}")
   if use_rejection:
     r = s.rejection
-    class_map = np.asarray(r.class_map, np.int64) if r.class_map else None
+    class_map = rejection.class_map_for(r.classifier, r.class_map)
     scores = rejection.intended_class_scores(run.scorer(r.classifier)(images), labels,
                                              class_map)
     accepted = rejection.accept(scores, labels, intended, threshold=r.threshold)
