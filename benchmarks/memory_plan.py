@@ -221,7 +221,8 @@ def compile_step(step: Step, mesh, accum: int, axis_rules, batch_size: int | Non
                                 step.finalize_state)
   jitted = jax.jit(fn, in_shardings=(shardings, batch_sharding),
                    out_shardings=(shardings, None), donate_argnums=0)
-  compiled = jitted.lower(state, batch).compile(compiler_options=compiler_options)
+  with parallel.activation_sharding(mesh, axis_rules):  # as train/loop.py traces it
+    compiled = jitted.lower(state, batch).compile(compiler_options=compiler_options)
   return compiled, (make_state, shardings), batch
 
 

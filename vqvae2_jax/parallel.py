@@ -6,6 +6,7 @@ their logical axes to 'fsdp', which shards them ZeRO-3 style.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any, Sequence
 
@@ -126,6 +127,21 @@ def global_to_host(x: jax.Array) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
+def _plain_rules(rules) -> tuple:
+  """Axis rules as flax wants them (config lists -> tuples)."""
+  return tuple((name, tuple(axes) if isinstance(axes, list) else axes)
+               for name, axes in rules)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh, rules):
+  """Trace (and call) a train step inside this: the models' block outputs are then
+  constrained to the batch-sharded layout (`models/sharding.py`) on `mesh` under the
+  logical axis `rules`. Outside it those constraints are no-ops."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(_plain_rules(rules)):
+    yield
+
+
 def logical_shardings(abstract_boxed: Any, mesh: Mesh, rules) -> Any:
   """NamedShardings for a tree of (possibly nn.Partitioned-boxed) abstract values.
 
@@ -134,9 +150,7 @@ def logical_shardings(abstract_boxed: Any, mesh: Mesh, rules) -> Any:
   small, and splitting it unevenly would fail at placement.
   """
   specs = nn.get_partition_spec(abstract_boxed)
-  rules = tuple((name, tuple(axes) if isinstance(axes, list) else axes)
-                for name, axes in rules)
-  shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
+  shardings = nn.logical_to_mesh_sharding(specs, mesh, _plain_rules(rules))
   shapes = nn.unbox(abstract_boxed)
 
   def divisible(sharding: NamedSharding, leaf) -> NamedSharding:

@@ -4,7 +4,8 @@
 only the block's inputs are kept for the backward pass and everything inside the block is
 recomputed, trading about one extra forward pass for the activations of the whole stack.
 The method is lifted as `Cls.method(self, ...)`, so parameter paths (and checkpoints) are
-identical with and without remat.
+identical with and without remat. Either way the block's outputs are pinned to the
+batch-sharded layout (`models/sharding.py`; a no-op outside the train step's rules).
 """
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from typing import Callable
 
 import flax.linen as nn
 import jax
+
+from vqvae2_jax.models.sharding import batch_sharded
 
 REMAT_POLICIES = {"block": jax.checkpoint_policies.nothing_saveable}
 REMAT_MODES = ("none",) + tuple(REMAT_POLICIES)
@@ -27,10 +30,11 @@ def maybe_remat(method: Callable, mode: str, static_argnums: tuple[int, ...] = (
                 ) -> Callable:
   """`method` (an unbound Module method, called as f(module, *args)) under remat `mode`.
 
-  static_argnums count `module` as argument 0 (Python values such as `train` flags).
+  static_argnums count `module` as argument 0 (Python values such as `train` flags). The
+  outputs are batch-sharded (`models.sharding.batch_sharded`).
   """
   check_mode(mode)
   if mode == "none":
-    return method
-  return nn.remat(method, policy=REMAT_POLICIES[mode], static_argnums=static_argnums,
-                  prevent_cse=True)
+    return batch_sharded(method)
+  return batch_sharded(nn.remat(method, policy=REMAT_POLICIES[mode],
+                                static_argnums=static_argnums, prevent_cse=True))

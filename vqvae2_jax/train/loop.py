@@ -95,10 +95,16 @@ def train(task: TrainTask, train_config, *, directory: str, checkpoint_dir: str,
     checkpointer.close()
     raise
 
-  step_fn = jax.jit(make_train_step(task.loss_fn, tx, train_config.param_ema_decay,
-                                    train_config.grad_accum_steps, task.finalize_state),
-                    in_shardings=(shardings, parallel.batch_sharding(mesh)),
-                    out_shardings=(shardings, None), donate_argnums=0)
+  jitted_step = jax.jit(make_train_step(task.loss_fn, tx, train_config.param_ema_decay,
+                                        train_config.grad_accum_steps, task.finalize_state),
+                        in_shardings=(shardings, parallel.batch_sharding(mesh)),
+                        out_shardings=(shardings, None), donate_argnums=0)
+
+  def step_fn(state, batch):
+    # Traced with the models' activations pinned batch-sharded (models/sharding.py).
+    with parallel.activation_sharding(mesh, axis_rules):
+      return jitted_step(state, batch)
+
   next_batch = lambda: parallel.host_to_global(next(task.loader), mesh)
 
   def due_work(step: int) -> list[str]:
