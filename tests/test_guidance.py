@@ -373,3 +373,5 @@ def test_evaluate_stage_reports_guidance_rows(tmp_path):
   assert all(0 <= r["cas_top1"] <= r["cas_top5"] <= 1 for r in rows)
   for name in ("cas_samples", "cas_samples_keep0.5", "cas_samples_w2"):
     assert os.path.isdir(os.path.join(workdir, "evaluate", name, "checkpoints")), name
+  assert report["guidance_grid"] == "guidance.png"
+  assert os.path.exists(os.path.join(workdir, "evaluate", "guidance.png"))

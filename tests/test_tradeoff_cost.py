@@ -95,3 +95,15 @@ def test_report_shows_seconds_and_cas_columns_and_the_cost_panel(tmp_path):
   for r in report["tradeoff"] + report["guidance"]:
     r.pop("cas_top1")
   assert "CAS top-1" not in report_lib.render_markdown(report)
+
+
+def test_guidance_grid_groups_each_draw_across_scales():
+  labels = np.array([0, 1, 2, 0, 1, 2, 0], np.int32)
+  by_scale = {w: tradeoff.Candidates(
+      np.stack([np.full((2, 2, 3), 10 * w + i, np.uint8) for i in range(len(labels))]),
+      labels) for w in (1.0, 2.0, 3.0)}
+  tiles, cols, names, captions = tradeoff.guidance_grid(by_scale, ["a", "b"], per_class=2)
+  assert cols == 6 and names == ["a", "b", "2"]  # class 2 has no name: its index
+  # Row of class 0: its candidates 0 and 3, each at w 1, 2, 3.
+  np.testing.assert_array_equal(tiles[:6, 0, 0, 0], [10, 20, 30, 13, 23, 33])
+  assert captions[:3] == ["w 1", "w 2", "w 3"] and len(tiles) == 18

@@ -157,6 +157,9 @@ def _tradeoff(report: dict, plot_name: str | None) -> list[str]:
                       if with_cas else []) for r in rows])
   if plot_name:
     lines += ["", f"![trade-off]({plot_name})"]
+  if report.get("guidance_grid"):
+    lines += ["", "Each class's first draws at every guidance scale (same class and sampling "
+              f"key across a group): ![guidance]({report['guidance_grid']})"]
   return lines
 
 

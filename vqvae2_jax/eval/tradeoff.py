@@ -222,3 +222,33 @@ def attach_cas(rows: list[dict], cas: dict | None, base_guidance: float) -> None
         f"{cas_name(row['keep_fraction'], row['guidance'], base_guidance)}_on_real")
     if acc is not None:
       row["cas_top1"], row["cas_top5"] = acc["top1"], acc["top5"]
+
+
+def guidance_grid(by_scale: dict[float, Candidates], class_names: Sequence[str],
+                  per_class: int = 2, max_classes: int = 10
+                  ) -> tuple[np.ndarray, int, list[str], list[str]]:
+  """Tiles for one picture of guidance: a row per class, and for each of its first
+  `per_class` candidates one tile per scale side by side. Candidate i of every scale has
+  the same intended class and sampling key (`generate_candidates`), so a group shows what
+  w does to one draw.
+
+  Fewer than `per_class` per class are shown when there are few candidates.
+
+  Returns (uint8 [rows * cols, S, S, 3], cols, row labels, tile captions)."""
+  scales = sorted(by_scale)
+  labels = next(iter(by_scale.values())).labels
+  n = min(len(c.images) for c in by_scale.values())
+  tiles, captions, names = [], [], []
+  num_classes = int(labels[:n].max()) + 1 if n else 0
+  per_class = max(1, min(per_class, n // max(num_classes, 1)))  # few candidates: fewer
+  for c in range(min(max_classes, num_classes)):
+    rows = [i for i in np.nonzero(labels[:n] == c)[0][:per_class]]
+    if len(rows) < per_class:
+      continue
+    names.append(class_names[c] if c < len(class_names) else str(c))
+    for i in rows:
+      for w in scales:
+        tiles.append(np.asarray(by_scale[w].images[i]))
+        captions.append(f"w {w:g}")
+  cols = per_class * len(scales)
+  return np.stack(tiles) if tiles else np.zeros((0, 1, 1, 3), np.uint8), cols, names, captions

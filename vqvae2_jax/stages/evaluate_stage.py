@@ -33,6 +33,7 @@ import numpy as np
 
 from vqvae2_jax import api
 from vqvae2_jax import builders
+from vqvae2_jax import images as image_lib
 from vqvae2_jax import checkpoint as ckpt_lib
 from vqvae2_jax import parallel
 from vqvae2_jax.data import codes as codes_lib
@@ -53,6 +54,7 @@ from vqvae2_jax.workdir import CLASSIFIER, EVALUATE, VQVAE, StageMissingError, p
 
 NAME = EVALUATE
 CAS_SAMPLES, CAS_REAL = f"{NAME}/cas_samples", f"{NAME}/cas_real"
+GUIDANCE_GRID = "guidance.png"  # every guidance scale on the same draws
 REJECTION_KINDS = ("none", "trained", "efficientnet_lite0")
 
 _START = [time.time()]
@@ -402,6 +404,13 @@ def _guidance_metrics(ev: _Evaluation) -> None:
                                    guidance=w, seconds=(cands.seconds_per_image, None))
   tradeoff.attach_cas(rows, ev.report.get("cas"), ev.sampler.options.guidance)
   ev.report["guidance"] = rows
+  tiles, cols, names, captions = tradeoff.guidance_grid(
+      {ev.sampler.options.guidance: ev.candidates,
+       **{w: cands for w, (cands, _, _) in ev.guided.items()}}, ev.run.class_names or [])
+  if len(tiles):
+    image_lib.save_grid(ev.run.workdir.path_in(NAME, GUIDANCE_GRID), tiles, cols,
+                        row_labels=[n[:14] for n in names], captions=captions)
+    ev.report["guidance_grid"] = GUIDANCE_GRID
 
 
 def _rate_distortion(ev: _Evaluation) -> None:
