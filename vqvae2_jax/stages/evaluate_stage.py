@@ -1,6 +1,6 @@
 """Stage 5: the paper's quantitative evaluation (section 5) of one workdir.
 
-Writes <workdir>/evaluate/{report.json, report.md, tradeoff.png} with, where the inputs
+Writes <workdir>/evaluate/{report.json, report.md, tradeoff.png, guidance.png} with, where the inputs
 exist (a missing input skips its section with a note in the report):
 - Table 1 (`eval.table1`): train / validation NLL of each prior on the extracted code
   shards (EMA parameters when kept) and train / validation MSE of the VQ-VAE.
@@ -11,7 +11,9 @@ exist (a missing input skips its section with a note in the report):
   evaluate.keep_fractions (`eval.tradeoff`, Figure 7), flagged when the selecting
   network also computes the distances (self-judged); beside them, the same metrics for
   each classifier-free guidance scale in evaluate.guidance_scales (no rejection), every
-  row with its sampling cost per accepted image.
+  row with its sampling cost per accepted image, counted and timed; with
+  evaluate.cas_per_point a CAS classifier per row; guidance.png shows the same draws at
+  every scale.
 - Rate-distortion of the image codec (`eval.rate_distortion`) against JPEG, WebP and the
   raw index cost on evaluate.rate_distortion_images validation images (0 = off).
 
