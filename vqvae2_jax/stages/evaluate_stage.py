@@ -1,7 +1,7 @@
 """Stage 5: the paper's quantitative evaluation (section 5) of one workdir.
 
-Writes <workdir>/evaluate/{report.json, report.md, tradeoff.png, guidance.png} with, where the inputs
-exist (a missing input skips its section with a note in the report):
+Writes <workdir>/evaluate/{report.json, report.md, tradeoff.png, guidance.png} with,
+where the inputs exist (a missing input skips its section with a note in the report):
 - Table 1 (`eval.table1`): train / validation NLL of each prior on the extracted code
   shards (EMA parameters when kept) and train / validation MSE of the VQ-VAE.
 - Sample distances (`eval.distances`): FID and Inception Score of samples against real
