@@ -10,7 +10,8 @@ Variants (each on top of the config, with re-seeding off unless named):
   lookup8 : vqvae.lookup_dim=8.           reseed: dead_code_threshold=1 (the demo's default).
 Usage = fraction of the K codes that code at least one validation latent; perplexity =
 exp(entropy) of that histogram; each figure is the mean over the seeds (config.seed: the
-initialisation and step keys; the data order is the config's). Prints os.getloadavg() with the table (the CPU is shared).
+initialisation and step keys; the data order is the config's). Prints os.getloadavg()
+with the table (the CPU is shared).
 
 --prior-steps N also extracts the codes and trains every prior of the config for N steps
 on each variant's codes, then reports the priors' code length of the validation images
