@@ -78,22 +78,21 @@ def validation_figures(workdir: str, with_bits: bool) -> dict:
 
 def train_priors(config: str, workdir: str, steps: int, seed: str, variant: str) -> None:
   """Extracts the codes of `workdir`'s stage 1 and trains each prior `steps` steps (the
-  model fields come from what stage 1 recorded, so none are repeated here)."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  from vqvae2_jax import config_lib  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.spec_from_file_location("experiment_config", config)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  levels = config_lib.prior_levels(module.get_config("extract"))
-  for stage in ("extract", *(f"prior_{level}" for level in levels)):
-    extra = [] if stage == "extract" else [
-        f"--config.priors.{stage[6:]}.train.steps={steps}",
-        f"--config.priors.{stage[6:]}.train.eval_every={steps}"]
+  model fields come from what stage 1 recorded, so none are repeated here; the levels
+  from the manifest the extraction writes)."""
+  from vqvae2_jax.workdir import Workdir  # pylint: disable=g-import-not-at-top
+
+  def run(stage: str, *extra: str) -> None:
     cmd = [sys.executable, "-m", "vqvae2_jax.main", f"--config={config}:{stage}",
            f"--workdir={workdir}", "--verbosity=-1", f"--config.seed={seed}", *extra]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode:
       sys.exit(f"{variant}: {stage} failed:\n{done.stderr[-3000:]}")
+
+  run("extract")
+  for level in Workdir(workdir).manifest()["levels"]:
+    run(f"prior_{level}", f"--config.priors.{level}.train.steps={steps}",
+        f"--config.priors.{level}.train.eval_every={steps}")
 
 
 def main() -> None:

@@ -82,7 +82,7 @@ def generate_candidates(sampler: HierarchicalSampler, num: int, directory: str, 
   o = sampler.options
   key = dict(num=num, seed=seed, temperature=o.temperature, top_k=o.top_k, top_p=o.top_p,
              sampler=o.sampler, image_size=image_size, **model_steps)
-  if getattr(o, "guidance", 1.0) != 1.0:  # (absent at 1: keys written before it stay valid)
+  if o.guidance != 1.0:  # (absent at 1: keys written before guidance stay valid)
     key["guidance"] = o.guidance
   progress_path = os.path.join(directory, PROGRESS)
   progress = None
@@ -185,12 +185,19 @@ def sampling_seconds(candidates: int, accepted: int, keep_fraction: float,
   return per_candidate * candidates / max(accepted, 1)
 
 
+def cas_suffix(keep_fraction: float, guidance: float, base_guidance: float) -> str:
+  """What tells one trade-off point's CAS classifier apart: '' for the unrejected samples
+  at the sampler's own scale, '_keep<f>' for a keep fraction, '_w<w>' for a guidance
+  scale (its name is sample<suffix>_trained, its folder the CAS folder + suffix)."""
+  if guidance != base_guidance:
+    return f"_w{guidance:g}"
+  return "" if keep_fraction == 1.0 else f"_keep{keep_fraction:g}"
+
+
 def cas_name(keep_fraction: float, guidance: float, base_guidance: float) -> str:
   """The name of the CAS classifier trained on one trade-off point's accepted samples
   ('sample_trained' for the unrejected samples at the sampler's own scale)."""
-  if guidance != base_guidance:
-    return f"sample_w{guidance:g}_trained"
-  return "sample_trained" if keep_fraction == 1.0 else f"sample_keep{keep_fraction:g}_trained"
+  return f"sample{cas_suffix(keep_fraction, guidance, base_guidance)}_trained"
 
 
 def tradeoff_rows(stats: dict[float, distances.SetStats], mean_scores: dict[float, float],

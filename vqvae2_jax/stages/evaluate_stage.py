@@ -244,7 +244,7 @@ def _candidates(ev: _Evaluation) -> None:
       ev.sampler, num, w.path_in(NAME, "candidates"), seed=opts.seed,
       image_size=ev.config.data.image_size, model_steps=_model_steps(ev), log=log,
       # Classifiers trained on the old candidates no longer describe these.
-      on_restart=lambda: _remove_cas_classifiers(ev, "keep"))
+      on_restart=lambda: _remove_cas_classifiers(ev, "", "_keep*"))
   scores = None
   if ev.selector is not None:
     log(f"scoring {num} candidates with the {ev.selector.name} classifier")
@@ -285,25 +285,17 @@ def _cas_classifiers(ev: _Evaluation) -> None:
                              rows=rows)
     log(f"CAS: training the classifier {name} on {len(rows)} samples only")
     model = builders.build_classifier(ev.config, source.num_classes)
-    ev.classifiers[name] = (model, _train_classifier(ev, model, source, _cas_stage(name)))
+    stage = CAS_SAMPLES + tradeoff.cas_suffix(keep, w, base)
+    ev.classifiers[name] = (model, _train_classifier(ev, model, source, stage))
 
 
-def _cas_stage(name: str) -> str:
-  """Where the CAS classifier `name` trains ('sample_trained' keeps its old place)."""
-  return CAS_SAMPLES if name == "sample_trained" else f"{CAS_SAMPLES}_{name[7:-8]}"
-
-
-def _remove_cas_classifiers(ev: _Evaluation, which: str) -> None:
-  """Removes the CAS classifiers trained on candidates that are being redrawn: 'keep'
-  (the rejection candidates: every keep fraction's) or a guidance scale 'w<w>'."""
-  root = ev.run.workdir.stage_dir(NAME)
-  if which == "keep":
-    stale = [ev.run.workdir.stage_dir(CAS_SAMPLES),
-             *glob.glob(os.path.join(root, os.path.basename(CAS_SAMPLES) + "_keep*"))]
-  else:
-    stale = [os.path.join(root, os.path.basename(CAS_SAMPLES) + f"_{which}")]
-  for directory in stale:
-    shutil.rmtree(directory, ignore_errors=True)
+def _remove_cas_classifiers(ev: _Evaluation, *suffix_patterns: str) -> None:
+  """Removes the CAS classifiers trained on candidates that are being redrawn: the
+  folders CAS_SAMPLES + suffix for every suffix matching one of `suffix_patterns` (globs
+  over `tradeoff.cas_suffix` values)."""
+  for pattern in suffix_patterns:
+    for directory in glob.glob(ev.run.workdir.stage_dir(CAS_SAMPLES + pattern)):
+      shutil.rmtree(directory, ignore_errors=True)
 
 
 def _validation(ev: _Evaluation) -> None:
@@ -372,20 +364,19 @@ def _guidance_candidates(ev: _Evaluation) -> None:
   if (not scales or ev.sampler is None or ev.candidates is None
       or (ev.fid_net is None and ev.pr_net is None)):
     return  # what is missing is already in the notes (see _sample_metrics)
-  unguidable = [l for l, (p, _) in ev.sampler.priors.items() if p.num_classes
-                and not p.null_label]
-  if not ev.sampler.num_classes or unguidable:
-    ev.notes.append(f"guidance scales {scales} skipped: they need class-conditional priors "
-                    f"trained with label_dropout > 0 (not so: {unguidable or 'all'})")
-    return
   opts = ev.opts
   for w in scales:
-    sampler = ev.run.sampler(dataclasses.replace(ev.sampler.options, guidance=w))
+    try:  # the sampler refuses unconditional priors and priors without a null label
+      sampler = ev.run.sampler(dataclasses.replace(ev.sampler.options, guidance=w))
+    except ValueError as err:
+      ev.notes.append(f"guidance scales {scales} skipped: {err}")
+      return
     log(f"{opts.num_images} samples at guidance w={w:g}")
     cands = tradeoff.generate_candidates(
         sampler, opts.num_images, ev.run.workdir.path_in(NAME, f"guidance_{w:g}"),
         seed=opts.seed, image_size=ev.config.data.image_size, model_steps=_model_steps(ev),
-        on_restart=lambda w=w: _remove_cas_classifiers(ev, f"w{w:g}"), log=log)
+        on_restart=lambda w=w: _remove_cas_classifiers(ev, tradeoff.cas_suffix(1.0, w, base)),
+        log=log)
     scores = (None if ev.selector is None else
               tradeoff.score_candidates(ev.selector.score, cands, ev.selector.class_map)[0])
     masks, mean = tradeoff.select(scores, cands.labels, opts.num_images, [1.0])
