@@ -126,5 +126,60 @@ def test_damaged_files_are_clear_errors(tmp_path):
   torch.save({"w": torch.randn(100)}, path, _use_new_zipfile_serialization=False)
   data = path.read_bytes()
   path.write_bytes(data[:-40])
-  with pytest.raises(pickle.UnpicklingError, match="truncated"):
+  with pytest.raises(torch_pickle.TorchFileError, match="truncated"):
     torch_pickle.load(str(path))
+
+
+def test_negative_strides_and_offsets_are_refused_not_read(tmp_path):
+  import torch_file_fuzz as fuzz  # pylint: disable=import-outside-toplevel
+  # size (2, 2), stride (4000, -4000): its extent check passes if negative strides are
+  # summed, and the view would reach 16 KB past the 96-byte storage.
+  for data in (fuzz.one_tensor_files("FloatStorage", 24, 0, (2, 2), (4000, -4000))
+               + fuzz.one_tensor_files("FloatStorage", 24, -8, (2,), (1,))):
+    with pytest.raises(torch_pickle.TorchFileError, match="negative"):
+      torch_pickle.loads(data)
+
+
+def test_a_file_cannot_change_what_later_loads_see():
+  import torch_file_fuzz as fuzz  # pylint: disable=import-outside-toplevel
+  # BUILD on the FloatStorage global (setting its dtype) broke every later load once.
+  attack = fuzz.wrapped(lambda p: p.glob("torch", "FloatStorage").op(b"}").str("dtype").str(
+      "x").op(b"sb"))
+  with pytest.raises(torch_pickle.UnsafePickleError, match="BUILD"):
+    torch_pickle.loads(attack)
+  good = fuzz.one_tensor_files("FloatStorage", 24, 2, (2, 3), (1, 2))
+  for data in good:
+    got = torch_pickle.loads(data)["t"]
+    want = np.frombuffer(bytes(range(96)), "<f4")[2:][[[0, 2, 4], [1, 3, 5]]]
+    assert got.dtype == np.float32 and _bits(got) == _bits(want)
+
+
+def test_pixelsnail_checkpoint_args_read_as_a_plain_dict(tmp_path):
+  torch = pytest.importorskip("torch")
+  import argparse  # pylint: disable=import-outside-toplevel
+  path = tmp_path / "pixelsnail_top_001.pt"
+  args = argparse.Namespace(channel=8, hier="top", sched=None, dropout=0.1, size=(1, 2))
+  torch.save({"model": {"w": torch.ones(2)}, "args": args}, path)
+  got = torch_pickle.load(str(path))
+  assert got["args"] == {"channel": 8, "hier": "top", "sched": None, "dropout": 0.1,
+                         "size": (1, 2)} and type(got["args"]) is dict
+  np.testing.assert_array_equal(got["model"]["w"], np.ones(2, np.float32))
+
+
+def test_refused_files_are_refused_by_the_converter_too(tmp_path):
+  torch = pytest.importorskip("torch")
+  # torch.load(weights_only=True) reads NumPy scalars; the converter must not fall back
+  # to it (or to anything): a file the restricted reader refuses stays refused.
+  path = tmp_path / "with_numpy.pth"
+  torch.save({"w": torch.ones(2), "step": np.float64(3.0)}, path)
+  with pytest.raises(ValueError, match="numpy"):
+    convert.load_torch_state_dict(str(path))
+
+
+def test_the_package_never_calls_torch_load():
+  root = os.path.join(os.path.dirname(__file__), "..", "vqvae2_jax")
+  for folder, _, files in os.walk(root):
+    for name in files:
+      if name.endswith(".py"):
+        with open(os.path.join(folder, name)) as f:
+          assert "torch.load(" not in f.read(), os.path.join(folder, name)

@@ -111,32 +111,12 @@ def _check_exists(path: str, what: str) -> None:
     raise FileNotFoundError(f"weights file {path!r} does not exist; expected {what}")
 
 
-def _read_with_torch(path: str, refused: Exception) -> Any:
-  """torch.load(weights_only=True) for a file with globals torch_pickle refuses
-  (e.g. a training checkpoint that also pickles NumPy scalars); needs torch."""
-  try:
-    import torch  # pylint: disable=import-outside-toplevel
-  except ImportError:
-    raise refused from None
-  try:
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-  except Exception as e:  # pylint: disable=broad-except
-    raise ValueError(f"{refused}; torch.load(weights_only=True) refuses it too "
-                     f"({type(e).__name__})") from e
-  if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-    obj = obj["state_dict"]
-  if not isinstance(obj, dict):
-    return obj
-  return {k: ((v.detach().cpu().float() if v.dtype == torch.bfloat16 else v.detach().cpu())
-              .numpy() if torch.is_tensor(v) else v) for k, v in obj.items()}
-
-
 def load_torch_state_dict(path: str, what: str = "a PyTorch state dict") -> dict[str, np.ndarray]:
   """Loads a PyTorch state dict as NumPy arrays, without torch.
 
   `torch_pickle` reads both torch.save layouts (zip and legacy) and refuses any
-  pickled global besides tensors and OrderedDict; only for such a file, and only
-  when torch is installed, torch.load(weights_only=True) reads it instead.
+  pickled global besides tensors and OrderedDict; there is no other reader, so a file
+  it refuses is refused here too, with or without torch installed.
 
   Args:
     path: a .pth / .pt file written by `torch.save(model.state_dict(), path)`
@@ -150,10 +130,10 @@ def load_torch_state_dict(path: str, what: str = "a PyTorch state dict") -> dict
   try:
     obj = torch_pickle.load(path)
   except torch_pickle.UnsafePickleError as e:
-    obj = _read_with_torch(path, ValueError(f"{e} (expected {what})"))
-  except Exception as e:  # pylint: disable=broad-except
-    raise ValueError(f"{path!r} could not be read as a PyTorch state dict "
-                     f"({type(e).__name__}: {e}); expected {what}") from e
+    raise ValueError(f"{e} (expected {what})") from None
+  except torch_pickle.TorchFileError as e:
+    raise ValueError(f"{path!r} could not be read as a PyTorch state dict ({e}); "
+                     f"expected {what}") from None
   if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
     obj = obj["state_dict"]
   if not isinstance(obj, dict) or not all(isinstance(v, np.ndarray) for v in obj.values()):

@@ -1,37 +1,54 @@
-"""Reads PyTorch `.pth` state dicts as NumPy arrays, without torch.
+"""Reads PyTorch `.pth` files as NumPy arrays, without torch and without running the file.
 
 Two layouts written by `torch.save`:
 
 - zip (torch >= 1.6, the default): `<name>/data.pkl` holds the object; each
-  storage is the raw little-endian bytes of `<name>/data/<key>`.
+  storage is the raw little-endian bytes of the stored (uncompressed) record
+  `<name>/data/<key>`.
 - legacy (`_use_new_zipfile_serialization=False`, and files from before 1.6,
   e.g. EfficientNet-Lite0's weights): one stream of pickles: magic number,
   protocol version (1001), system info, the object, then the list of storage
   keys, then per key an int64 element count and the storage's raw bytes.
 
 In both the object pickle refers to storages by persistent id
-('storage', <torch.XStorage>, key, location, numel[, view]) and rebuilds
-tensors with `torch._utils._rebuild_tensor_v2(storage, offset, size, stride,
-...)`. The unpickler below resolves exactly those globals (plus
-`collections.OrderedDict`, the state-dict container) to NumPy stand-ins and
-refuses every other global, so a file cannot run code while it is read (the
-same promise as `torch.load(weights_only=True)`, with fewer types allowed).
+('storage', <torch.XStorage>, key, location, numel[, view]) and rebuilds tensors
+with `torch._utils._rebuild_tensor_v2(storage, offset, size, stride, ...)`.
+
+The pickle is interpreted here, opcode by opcode, by a small machine that never calls
+Python's unpickler and never touches a real class: only the opcodes of protocol-2
+containers and scalars are known, globals become inert tokens, and the only calls a
+file may ask for are `OrderedDict()`, the two tensor rebuild functions (checked
+arguments), and `argparse.Namespace()` whose state becomes a plain dict of plain values
+(what `train_pixelsnail.py`-style checkpoints store as 'args'). BUILD is accepted only on
+an OrderedDict (its `_metadata`, dropped) and on such a Namespace; every other opcode
+that could construct an object or reach its state (INST, OBJ, NEWOBJ_EX, EXT*, any other
+REDUCE / NEWOBJ / BUILD) is refused. Each load builds its own fresh objects, so nothing a
+file does survives it. Every tensor's storage, offset, sizes and strides are checked
+(non-negative, the whole view inside its storage, Python integers so nothing overflows)
+before any byte is viewed, and the arrays returned are copies. Every problem raises
+`TorchFileError` (a ValueError) with a one-line message.
 """
 from __future__ import annotations
 
 import collections
 import io
+import math
 import os
-import pickle
 import struct
 import zipfile
-from typing import Any, BinaryIO
+from typing import Any
 
 import ml_dtypes
 import numpy as np
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL = 1001
+MAX_DIMS = 64          # torch's own limit on tensor dimensions
+MAX_DEPTH = 64         # nesting of containers in the loaded object
+MAX_INT_BYTES = 16     # LONG1 / LONG4 beyond 128 bits are no size, offset or count
+# Tensors are copied out of their storages; stride-0 views could ask for far more memory
+# than the file holds. Their elements may total at most this many times the file's bytes.
+MAX_EXPANSION = 16
 
 # torch.<Name>Storage -> element dtype (little-endian, as torch writes them).
 STORAGE_DTYPES = {
@@ -41,186 +58,558 @@ STORAGE_DTYPES = {
     "ShortStorage": np.dtype("<i2"), "CharStorage": np.dtype("i1"),
     "ByteStorage": np.dtype("u1"), "BoolStorage": np.dtype("?"),
 }
+_REBUILD_TENSOR = ("torch._utils", "_rebuild_tensor_v2")
+_REBUILD_PARAMETER = ("torch._utils", "_rebuild_parameter")
+_ORDERED_DICT = ("collections", "OrderedDict")
+_NAMESPACE = ("argparse", "Namespace")
+_KNOWN_GLOBALS = {_REBUILD_TENSOR, _REBUILD_PARAMETER, _ORDERED_DICT, _NAMESPACE} | {
+    ("torch", name) for name in STORAGE_DTYPES}
 
 
-class UnsafePickleError(pickle.UnpicklingError):
-  """The file's pickle names a global that is not a tensor or a state dict."""
+class TorchFileError(ValueError):
+  """The file is not a readable torch.save file of tensors (one-line message)."""
+
+  def __init__(self, message: str):
+    super().__init__(" ".join(str(message).split())[:500])
 
 
-class _StorageType:
-  """Stand-in for torch.<Name>Storage: only its element dtype matters."""
+class UnsafePickleError(TorchFileError):
+  """The file's pickle names a global or asks for an operation that is not allowed."""
 
-  def __init__(self, name: str):
-    self.name, self.dtype = name, STORAGE_DTYPES[name]
+
+class _Global:
+  """An inert token for a global the pickle named; resolved by (module, name) only."""
+  __slots__ = ("key",)
+
+  def __init__(self, module: str, name: str):
+    self.key = (module, name)
 
 
 class _Storage:
-  """One storage: a flat array, filled at once (zip) or after the object (legacy)."""
+  """One storage of this load: dtype, element count, and its bytes once read."""
+  __slots__ = ("key", "dtype", "numel", "array", "view_of")
 
-  def __init__(self, dtype: np.dtype, numel: int):
-    self.dtype, self.numel = dtype, int(numel)
+  def __init__(self, key: str, dtype: np.dtype, numel: int):
+    self.key, self.dtype, self.numel = key, dtype, numel
     self.array: np.ndarray | None = None
     self.view_of: tuple[_Storage, int] | None = None  # legacy views: (root, offset)
 
 
 class _TensorRef:
-  """A tensor waiting for its storage's bytes: (storage, offset, size, stride)."""
+  """A checked tensor view waiting for its storage's bytes."""
+  __slots__ = ("storage", "offset", "size", "stride")
 
-  def __init__(self, storage: _Storage, offset: int, size, stride):
-    self.storage, self.offset = storage, int(offset)
-    self.size, self.stride = tuple(size), tuple(stride)
-
-  def to_numpy(self) -> np.ndarray:
-    flat = self.storage.array
-    if flat is None:
-      raise pickle.UnpicklingError("a tensor's storage was never written to the file")
-    itemsize = flat.dtype.itemsize
-    extent = sum((n - 1) * s for n, s in zip(self.size, self.stride)) + 1
-    if 0 in self.size:
-      return np.zeros(self.size, flat.dtype)
-    if self.offset + extent > flat.size:
-      raise pickle.UnpicklingError(
-          f"tensor of size {self.size} / stride {self.stride} at offset {self.offset} "
-          f"overruns its storage of {flat.size} elements")
-    view = np.lib.stride_tricks.as_strided(
-        flat[self.offset:], shape=self.size, strides=[s * itemsize for s in self.stride])
-    return np.array(view)  # an own, contiguous, writeable copy
+  def __init__(self, storage: _Storage, offset: int, size: tuple, stride: tuple):
+    self.storage, self.offset, self.size, self.stride = storage, offset, size, stride
 
 
-def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False,
-                       backward_hooks=None, metadata=None):
-  del requires_grad, backward_hooks, metadata  # autograd state: meaningless here
-  return _TensorRef(storage, storage_offset, size, stride)
+class _Namespace:
+  """argparse.Namespace of this load; BUILD fills `state`, loading returns it as a dict."""
+  __slots__ = ("state",)
+
+  def __init__(self):
+    self.state: dict | None = None
 
 
-def _rebuild_parameter(data, requires_grad=False, backward_hooks=None):
-  del requires_grad, backward_hooks
-  return data
+def _is_int(x: Any) -> bool:
+  return isinstance(x, int) and not isinstance(x, bool)
 
 
-_ALLOWED = {("collections", "OrderedDict"): collections.OrderedDict,
-            ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
-            ("torch._utils", "_rebuild_parameter"): _rebuild_parameter}
-_ALLOWED.update({("torch", name): _StorageType(name) for name in STORAGE_DTYPES})
+def _check_plain(value: Any, what: str, depth: int = 0) -> Any:
+  """`value` if it is None / bool / int / float / str / bytes or a list / tuple of them."""
+  if depth > MAX_DEPTH:
+    raise TorchFileError(f"{what} is nested too deeply")
+  if value is None or isinstance(value, (bool, int, float, str, bytes)):
+    return value
+  if isinstance(value, (list, tuple)):
+    return type(value)(_check_plain(v, what, depth + 1) for v in value)
+  raise UnsafePickleError(f"{what} holds a {type(value).__name__}; only plain values "
+                          "(numbers, strings, None, lists of them) are read")
 
 
-class _Unpickler(pickle.Unpickler):
-  """Resolves only tensor / storage / OrderedDict globals; storages via `storages`."""
+def _rebuild_tensor(args: tuple) -> _TensorRef:
+  """Checks _rebuild_tensor_v2(storage, offset, size, stride, requires_grad, hooks
+  [, metadata]) and returns the view. Python integers: nothing overflows."""
+  if not 6 <= len(args) <= 7:
+    raise TorchFileError(f"_rebuild_tensor_v2 takes 6 or 7 arguments, got {len(args)}")
+  storage, offset, size, stride, requires_grad, hooks = args[:6]
+  metadata = args[6] if len(args) == 7 else None
+  if not isinstance(storage, _Storage):
+    raise TorchFileError("_rebuild_tensor_v2's first argument is not a storage")
+  if not (isinstance(size, tuple) and isinstance(stride, tuple) and len(size) == len(stride)
+          and len(size) <= MAX_DIMS and all(map(_is_int, size + stride))):
+    raise TorchFileError(f"a tensor's size {size!r} / stride {stride!r} are not two "
+                         f"integer tuples of one length (at most {MAX_DIMS})")
+  if not _is_int(offset) or offset < 0 or any(n < 0 for n in size) or any(
+      s < 0 for s in stride):
+    raise TorchFileError(f"a tensor has a negative offset, size or stride (offset "
+                         f"{offset!r}, size {size}, stride {stride})")
+  if not isinstance(requires_grad, bool):
+    raise TorchFileError("_rebuild_tensor_v2's requires_grad is not a bool")
+  if not (isinstance(hooks, collections.OrderedDict) and not hooks):
+    raise UnsafePickleError("a tensor carries backward hooks; only plain tensors are read")
+  if metadata not in (None, {}) and not (isinstance(metadata, dict) and not metadata):
+    raise UnsafePickleError("a tensor carries Python metadata; only plain tensors are read")
+  if math.prod(size) and offset + sum((n - 1) * s for n, s in zip(size, stride)) + 1 > (
+      storage.numel):
+    raise TorchFileError(f"a tensor of size {size} / stride {stride} at offset {offset} "
+                         f"overruns its storage of {storage.numel} elements")
+  if not math.prod(size) and offset > storage.numel:
+    raise TorchFileError(f"an empty tensor's offset {offset} lies beyond its storage of "
+                         f"{storage.numel} elements")
+  return _TensorRef(storage, offset, size, stride)
 
-  def __init__(self, file: BinaryIO, source: str, storages: dict[str, _Storage],
-               read_storage=None):
-    super().__init__(file)
-    self._source, self._storages, self._read_storage = source, storages, read_storage
 
-  def find_class(self, module: str, name: str):
+class _Machine:
+  """Interprets one pickle from `data[pos:]`: a restricted protocol-0..4 subset."""
+
+  def __init__(self, data: memoryview, pos: int, source: str, storages: dict | None,
+               pid_length: int):
+    self.data, self.pos, self.source = data, pos, source
+    self.storages = storages  # None: no persistent ids allowed (legacy header pickles)
+    self.pid_length = pid_length  # zip: 5 fields; legacy: 6 (the last a view or None)
+    self.stack: list[Any] = []
+    self.marks: list[int] = []
+    self.memo: dict[int, Any] = {}
+
+  # ------------------------------------------------------------ reading
+  def read(self, n: int) -> memoryview:
+    if n < 0 or self.pos + n > len(self.data):
+      raise TorchFileError(f"{self.source} ends inside a pickle (wanted {n} bytes at "
+                           f"{self.pos}, the file has {len(self.data)})")
+    out = self.data[self.pos:self.pos + n]
+    self.pos += n
+    return out
+
+  def unpack(self, fmt: str) -> Any:
+    return struct.unpack(fmt, self.read(struct.calcsize(fmt)))[0]
+
+  def line(self) -> str:
+    end = bytes(self.data[self.pos:self.pos + 256]).find(b"\n")
+    if end < 0:
+      raise TorchFileError(f"{self.source}: a GLOBAL name is unterminated or too long")
+    text = bytes(self.read(end + 1)[:-1])
     try:
-      return _ALLOWED[(module, name)]
-    except KeyError:
-      raise UnsafePickleError(
-          f"{self._source} refers to the Python global {module}.{name}; only tensors "
-          "and (Ordered)dicts of them are read without torch. If you trust the file, "
-          "load it with torch and save its state_dict() again.") from None
+      return text.decode("ascii")
+    except UnicodeDecodeError:
+      raise TorchFileError(f"{self.source}: a GLOBAL name is not ASCII") from None
 
-  def persistent_load(self, pid):
-    if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"
-            and isinstance(pid[1], _StorageType)):
-      raise pickle.UnpicklingError(f"{self._source}: unsupported persistent id {pid!r}")
-    storage_type, key, numel = pid[1], str(pid[2]), int(pid[4])
-    view = pid[5] if len(pid) > 5 else None
-    if key not in self._storages:
-      storage = _Storage(storage_type.dtype, numel)
-      if self._read_storage is not None:
-        storage.array = self._read_storage(key, storage_type.dtype, numel)
-      self._storages[key] = storage
-    root = self._storages[key]
+  def text(self, n: int) -> str:
+    try:
+      return bytes(self.read(n)).decode("utf-8", "surrogatepass")
+    except UnicodeDecodeError:
+      raise TorchFileError(f"{self.source}: a string is not UTF-8") from None
+
+  def pop_mark(self) -> list:
+    """The items pushed since the last MARK (which is dropped)."""
+    if not self.marks:
+      raise TorchFileError(f"{self.source}: pickle pops a MARK it never set")
+    at = self.marks.pop()
+    items, self.stack[at:] = self.stack[at:], []
+    return items
+
+  def pop(self) -> Any:
+    self.top()
+    return self.stack.pop()
+
+  def top(self) -> Any:
+    """The top of the stack, never reaching below the innermost MARK."""
+    if len(self.stack) <= (self.marks[-1] if self.marks else 0):
+      raise TorchFileError(f"{self.source}: pickle stack underflow")
+    return self.stack[-1]
+
+  # ------------------------------------------------------------ objects
+  def find_global(self, module: str, name: str) -> _Global:
+    if (module, name) not in _KNOWN_GLOBALS:
+      raise UnsafePickleError(
+          f"{self.source} refers to the Python global {module}.{name}; only tensors, "
+          "(Ordered)dicts and argparse.Namespace of plain values are read without torch. If "
+          "you trust the file, load it with torch and save its state_dict() again.")
+    return _Global(module, name)
+
+  def reduce(self, func: Any, args: Any) -> Any:
+    if not isinstance(func, _Global) or not isinstance(args, tuple):
+      raise UnsafePickleError(f"{self.source}: REDUCE on a {type(func).__name__}")
+    if func.key == _ORDERED_DICT and args == ():
+      return collections.OrderedDict()
+    if func.key == _REBUILD_TENSOR:
+      return _rebuild_tensor(args)
+    if func.key == _REBUILD_PARAMETER and len(args) == 3 and isinstance(args[0], _TensorRef):
+      if not (isinstance(args[2], collections.OrderedDict) and not args[2]):
+        raise UnsafePickleError("a parameter carries backward hooks")
+      return args[0]
+    raise UnsafePickleError(f"{self.source}: calling {'.'.join(func.key)} with "
+                            f"{len(args)} arguments is not allowed")
+
+  def newobj(self, cls: Any, args: Any) -> Any:
+    if isinstance(cls, _Global) and cls.key == _NAMESPACE and args == ():
+      return _Namespace()
+    what = ".".join(cls.key) if isinstance(cls, _Global) else type(cls).__name__
+    raise UnsafePickleError(f"{self.source}: NEWOBJ of {what} is not allowed")
+
+  def build(self, obj: Any, state: Any) -> None:
+    if isinstance(obj, _Namespace) and obj.state is None and isinstance(state, dict) and all(
+        isinstance(k, str) for k in state):
+      obj.state = {k: _check_plain(v, f"{self.source}: args.{k}") for k, v in state.items()}
+      return
+    if isinstance(obj, collections.OrderedDict) and isinstance(state, dict) and set(
+        state) <= {"_metadata"}:
+      return  # a state dict's per-module version numbers: not needed, dropped
+    raise UnsafePickleError(f"{self.source}: BUILD on a {type(obj).__name__} is not allowed")
+
+  def persistent_load(self, pid: Any) -> _Storage:
+    if self.storages is None:
+      raise UnsafePickleError(f"{self.source}: a header pickle refers to a storage")
+    if not (isinstance(pid, tuple) and len(pid) == self.pid_length and pid[0] == "storage"
+            and isinstance(pid[1], _Global) and pid[1].key[0] == "torch"
+            and pid[1].key[1] in STORAGE_DTYPES and isinstance(pid[2], str)
+            and isinstance(pid[3], str) and _is_int(pid[4]) and pid[4] >= 0):
+      raise TorchFileError(f"{self.source}: unsupported persistent id {pid!r:.200}")
+    dtype, key, numel = STORAGE_DTYPES[pid[1].key[1]], pid[2], pid[4]
+    view = pid[5] if self.pid_length == 6 else None
+    root = self.storages.get(key)
+    if root is None:
+      root = self.storages[key] = _Storage(key, dtype, numel)
+    elif root.dtype != dtype or root.numel != numel:
+      raise TorchFileError(f"{self.source}: storage {key} is referred to with two "
+                           "different types or sizes")
     if view is None:
       return root
     # Legacy storage views (torch < 0.4): (view_key, offset, size) of the root.
-    view_key, offset, size = view
-    if view_key not in self._storages:
-      sub = _Storage(root.dtype, size)
-      sub.view_of = (root, int(offset))  # resolved once the root's bytes are read
-      self._storages[view_key] = sub
-    return self._storages[view_key]
+    if not (isinstance(view, tuple) and len(view) == 3 and isinstance(view[0], str)
+            and _is_int(view[1]) and _is_int(view[2]) and view[1] >= 0 and view[2] >= 0
+            and view[1] + view[2] <= numel):
+      raise TorchFileError(f"{self.source}: storage view {view!r:.200} is not inside "
+                           f"storage {key} of {numel} elements")
+    sub = self.storages.get(view[0])
+    if sub is None:
+      sub = self.storages[view[0]] = _Storage(view[0], dtype, view[2])
+      sub.view_of = (root, view[1])
+    elif sub.view_of != (root, view[1]) or sub.numel != view[2]:
+      raise TorchFileError(f"{self.source}: storage view {view[0]} is defined twice")
+    return sub
+
+  # ------------------------------------------------------------ the loop
+  def run(self) -> Any:
+    """Executes opcodes until STOP; returns the object."""
+    dispatch = _DISPATCH
+    while True:
+      at = self.pos
+      code = self.read(1)[0]
+      handler = dispatch.get(code)
+      if handler is None:
+        raise UnsafePickleError(f"{self.source}: pickle opcode {bytes([code])!r} at byte "
+                                f"{at} is not allowed")
+      if handler(self) is _STOP:
+        if len(self.stack) != 1 or self.marks:
+          raise TorchFileError(f"{self.source}: malformed pickle (stack at STOP)")
+        return self.stack.pop()
 
 
-def _resolve(obj: Any) -> Any:
-  """Replaces every _TensorRef in dicts / lists / tuples by its NumPy array."""
+_STOP = object()
+
+
+def _key(k: Any) -> Any:
+  """A dict key: plain and hashable (no tensors or containers as keys)."""
+  if k is None or isinstance(k, (bool, int, float, str, bytes)):
+    return k
+  if isinstance(k, tuple):
+    return tuple(_key(x) for x in k)
+  raise TorchFileError(f"a dict key is a {type(k).__name__}")
+
+
+def _setitems(m: _Machine, obj: Any, items: list) -> None:
+  if not isinstance(obj, dict) or len(items) % 2:
+    raise TorchFileError(f"{m.source}: SETITEM(S) on a {type(obj).__name__}")
+  for i in range(0, len(items), 2):
+    obj[_key(items[i])] = items[i + 1]
+
+
+def _appends(m: _Machine, obj: Any, items: list) -> None:
+  if not isinstance(obj, list):
+    raise TorchFileError(f"{m.source}: APPEND(S) on a {type(obj).__name__}")
+  obj.extend(items)
+
+
+def _memo_put(m: _Machine, index: int) -> None:
+  m.memo[index] = m.top()
+
+
+def _memo_get(m: _Machine, index: int) -> None:
+  if index not in m.memo:
+    raise TorchFileError(f"{m.source}: pickle reads memo entry {index} it never wrote")
+  m.stack.append(m.memo[index])
+
+
+def _long(m: _Machine, n: int) -> None:
+  if n > MAX_INT_BYTES:
+    raise TorchFileError(f"{m.source}: a {n}-byte integer is no size, offset or count")
+  m.stack.append(int.from_bytes(m.read(n), "little", signed=True))
+
+
+def _tuple_n(m: _Machine, n: int) -> None:
+  items = [m.pop() for _ in range(n)][::-1]
+  m.stack.append(tuple(items))
+
+
+def _proto(m: _Machine) -> None:
+  if m.read(1)[0] > 5:
+    raise TorchFileError(f"{m.source}: unknown pickle protocol")
+
+
+def _newobj(m: _Machine) -> None:
+  args = m.pop()
+  m.stack.append(m.newobj(m.pop(), args))
+
+
+def _reduce(m: _Machine) -> None:
+  args = m.pop()
+  m.stack.append(m.reduce(m.pop(), args))
+
+
+def _build(m: _Machine) -> None:
+  state = m.pop()
+  m.build(m.top(), state)
+
+
+def _dict_from_mark(m: _Machine) -> None:
+  d: dict = {}
+  _setitems(m, d, m.pop_mark())
+  m.stack.append(d)
+
+
+def _setitem(m: _Machine) -> None:
+  value = m.pop()
+  key = m.pop()
+  _setitems(m, m.top(), [key, value])
+
+
+def _append(m: _Machine) -> None:
+  value = m.pop()
+  _appends(m, m.top(), [value])
+
+
+def _setitems_op(m: _Machine) -> None:
+  items = m.pop_mark()
+  _setitems(m, m.top(), items)
+
+
+def _appends_op(m: _Machine) -> None:
+  items = m.pop_mark()
+  _appends(m, m.top(), items)
+
+
+def _stack_global(m: _Machine) -> None:
+  name, module = m.pop(), m.pop()
+  if not (isinstance(module, str) and isinstance(name, str)):
+    raise TorchFileError(f"{m.source}: STACK_GLOBAL of non-strings")
+  m.stack.append(m.find_global(module, name))
+
+
+def _global(m: _Machine) -> None:
+  module = m.line()
+  m.stack.append(m.find_global(module, m.line()))
+
+
+def _persid(m: _Machine) -> None:
+  m.stack.append(m.persistent_load(m.pop()))
+
+
+def _mark(m: _Machine) -> None:
+  m.marks.append(len(m.stack))
+
+
+def _pop(m: _Machine) -> None:
+  m.pop()
+
+
+_DISPATCH = {
+    0x80: _proto,                                                  # PROTO
+    0x95: lambda m: m.read(8) and None,                            # FRAME (length only)
+    ord("."): lambda m: _STOP,                                     # STOP
+    ord("("): _mark,                                               # MARK
+    ord("0"): _pop,                                                # POP
+    ord("}"): lambda m: m.stack.append({}),                        # EMPTY_DICT
+    ord("]"): lambda m: m.stack.append([]),                        # EMPTY_LIST
+    ord(")"): lambda m: m.stack.append(()),                        # EMPTY_TUPLE
+    ord("t"): lambda m: m.stack.append(tuple(m.pop_mark())),       # TUPLE
+    0x85: lambda m: _tuple_n(m, 1), 0x86: lambda m: _tuple_n(m, 2),
+    0x87: lambda m: _tuple_n(m, 3),                                # TUPLE1..3
+    ord("l"): lambda m: m.stack.append(list(m.pop_mark())),        # LIST
+    ord("d"): _dict_from_mark,                                     # DICT
+    ord("s"): _setitem, ord("u"): _setitems_op,                    # SETITEM(S)
+    ord("a"): _append, ord("e"): _appends_op,                      # APPEND(S)
+    ord("N"): lambda m: m.stack.append(None),                      # NONE
+    0x88: lambda m: m.stack.append(True), 0x89: lambda m: m.stack.append(False),
+    ord("J"): lambda m: m.stack.append(m.unpack("<i")),            # BININT
+    ord("K"): lambda m: m.stack.append(m.unpack("<B")),            # BININT1
+    ord("M"): lambda m: m.stack.append(m.unpack("<H")),            # BININT2
+    0x8A: lambda m: _long(m, m.unpack("<B")),                      # LONG1
+    0x8B: lambda m: _long(m, m.unpack("<i")),                      # LONG4
+    ord("G"): lambda m: m.stack.append(m.unpack(">d")),            # BINFLOAT
+    ord("X"): lambda m: m.stack.append(m.text(m.unpack("<I"))),    # BINUNICODE
+    0x8C: lambda m: m.stack.append(m.text(m.unpack("<B"))),        # SHORT_BINUNICODE
+    0x8D: lambda m: m.stack.append(m.text(m.unpack("<Q"))),        # BINUNICODE8
+    ord("T"): lambda m: m.stack.append(m.text(m.unpack("<i"))),    # BINSTRING (py2)
+    ord("U"): lambda m: m.stack.append(m.text(m.unpack("<B"))),    # SHORT_BINSTRING
+    ord("B"): lambda m: m.stack.append(bytes(m.read(m.unpack("<I")))),   # BINBYTES
+    ord("C"): lambda m: m.stack.append(bytes(m.read(m.unpack("<B")))),   # SHORT_BINBYTES
+    ord("q"): lambda m: _memo_put(m, m.unpack("<B")),              # BINPUT
+    ord("r"): lambda m: _memo_put(m, m.unpack("<I")),              # LONG_BINPUT
+    0x94: lambda m: _memo_put(m, len(m.memo)),                     # MEMOIZE
+    ord("h"): lambda m: _memo_get(m, m.unpack("<B")),              # BINGET
+    ord("j"): lambda m: _memo_get(m, m.unpack("<I")),              # LONG_BINGET
+    ord("c"): _global, 0x93: _stack_global,                        # GLOBAL, STACK_GLOBAL
+    ord("Q"): _persid,                                             # BINPERSID
+    ord("R"): _reduce, 0x81: _newobj, ord("b"): _build,            # REDUCE, NEWOBJ, BUILD
+}
+
+
+def _run_pickle(data: memoryview, pos: int, source: str, storages: dict | None = None,
+                pid_length: int = 5) -> tuple[Any, int]:
+  machine = _Machine(data, pos, source, storages, pid_length)
+  return machine.run(), machine.pos
+
+
+class _Budget:
+  """Bytes the copied tensors may still take (stride-0 views are no memory bombs)."""
+
+  def __init__(self, file_bytes: int):
+    self.left = MAX_EXPANSION * file_bytes + (1 << 20)
+
+  def take(self, nbytes: int, source: str) -> None:
+    self.left -= nbytes
+    if self.left < 0:
+      raise TorchFileError(f"{source}: its tensors would take more than {MAX_EXPANSION}x "
+                           "the file's size in memory (stride-0 views); refused")
+
+
+def _to_numpy(ref: _TensorRef, budget: _Budget, source: str) -> np.ndarray:
+  flat = ref.storage.array
+  if flat is None:
+    raise TorchFileError(f"{source}: storage {ref.storage.key} is never written to the file")
+  count = math.prod(ref.size)
+  budget.take(count * flat.dtype.itemsize, source)
+  if not count:
+    return np.zeros(ref.size, flat.dtype)
+  # _rebuild_tensor checked offset + sum((n_k - 1) * s_k) < numel; flat holds numel.
+  if flat.size != ref.storage.numel:
+    raise TorchFileError(f"{source}: storage {ref.storage.key} has the wrong size")
+  view = np.lib.stride_tricks.as_strided(
+      flat[ref.offset:], shape=ref.size,
+      strides=[s * flat.dtype.itemsize for s in ref.stride], writeable=False)
+  return np.array(view)  # an own, contiguous, writeable copy
+
+
+def _resolve(obj: Any, budget: _Budget, source: str, path: tuple[int, ...] = ()) -> Any:
+  """Tensors -> arrays, Namespaces -> dicts; refuses cycles and deep nesting."""
   if isinstance(obj, _TensorRef):
-    return obj.to_numpy()
+    return _to_numpy(obj, budget, source)
+  if isinstance(obj, _Namespace):
+    return dict(obj.state or {})
+  if isinstance(obj, (_Global, _Storage)):
+    raise TorchFileError(f"{source}: the object holds a bare {type(obj).__name__.strip('_')}")
+  if not isinstance(obj, (dict, list, tuple)):
+    return obj
+  if id(obj) in path or len(path) > MAX_DEPTH:
+    raise TorchFileError(f"{source}: the object contains itself or is nested too deeply")
+  path = path + (id(obj),)
   if isinstance(obj, dict):
-    out = type(obj)() if isinstance(obj, collections.OrderedDict) else {}
+    out = collections.OrderedDict() if isinstance(obj, collections.OrderedDict) else {}
     for k, v in obj.items():
-      out[k] = _resolve(v)
+      out[k] = _resolve(v, budget, source, path)
     return out
-  if isinstance(obj, (list, tuple)):
-    return type(obj)(_resolve(v) for v in obj)
-  return obj
+  return type(obj)(_resolve(v, budget, source, path) for v in obj)
 
 
-def _load_zip(path: str) -> Any:
-  with zipfile.ZipFile(path) as archive:
-    names = archive.namelist()
-    pickles = [n for n in names if n.endswith("/data.pkl") or n == "data.pkl"]
-    if len(pickles) != 1:
-      raise ValueError(f"{path!r} is a zip file but not a torch.save archive "
-                       f"(it has {len(pickles)} data.pkl entries)")
-    prefix = pickles[0][:-len("data.pkl")]
-    order = prefix + "byteorder"
-    if order in names and archive.read(order).strip() != b"little":
-      raise ValueError(f"{path!r} was saved on a big-endian machine; read it with torch")
-
-    def read_storage(key: str, dtype: np.dtype, numel: int) -> np.ndarray:
-      raw = archive.read(f"{prefix}data/{key}")
-      if len(raw) < numel * dtype.itemsize:
-        raise pickle.UnpicklingError(f"{path!r}: storage {key} is truncated")
-      return np.frombuffer(raw, dtype, count=numel)
-
-    storages: dict[str, _Storage] = {}
-    obj = _Unpickler(io.BytesIO(archive.read(pickles[0])), repr(path), storages,
-                     read_storage).load()
-  return _resolve(obj)
+def _storage_bytes(raw: bytes | memoryview, storage: _Storage, source: str) -> np.ndarray:
+  if len(raw) != storage.numel * storage.dtype.itemsize:
+    raise TorchFileError(f"{source}: storage {storage.key} holds {len(raw)} bytes, not "
+                         f"{storage.numel} elements of {storage.dtype.itemsize} bytes")
+  return np.frombuffer(raw, storage.dtype)
 
 
-class _Header(pickle.Unpickler):
-  """The legacy header pickles hold only ints and a dict: no global at all."""
+def _load_zip(data: bytes, source: str) -> Any:
+  archive = zipfile.ZipFile(io.BytesIO(data))
+  infos = {i.filename: i for i in archive.infolist()}
+  pickles = [n for n in infos if n.endswith("/data.pkl") or n == "data.pkl"]
+  if len(pickles) != 1:
+    raise TorchFileError(f"{source} is a zip file but not a torch.save archive "
+                         f"(it has {len(pickles)} data.pkl entries)")
+  if any(i.compress_type != zipfile.ZIP_STORED or i.file_size > len(data)
+         for i in infos.values()):
+    raise TorchFileError(f"{source}: a record is compressed or larger than the file; "
+                         "torch.save stores records uncompressed")
+  prefix = pickles[0][:-len("data.pkl")]
+  if prefix + "byteorder" in infos and archive.read(prefix + "byteorder").strip() != b"little":
+    raise TorchFileError(f"{source} was saved on a big-endian machine; read it with torch")
+  storages: dict[str, _Storage] = {}
+  obj, _ = _run_pickle(memoryview(archive.read(pickles[0])), 0, source, storages)
+  for storage in storages.values():
+    name = f"{prefix}data/{storage.key}"
+    if storage.view_of is None:
+      if name not in infos:
+        raise TorchFileError(f"{source}: storage record {name} is missing")
+      storage.array = _storage_bytes(archive.read(name), storage, source)
+  _resolve_views(storages)
+  return _resolve(obj, _Budget(len(data)), source)
 
-  def find_class(self, module, name):
-    raise UnsafePickleError(f"legacy torch header refers to {module}.{name}")
 
-
-def _load_legacy(path: str) -> Any:
-  with open(path, "rb") as f:
-    try:
-      magic = _Header(f).load()
-    except Exception as e:  # pylint: disable=broad-except
-      raise ValueError(f"{path!r} is not a PyTorch file ({type(e).__name__}: {e})") from e
-    if magic != LEGACY_MAGIC:
-      raise ValueError(f"{path!r} is not a PyTorch file (no torch.save magic number)")
-    protocol = _Header(f).load()
-    if protocol != LEGACY_PROTOCOL:
-      raise ValueError(f"{path!r}: legacy torch protocol {protocol!r} is not supported")
-    sys_info = _Header(f).load()
-    if isinstance(sys_info, dict) and not sys_info.get("little_endian", True):
-      raise ValueError(f"{path!r} was saved on a big-endian machine; read it with torch")
-    storages: dict[str, _Storage] = {}
-    obj = _Unpickler(f, repr(path), storages).load()
-    keys = _Header(f).load()
-    for key in keys:
-      storage = storages.get(str(key))
-      header = f.read(8)
-      if storage is None or len(header) < 8:
-        raise pickle.UnpicklingError(f"{path!r}: storage {key} is missing or truncated")
-      (numel,) = struct.unpack("<q", header)
-      raw = f.read(numel * storage.dtype.itemsize)
-      if len(raw) < numel * storage.dtype.itemsize:
-        raise pickle.UnpicklingError(f"{path!r}: storage {key} is truncated")
-      storage.array = np.frombuffer(raw, storage.dtype)
+def _resolve_views(storages: dict[str, _Storage]) -> None:
   for storage in storages.values():
     if storage.view_of is not None:
       root, offset = storage.view_of
-      storage.array = root.array[offset:offset + storage.numel]
-  return _resolve(obj)
+      if root.array is not None:
+        storage.array = root.array[offset:offset + storage.numel]
+
+
+def _load_legacy(data: bytes, source: str) -> Any:
+  view, pos = memoryview(data), 0
+  try:
+    magic, pos = _run_pickle(view, pos, source, None)
+  except TorchFileError as e:
+    raise TorchFileError(f"{source} is not a PyTorch file ({e})") from None
+  if magic != LEGACY_MAGIC:
+    raise TorchFileError(f"{source} is not a PyTorch file (no torch.save magic number)")
+  protocol, pos = _run_pickle(view, pos, source, None)
+  if protocol != LEGACY_PROTOCOL:
+    raise TorchFileError(f"{source}: legacy torch protocol {protocol!r:.50} is not supported")
+  sys_info, pos = _run_pickle(view, pos, source, None)
+  if isinstance(sys_info, dict) and not sys_info.get("little_endian", True):
+    raise TorchFileError(f"{source} was saved on a big-endian machine; read it with torch")
+  storages: dict[str, _Storage] = {}
+  obj, pos = _run_pickle(view, pos, source, storages, pid_length=6)
+  keys, pos = _run_pickle(view, pos, source, None)
+  if not isinstance(keys, list) or len(set(map(str, keys))) != len(keys):
+    raise TorchFileError(f"{source}: the storage key list is malformed")
+  for key in keys:
+    storage = storages.get(key) if isinstance(key, str) else None
+    if storage is None or storage.view_of is not None:
+      raise TorchFileError(f"{source}: storage {key!r:.50} is listed but never used")
+    if pos + 8 > len(data):
+      raise TorchFileError(f"{source}: storage {key} is truncated")
+    (numel,) = struct.unpack_from("<q", data, pos)
+    nbytes = numel * storage.dtype.itemsize
+    if numel != storage.numel or pos + 8 + nbytes > len(data):
+      raise TorchFileError(f"{source}: storage {key} is truncated or of the wrong size")
+    storage.array = _storage_bytes(view[pos + 8:pos + 8 + nbytes], storage, source)
+    pos += 8 + nbytes
+  _resolve_views(storages)
+  return _resolve(obj, _Budget(len(data)), source)
+
+
+def loads(data: bytes, source: str = "the given bytes") -> Any:
+  """The object of a torch.save file held in memory (see `load`)."""
+  data = bytes(data)
+  try:
+    if data[:4] == b"PK\x03\x04" or zipfile.is_zipfile(io.BytesIO(data)):
+      return _load_zip(data, source)
+    return _load_legacy(data, source)
+  except TorchFileError:
+    raise
+  except Exception as e:  # zipfile, struct, numpy, recursion, memory errors
+    raise TorchFileError(f"{source} is not a readable torch.save file "
+                         f"({type(e).__name__}: {e})") from None
 
 
 def load(path: str) -> Any:
@@ -230,16 +619,17 @@ def load(path: str) -> Any:
     path: a .pth / .pt file in the zip or the legacy layout.
 
   Returns:
-    The saved (Ordered)dict / list / tuple structure; every tensor becomes an
-    np.ndarray of its dtype and shape (bfloat16 as ml_dtypes.bfloat16).
+    The saved (Ordered)dict / list / tuple structure of plain values; every tensor
+    becomes an np.ndarray of its dtype and shape (bfloat16 as ml_dtypes.bfloat16), an
+    argparse.Namespace a dict of its plain attributes.
 
   Raises:
-    UnsafePickleError: the pickle names any global besides tensors, storages and
-      OrderedDict (nothing in the file is executed).
-    ValueError / pickle.UnpicklingError: not a torch file, or a damaged one.
+    FileNotFoundError: no such file.
+    UnsafePickleError: the pickle names any other global or operation (nothing in the
+      file is executed).
+    TorchFileError: not a torch file, or a damaged or malformed one.
   """
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path!r} does not exist")
-  if zipfile.is_zipfile(path):
-    return _load_zip(path)
-  return _load_legacy(path)
+  with open(path, "rb") as f:
+    return loads(f.read(), repr(path))
