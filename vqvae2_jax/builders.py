@@ -7,7 +7,7 @@ definition maps config fields to module attributes.
 from __future__ import annotations
 
 __all__ = ["build_vqvae", "vqvae_init_fn", "code_shapes", "prior_level_info", "build_prior",
-           "prior_init_fn", "build_classifier", "classifier_init_fn"]
+           "build_public_prior", "prior_init_fn", "build_classifier", "classifier_init_fn"]
 
 from typing import Callable
 
@@ -17,24 +17,28 @@ import jax.numpy as jnp
 from vqvae2_jax import parallel
 from vqvae2_jax.eval.classifier import ResNetClassifier, classifier_init_fn
 from vqvae2_jax.models.prior import PixelSNAILPrior
+from vqvae2_jax.models.public_pixelsnail import PublicPixelSNAIL
+from vqvae2_jax.models.public_vqvae import PublicVQVAE
 from vqvae2_jax.models.vqvae import VQVAE2, level_names, level_strides
 
 InitFn = Callable[[jax.Array], dict]  # rng -> Flax variables (params possibly boxed)
 
 
 def build_vqvae(config, dtype=None) -> VQVAE2:
-  """The stage-1 model of `config` (compute dtype from vqvae_train.dtype by default)."""
+  """The stage-1 model of `config` (compute dtype from vqvae_train.dtype by default);
+  vqvae.architecture 'public' gives the public PyTorch code's variant (PublicVQVAE)."""
   v = config.vqvae
-  return VQVAE2(num_levels=v.num_levels, bottom_down=v.bottom_down, hidden=v.hidden,
-                res_hidden=v.res_hidden, num_res_layers=v.num_res_layers,
-                num_codes=v.num_codes, code_dim=v.code_dim, decay=v.decay,
-                epsilon=v.epsilon, dead_code_threshold=v.dead_code_threshold,
-                upsample=v.upsample, remat=config.vqvae_train.remat,
-                dtype=dtype or parallel.to_dtype(config.vqvae_train.dtype),
-                # Configs recorded before the codebook options lack them: the paper's.
-                code_distance=v.get("code_distance", "l2"),
-                codebook_init=v.get("codebook_init", "random"),
-                lookup_dim=int(v.get("lookup_dim", 0)))
+  cls = PublicVQVAE if v.get("architecture", "paper") == "public" else VQVAE2
+  return cls(num_levels=v.num_levels, bottom_down=v.bottom_down, hidden=v.hidden,
+             res_hidden=v.res_hidden, num_res_layers=v.num_res_layers,
+             num_codes=v.num_codes, code_dim=v.code_dim, decay=v.decay,
+             epsilon=v.epsilon, dead_code_threshold=v.dead_code_threshold,
+             upsample=v.upsample, remat=config.vqvae_train.remat,
+             dtype=dtype or parallel.to_dtype(config.vqvae_train.dtype),
+             # Configs recorded before the codebook options lack them: the paper's.
+             code_distance=v.get("code_distance", "l2"),
+             codebook_init=v.get("codebook_init", "random"),
+             lookup_dim=int(v.get("lookup_dim", 0)))
 
 
 def vqvae_init_fn(model: VQVAE2, image_size: int) -> InitFn:
@@ -65,9 +69,13 @@ def prior_level_info(manifest: dict, level: str
 
 
 def build_prior(config, level: str, manifest: dict, dtype=None) -> PixelSNAILPrior:
-  """The PixelSNAILPrior of `level` (config.priors[level]) for the extracted codes."""
+  """The PixelSNAILPrior of `level` (config.priors[level]) for the extracted codes
+  (PublicPixelSNAIL for priors.<level>.architecture 'public')."""
   p = config.priors[level]
   _, upper, scales = prior_level_info(manifest, level)
+  if p.get("architecture", "paper") == "public":
+    return build_public_prior(p, int(manifest["num_codes"]), len(upper), scales,
+                              dtype or parallel.to_dtype(p.train.dtype))
   num_classes = int(manifest.get("num_classes", 0)) if p.class_conditional else 0
   # Configs recorded before label_dropout existed lack the field: 0 (no null label).
   label_dropout = float(p.get("label_dropout", 0.0)) if num_classes else 0.0
@@ -79,6 +87,24 @@ def build_prior(config, level: str, manifest: dict, dtype=None) -> PixelSNAILPri
       num_cond_levels=len(upper), cond_scales=scales, num_classes=num_classes,
       remat=p.train.remat, dtype=dtype or parallel.to_dtype(p.train.dtype),
       null_label=label_dropout > 0, label_dropout=label_dropout)
+
+
+def build_public_prior(p, num_codes: int, num_cond_levels: int, scales: tuple[int, ...],
+                       dtype) -> PublicPixelSNAIL:
+  """The public PyTorch code's PixelSNAIL from a 'public' priors.<level> section: one
+  dropout for blocks and attention, attention in every block or in none."""
+  if p.attention_every not in (0, 1) or (p.attention_every and p.attn_dropout != p.dropout):
+    raise ValueError(f"the public PixelSNAIL has attention in every block or none "
+                     f"(attention_every 1 or 0, got {p.attention_every}) and one dropout "
+                     f"(attn_dropout {p.attn_dropout} must equal dropout {p.dropout})")
+  if p.class_conditional:
+    raise ValueError("the public PixelSNAIL is unconditional: set class_conditional=False")
+  return PublicPixelSNAIL(
+      num_codes=num_codes, hidden=p.hidden, res_hidden=p.res_hidden,
+      kernel_size=p.kernel_size, num_layers=p.num_layers, res_per_block=p.res_per_block,
+      attention=p.attention_every == 1, num_heads=p.num_heads, dropout=p.dropout,
+      num_output_layers=p.num_output_layers, num_cond_layers=p.num_cond_layers,
+      num_cond_levels=num_cond_levels, cond_scales=tuple(scales), dtype=dtype)
 
 
 def prior_init_fn(prior: PixelSNAILPrior, manifest: dict, level: str) -> InitFn:

@@ -14,6 +14,7 @@ import ml_collections
 STAGES = ("vqvae", "extract", "prior_top", "prior_mid", "prior_bottom", "classifier",
           "sample", "evaluate", "pipeline")
 UPSAMPLE_MODES = ("transpose", "subpixel", "resize")
+ARCHITECTURES = ("paper", "public")  # 'public': the public PyTorch VQ-VAE-2 code's layers
 DEFAULT_AXIS_RULES = (("batch", ("data", "fsdp")), ("mlp", "fsdp"), ("embed", None),
                       ("vocab", None), ("heads", None), ("classes", None), ("kh", None),
                       ("kw", None))
@@ -45,7 +46,11 @@ def prior_config(**overrides) -> ml_collections.ConfigDict:
       num_cond_layers=0, class_conditional=True,
       # Classifier-free guidance: probability that training swaps a label for a learned
       # null label (0 = off; > 0 adds that label row, enabling sample.guidance != 1).
-      label_dropout=0.0, train=train_config(
+      label_dropout=0.0,
+      # 'paper' (models/prior.py) | 'public': the PixelSNAIL of the public PyTorch code
+      # (models/public_pixelsnail.py, written by `python -m vqvae2_jax.import_torch`), whose
+      # `num_layers` blocks hold `res_per_block` gated blocks each (unused by 'paper').
+      architecture="paper", res_per_block=4, train=train_config(
           batch_size=32, learning_rate=3e-4, param_ema_decay=0.999)))
   c.update(overrides)
   return c
@@ -81,7 +86,10 @@ def base_config() -> ml_collections.ConfigDict:
       # Codebook options beyond the paper (models/quantizer.py); these values are the paper's:
       # code_distance 'l2' | 'cosine', codebook_init 'random' | 'kmeans' (k-means++ on the
       # first batch), lookup_dim 0 | d (search in a learned d-dim projection).
-      code_distance="l2", codebook_init="random", lookup_dim=0))
+      code_distance="l2", codebook_init="random", lookup_dim=0,
+      # 'paper' | 'public': the public PyTorch code's VQ-VAE (models/public_vqvae.py; its top
+      # encoder's first conv is half as wide), written by `python -m vqvae2_jax.import_torch`.
+      architecture="paper"))
   c.vqvae_train = train_config(batch_size=128, steps=2_207_444)
   c.priors = ml_collections.ConfigDict()
   c.extract = ml_collections.ConfigDict(dict(batch_size=64, splits=("train", "val")))
@@ -189,6 +197,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     bad("vqvae.codebook_init", v.codebook_init, "must be 'random' or 'kmeans'")
   if v.lookup_dim < 0:
     bad("vqvae.lookup_dim", v.lookup_dim, "must be 0 (off) or a positive projection size")
+  if v.get("architecture", "paper") not in ARCHITECTURES:
+    bad("vqvae.architecture", v.architecture, f"must be one of {ARCHITECTURES}")
   stride = 2**v.bottom_down * 2**(v.num_levels - 1)
   if config.data.image_size % stride:
     bad("data.image_size", config.data.image_size,
@@ -225,6 +235,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     p = config.priors[name]
     if not 0.0 <= p.get("label_dropout", 0.0) < 1.0:
       bad(f"priors.{name}.label_dropout", p.label_dropout, "must be in [0, 1)")
+    if p.get("architecture", "paper") not in ARCHITECTURES:
+      bad(f"priors.{name}.architecture", p.architecture, f"must be one of {ARCHITECTURES}")
     if p.get("label_dropout", 0.0) > 0 and not p.class_conditional:
       bad(f"priors.{name}.label_dropout", p.label_dropout,
           "needs class_conditional=True (it drops class labels)")

@@ -106,9 +106,7 @@ class VQVAE2(nn.Module):
     check_remat(self.remat)
     stack_kw = dict(kw, remat=self.remat)
     # encoders[l] computes level l's pixel features; the bottom one sees the pixels.
-    self.encoders = [
-        Encoder(self.hidden, self.res_hidden, self.num_res_layers,
-                num_down=self.bottom_down if l == n - 1 else 1, **stack_kw) for l in range(n)]
+    self.encoders = [self.make_encoder(l, stack_kw) for l in range(n)]
     self.pre_quant = [conv(self.code_dim, 1, **kw) for _ in range(n)]
     self.quantizers = [
         VectorQuantizerEMA(self.num_codes, self.code_dim, self.decay, self.epsilon,
@@ -126,6 +124,12 @@ class VQVAE2(nn.Module):
     self.decoder = Decoder(3, self.hidden, self.res_hidden, self.num_res_layers,
                            num_up=self.bottom_down,
                            upsample=self.upsample, **stack_kw)
+
+  def make_encoder(self, level: int, stack_kw: dict) -> nn.Module:
+    """Level `level`'s encoder (variants of the architecture override this)."""
+    n = self.num_levels
+    return Encoder(self.hidden, self.res_hidden, self.num_res_layers,
+                   num_down=self.bottom_down if level == n - 1 else 1, **stack_kw)
 
   def _check_image(self, x: jax.Array):
     stride = level_strides(self.num_levels, self.bottom_down)[0]
