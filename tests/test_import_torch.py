@@ -71,6 +71,12 @@ def imported(tmp_path_factory):
   return workdir, vq, top, bottom
 
 
+@pytest.fixture(scope="module")
+def run(imported):
+  """One Run for the read-only tests, so its compiled functions are shared."""
+  return vqvae2_jax.load(imported[0])
+
+
 def _torch_images(images: np.ndarray):
   return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
@@ -87,9 +93,8 @@ def _assert_codes_equal_but_ties(ours: np.ndarray, theirs: np.ndarray, z, quanti
   return len(rows)
 
 
-def test_encode_decode_and_reconstruct_equal_torch(imported):
-  workdir, vq, _, _ = imported
-  run = vqvae2_jax.load(workdir)
+def test_encode_decode_and_reconstruct_equal_torch(imported, run):
+  _, vq, _, _ = imported
   images = _photos()
   codes = run.encode(images)
   with torch.no_grad():
@@ -106,9 +111,8 @@ def test_encode_decode_and_reconstruct_equal_torch(imported):
   assert recon.shape == images.shape and recon.dtype == np.uint8
 
 
-def test_prior_logits_equal_torch(imported):
-  workdir, vq, top, bottom = imported
-  run = vqvae2_jax.load(workdir)
+def test_prior_logits_equal_torch(imported, run):
+  _, vq, top, bottom = imported
   with torch.no_grad():
     *_, id_t, id_b, _ = vq.encode(_torch_images(_photos()))
     want_top = top(id_t).permute(0, 2, 3, 1).numpy()
@@ -118,8 +122,19 @@ def test_prior_logits_equal_torch(imported):
     prior, params = run.prior(level)
     got = np.asarray(prior.apply({"params": params}, codes.numpy(), cond, None, train=False))
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4, err_msg=level)
-  bits = run.log_prob(_photos(2))["bits"]
+
+
+def test_imported_priors_sample_and_compress(run):
+  samples, (top, bottom) = run.sample(2, seed=0, return_codes=True)
+  assert samples.shape == (2, SIZE, SIZE, 3) and top.shape == (2, 8, 8)
+  assert bottom.shape == (2, 16, 16) and len(np.unique(bottom)) > 1
+  images = _photos(2)
+  streams = run.compress(images)
+  np.testing.assert_array_equal(run.decompress(streams), run.reconstruct(images))
+  bits = run.log_prob(images)["bits"]
   assert bits.shape == (2,) and np.all(np.isfinite(bits)) and np.all(bits > 0)
+  payload = np.array([len(s) for s in streams]) * 8
+  assert np.all(payload >= bits) and np.all(payload < bits + 400)  # header + termination
 
 
 def test_extract_and_a_prior_step_run_on_the_imported_workdir(imported):

@@ -39,6 +39,7 @@ from jax.experimental import io_callback
 
 from vqvae2_jax.codec import frequencies
 from vqvae2_jax.codec import stream as stream_lib
+from vqvae2_jax.sampling import reference
 
 _FAMILY = constriction.stream.model.Categorical(perfect=False)
 
@@ -179,7 +180,8 @@ class CodecModels:
                  labels: np.ndarray | None, session: _Session) -> np.ndarray:
     """One level of one batch through the loop; int32 [batch, H, W] codes it returns."""
     prior, params = self.priors[level]
-    loop = self.loop or default_loop()
+    loop = self.loop or (default_loop() if reference.has_incremental_loop(prior)
+                         else reference.run_reference)
     put = lambda x: jax.device_put(jnp.asarray(x), self.device)
     with _active(session):
       out = np.asarray(loop(

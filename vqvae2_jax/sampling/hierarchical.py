@@ -18,7 +18,7 @@ from jax.sharding import Mesh
 from vqvae2_jax import images as image_lib
 from vqvae2_jax import parallel
 from vqvae2_jax.sampling.incremental import sample_incremental
-from vqvae2_jax.sampling.reference import sample_reference
+from vqvae2_jax.sampling.reference import has_incremental_loop, sample_reference
 
 SAMPLERS = ("incremental", "reference")
 
@@ -99,7 +99,7 @@ class HierarchicalSampler:
                     labels=labels_arr if prior.num_classes else None,
                     temperature=o.temperature, top_k=o.top_k, top_p=o.top_p,
                     guidance=o.guidance if prior.num_classes else 1.0)
-      if o.sampler == "incremental":
+      if o.sampler == "incremental" and has_incremental_loop(prior):
         codes[level] = sample_incremental(prior, params, jax.random.fold_in(rng, i),
                                           sharding=sharding, **kwargs)
       else:

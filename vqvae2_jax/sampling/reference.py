@@ -71,3 +71,47 @@ def sample_reference(prior: PixelSNAILPrior, params: Any, rng: jax.Array, *,
                  jnp.float32(temperature), jnp.float32(top_p), jnp.float32(guidance),
                  shape=shape, top_k=top_k, nucleus=draw_lib.nucleus_active(top_p),
                  positions=n, guided=guided)
+
+
+def has_incremental_loop(prior: Any) -> bool:
+  """Whether the incremental sampler's cached loop runs `prior` (PixelSNAILPrior). Other
+  priors with its call signature (models/public_pixelsnail.py) run the reference loops."""
+  return isinstance(prior, PixelSNAILPrior)
+
+
+@functools.partial(jax.jit, static_argnames=("prior", "shape", "choose", "return_logits"))
+def _run(prior, params, cond_codes, labels, *, shape, choose, return_logits):
+  b, hgt, wid = shape
+  logits_all = jnp.zeros((b, hgt, wid, prior.num_codes), jnp.float32)
+
+  def body(p, carry):
+    codes, logits_all = carry
+    logits = prior.apply({"params": params}, codes, cond_codes, labels, train=False)
+    i, j = p // wid, p % wid
+    codes = codes.at[:, i, j].set(choose(p, logits[:, i, j]).astype(jnp.int32))
+    if return_logits:
+      logits_all = logits_all.at[:, i, j].set(logits[:, i, j])
+    return codes, logits_all
+
+  codes, logits_all = jax.lax.fori_loop(0, hgt * wid, body,
+                                        (jnp.zeros(shape, jnp.int32), logits_all))
+  return (codes, logits_all) if return_logits else codes
+
+
+def run_reference(prior: Any, params: Any, *, shape: tuple[int, int, int],
+                  cond_codes: Sequence[jax.Array] = (), labels: jax.Array | None = None,
+                  choose, sharding: jax.sharding.Sharding | None = None,
+                  return_logits: bool = False):
+  """`incremental.run_incremental`'s contract (a pluggable per-position choice, the same
+  logits in every run that chose the same codes before p) with one whole forward pass of
+  the prior per position: the codec's loop for priors without an incremental one.
+
+  choose: static, hashable (p int32 scalar, logits float32 [B, K]) -> int32 [B].
+  sharding: accepted for the same signature; the batch follows the inputs' sharding.
+  Returns int32 [B, H, W] codes, or (codes, float32 [B, H, W, K] logits) with
+  return_logits.
+  """
+  del sharding
+  shape = draw_lib.check_inputs(prior, shape, cond_codes, labels)
+  return _run(prior, draw_lib.plain_params(params), tuple(cond_codes), labels, shape=shape,
+              choose=choose, return_logits=bool(return_logits))
