@@ -206,8 +206,9 @@ class Run:
       chunk = [np.asarray(a[lo:lo + batch]) for a in arrays]
       pad = batch - len(chunk[0])
       chunk = [np.concatenate([c, np.zeros((pad,) + c.shape[1:], c.dtype)]) for c in chunk]
-      glob = parallel.host_to_global({str(i): c for i, c in enumerate(chunk)}, self.mesh)
-      out = fn(*(glob[str(i)] for i in range(len(chunk))))
+      # Every process holds the whole chunk (on many processes each feeds its devices' rows).
+      sharding = parallel.batch_sharding(self.mesh)
+      out = fn(*(parallel.shared_to_global(c, sharding) for c in chunk))
       outs.append(jax.tree.map(lambda x: parallel.global_to_host(x)[:batch - pad], out))
     return jax.tree.map(lambda *xs: np.concatenate(xs), *outs)
 

@@ -127,6 +127,49 @@ def global_to_host(x: jax.Array) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
+def shared_to_global(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
+  """A host array that EVERY process holds whole (the same values: a batch of generated
+  candidates, a gathered validation batch) -> a global jax.Array with `sharding`.
+
+  Each process reads only the rows its own devices hold (`x` may be a memmap), so the
+  work of a batch is split over the processes and their devices; unlike
+  `host_to_global`, the leading axis of `x` is the global batch, not this process's
+  slice of it.
+  """
+  x = np.asarray(x) if not isinstance(x, np.ndarray) else x
+  return jax.make_array_from_callback(x.shape, sharding, lambda index: np.asarray(x[index]))
+
+
+def is_main_process() -> bool:
+  """True on the process that writes a stage's files (reports, pictures, records)."""
+  return jax.process_index() == 0
+
+
+def sync_processes(name: str) -> None:
+  """Waits until every process reaches this point (`name` must match); a no-op on one
+  process. Used after process 0 writes files the others read next."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
+
+
+def main_process_value(value: Any) -> Any:
+  """Process 0's `value` (a pytree of NumPy-compatible leaves) on every process: decisions
+  that must agree everywhere (what to resume, what is left to do)."""
+  if jax.process_count() == 1:
+    return value
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return jax.tree.map(np.asarray, multihost_utils.broadcast_one_to_all(value))
+
+
+def any_process(flag: bool) -> bool:
+  """True on every process when `flag` is True on at least one of them."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(np.any(multihost_utils.process_allgather(np.asarray([bool(flag)]))))
+
+
 def _plain_rules(rules) -> tuple:
   """Axis rules as flax wants them (config lists -> tuples)."""
   return tuple((name, tuple(axes) if isinstance(axes, list) else axes)

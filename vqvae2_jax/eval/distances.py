@@ -19,6 +19,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from vqvae2_jax import parallel
 from vqvae2_jax.eval import feature_networks as features_lib
 from vqvae2_jax.eval import metrics
 from vqvae2_jax.eval.options import EvalOptions
@@ -233,7 +234,9 @@ class ReferenceCache:
       return None
 
   def save(self, value) -> None:
-    """Writes (mu, sigma) or feature rows, then the key."""
+    """Writes (mu, sigma) or feature rows, then the key (process 0 only)."""
+    if not parallel.is_main_process():
+      return
     if self.role == "fid":
       metrics.save_stats(self.stem + ".npz", *value)
     else:
@@ -262,7 +265,8 @@ class RealReference:
                    for net, role in ((fid, "fid"), (pr, "pr")) if net is not None}
     cached = {role: c.load() for role, c in self.caches.items()}
     self.ref, self.real_pr, self.recon_ref = cached.get("fid"), cached.get("pr"), None
-    self.need_real = any(v is None for v in cached.values())
+    # Every process must agree, or only some would feed the pass's feature networks.
+    self.need_real = parallel.any_process(any(v is None for v in cached.values()))
     self.real = SetStats(expected, opts.pr_max_images, opts.seed)
     self.recon = SetStats(expected, 0, opts.seed)
 

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from vqvae2_jax import parallel
 from vqvae2_jax.eval import convert
 from vqvae2_jax.eval.metrics import StreamingMoments
 
@@ -115,7 +116,8 @@ def extract_features(apply_fn: ApplyFn, params: Any, images_iter: Iterable[np.nd
       registry networks), e.g. a generator over sample files.
     batch_size: global batch per step (a multiple of the mesh's 'data' size).
     mesh: if given, batches are sharded over its 'data' axis and params are
-      replicated. Single-process only.
+      replicated. On many processes every process passes the same images; each
+      featurises its own devices' rows and every process gets all the features.
     keep: output names to keep as arrays (None: all; () to keep none).
     moments: output names to accumulate mean/covariance of in float64.
 
@@ -128,8 +130,6 @@ def extract_features(apply_fn: ApplyFn, params: Any, images_iter: Iterable[np.nd
   if mesh is not None:
     if "data" not in mesh.axis_names:
       raise ValueError(f"mesh has axes {mesh.axis_names}; extraction shards over 'data'")
-    if jax.process_count() > 1:
-      raise NotImplementedError("extract_features shards within one process only")
     n_data = mesh.shape["data"]
     if batch_size % n_data:
       raise ValueError(f"batch_size {batch_size} is not a multiple of the mesh's "
@@ -140,11 +140,12 @@ def extract_features(apply_fn: ApplyFn, params: Any, images_iter: Iterable[np.nd
   accs: dict[str, StreamingMoments] = {}
   total = 0
   for batch, n_valid in _rebatch(images_iter, batch_size):
-    x = jax.device_put(batch, data_sharding) if mesh is not None else jnp.asarray(batch)
+    x = (parallel.shared_to_global(batch, data_sharding) if mesh is not None
+         else jnp.asarray(batch))
     out = fn(params, x)
     if not isinstance(out, dict):
       out = {"features": out}
-    out = {k: np.asarray(v)[:n_valid] for k, v in out.items()
+    out = {k: parallel.global_to_host(v)[:n_valid] for k, v in out.items()
            if (keep is None or k in keep) or k in moments}
     for name in moments:
       if name not in out:

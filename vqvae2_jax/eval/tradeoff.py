@@ -22,6 +22,7 @@ from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 
+from vqvae2_jax import parallel
 from vqvae2_jax.eval import distances
 from vqvae2_jax.eval.options import EvalOptions
 from vqvae2_jax.sampling import rejection
@@ -78,6 +79,10 @@ def generate_candidates(sampler: HierarchicalSampler, num: int, directory: str, 
   Sampling is timed: one warm-up batch (discarded) compiles the sampler outside the clock,
   and progress.json accumulates the seconds of the chunks and how many they drew, so the
   cost per candidate survives a resume.
+
+  On many processes every process calls this alike: each draws its devices' rows of every
+  batch (the draw does not depend on the split), process 0 alone reads and writes the
+  files (it decides what is resumed), and all read them back once they are whole.
   """
   o = sampler.options
   key = dict(num=num, seed=seed, temperature=o.temperature, top_k=o.top_k, top_p=o.top_p,
@@ -85,45 +90,61 @@ def generate_candidates(sampler: HierarchicalSampler, num: int, directory: str, 
   if o.guidance != 1.0:  # (absent at 1: keys written before guidance stay valid)
     key["guidance"] = o.guidance
   progress_path = os.path.join(directory, PROGRESS)
-  progress = None
-  if os.path.exists(progress_path):
-    with open(progress_path) as f:
-      progress = json.load(f)
-    if progress.get("key") != key:
-      progress = None
-  if progress is None:
-    shutil.rmtree(directory, ignore_errors=True)
-    if on_restart is not None:
-      on_restart()
-    os.makedirs(directory)
-    np.lib.format.open_memmap(os.path.join(directory, IMAGES), "w+", np.uint8,
-                              (num, image_size, image_size, 3)).flush()
-    progress = {"key": key, "done": 0}
   labels = candidate_labels(num, sampler.num_classes)
-  np.save(os.path.join(directory, LABELS), labels)
-  images = np.load(os.path.join(directory, IMAGES), mmap_mode="r+")
+  main = parallel.is_main_process()  # the one writer; the others draw their rows only
+  if main:
+    progress = _open_progress(directory, key, (num, image_size, image_size, 3), on_restart)
+    np.save(os.path.join(directory, LABELS), labels)
+    images = np.load(os.path.join(directory, IMAGES), mmap_mode="r+")
+  done = int(parallel.main_process_value(np.int64(progress["done"] if main else 0)))
   chunk = o.batch_size * max(1, 128 // o.batch_size)
-  if progress["done"] < num:  # compile outside the clock (a seed no chunk uses)
+  if done < num:  # compile outside the clock (a seed no chunk uses)
     sampler.generate(o.batch_size, labels[:o.batch_size] if sampler.num_classes else None,
                      seed * 1_000_003 - 1, progress=False)
-  while progress["done"] < num:
-    lo = progress["done"]
-    hi = min(num, lo + chunk)
+  while done < num:
+    lo, hi = done, min(num, done + chunk)
     start = time.perf_counter()
     result = sampler.generate(hi - lo, labels[lo:hi] if sampler.num_classes else None,
                               seed * 1_000_003 + lo // chunk, progress=False)
     seconds = time.perf_counter() - start
-    images[lo:hi] = result["image"]
-    images.flush()
-    progress["done"] = hi
-    progress["seconds"] = progress.get("seconds", 0.0) + seconds
-    progress["timed"] = progress.get("timed", 0) + hi - lo
-    with open(progress_path, "w") as f:
-      json.dump(progress, f)
+    done = hi
+    if main:
+      images[lo:hi] = result["image"]
+      images.flush()
+      progress["done"] = hi
+      progress["seconds"] = progress.get("seconds", 0.0) + seconds
+      progress["timed"] = progress.get("timed", 0) + hi - lo
+      with open(progress_path, "w") as f:
+        json.dump(progress, f)
     log(f"generated {hi}/{num} candidates ({(hi - lo) / seconds:.2f} img/s)")
+  parallel.sync_processes(f"candidates {directory}")  # the files are whole: all may read
+  with open(progress_path) as f:
+    progress = json.load(f)
   timed = progress.get("timed", 0)
   return Candidates(np.load(os.path.join(directory, IMAGES), mmap_mode="r"), labels,
                     progress["seconds"] / timed if timed else None)
+
+
+def _open_progress(directory: str, key: dict, shape: tuple[int, ...],
+                   on_restart: Callable[[], None] | None) -> dict:
+  """The progress record of the candidates in `directory` when drawn with `key`; else a
+  fresh one over an empty images.npy of `shape`, after removing the old candidates and
+  calling `on_restart`."""
+  progress_path = os.path.join(directory, PROGRESS)
+  if os.path.exists(progress_path):
+    with open(progress_path) as f:
+      progress = json.load(f)
+    if progress.get("key") == key:
+      return progress
+  shutil.rmtree(directory, ignore_errors=True)
+  if on_restart is not None:
+    on_restart()
+  os.makedirs(directory)
+  np.lib.format.open_memmap(os.path.join(directory, IMAGES), "w+", np.uint8, shape).flush()
+  progress = {"key": key, "done": 0}
+  with open(progress_path, "w") as f:
+    json.dump(progress, f)
+  return progress
 
 
 def score_candidates(scorer: Scorer, candidates: Candidates,

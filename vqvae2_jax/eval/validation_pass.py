@@ -1,7 +1,10 @@
 """One pass over real validation images, shared by the evaluators that need originals
 and their VQ-VAE reconstructions (feature statistics, CAS on reconstructions).
 
-Each image is reconstructed once; every consumer sees the valid rows of each batch.
+Each image is reconstructed once; every consumer sees the valid rows of each global
+batch. On many processes each process reads its slice of the batch, the reconstructions
+are computed on every device, and every process's consumers see the whole batch (the
+consumers split their own work over the processes again, `parallel.shared_to_global`).
 """
 from __future__ import annotations
 
@@ -41,11 +44,13 @@ def validation_pass(source, reconstruct: ReconstructFn, variables: Any,
   """
   n, done, start = len(source), 0, time.time()
   for batch in iterate_once(source, batch_size):
-    images = parallel.host_to_global({"image": batch["image"]}, mesh)["image"]
-    rec = image_lib.to_uint8(parallel.global_to_host(reconstruct(variables, images)))
-    valid = batch["valid"]
+    arrays = parallel.host_to_global(
+        {k: batch[k] for k in ("image", "label", "valid")}, mesh)
+    rec = image_lib.to_uint8(parallel.global_to_host(reconstruct(variables, arrays["image"])))
+    whole = {k: parallel.global_to_host(v) for k, v in arrays.items()}
+    valid = whole["valid"]
     for consumer in consumers:
-      consumer.update(batch["image"][valid], rec[valid], batch["label"][valid])
+      consumer.update(whole["image"][valid], rec[valid], whole["label"][valid])
     done += int(valid.sum())
     log(f"validation images {done}/{n} ({done / (time.time() - start):.1f} img/s)")
   return done

@@ -1,7 +1,9 @@
 """Ancestral generation over the whole hierarchy (paper Algorithm 2, lines 10-14).
 
 e_top ~ p_top(. | class), then each lower level e_l ~ p_l(. | e_above, class), then the
-feed-forward decoder maps all levels to pixels. Batches are sharded over the mesh.
+feed-forward decoder maps all levels to pixels. Batches are sharded over the mesh: on
+many processes every process makes the same calls, each process's devices draw their rows
+of every batch, and `generate` returns the whole batch on every process.
 Takes built modules and parameters (see `vqvae2_jax.api.Run.sampler`), never configs.
 """
 from __future__ import annotations
@@ -11,7 +13,6 @@ import time
 from typing import Any, Mapping
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
@@ -89,7 +90,9 @@ class HierarchicalSampler:
     """One batch of codes for every level, top first, each int32 [batch, H_l, W_l]."""
     o = self.options
     sharding = parallel.batch_sharding(self.mesh)
-    labels_arr = (jax.device_put(jnp.asarray(labels, jnp.int32), sharding)
+    # Every process passes the same labels; the draw is one SPMD computation over all
+    # devices of all processes, whose random bits do not depend on how it is split.
+    labels_arr = (parallel.shared_to_global(np.asarray(labels, np.int32), sharding)
                   if labels is not None else None)
     codes = {}
     for i, level in enumerate(self.levels):

@@ -26,7 +26,8 @@ def batched(fn: Callable[[jax.Array], jax.Array], images: np.ndarray, batch_size
   """fn over fixed-size batches sharded on `mesh`: images [N, ...] -> outputs [N, ...].
 
   The last batch is padded with zeros and the padding dropped, so every call has one shape
-  (one compilation) and padded rows never reach the result.
+  (one compilation) and padded rows never reach the result. On many processes every one
+  passes the same `images` and gets every output back.
   """
   parallel.check_batch_size(batch_size, mesh, "scorer batch_size")
   outs = []
@@ -35,7 +36,8 @@ def batched(fn: Callable[[jax.Array], jax.Array], images: np.ndarray, batch_size
     pad = batch_size - len(chunk)
     if pad:
       chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
-    x = parallel.host_to_global({"x": chunk}, mesh)["x"]
+    # Every process holds the whole batch; each feeds (and scores) its devices' rows.
+    x = parallel.shared_to_global(chunk, parallel.batch_sharding(mesh))
     outs.append(parallel.global_to_host(fn(x))[:batch_size - pad])
   return np.concatenate(outs) if outs else np.zeros((0,), np.float32)
 

@@ -19,7 +19,9 @@ where the inputs exist (a missing input skips its section with a note in the rep
 
 The stage loads the run (`api.load`) and runs the evaluators in `STEPS`, each adding its
 figures and notes to the report; the evaluators take built models and `EvalOptions`.
-Single-process: features are computed on this process's devices.
+On many processes every process runs every step alike: candidates are drawn, scored and
+featurised on all devices of all processes (each process its rows of every batch, the
+results gathered), and process 0 alone writes the files (`eval.tradeoff`, `parallel`).
 """
 from __future__ import annotations
 
@@ -30,7 +32,6 @@ import shutil
 import time
 from typing import Any, Callable
 
-import jax
 import numpy as np
 
 from vqvae2_jax import api
@@ -101,9 +102,6 @@ class _Evaluation:
 def _start(config, workdir: str, mesh) -> _Evaluation:
   """Checks the settings, loads the run and opens the report."""
   e = config.evaluate
-  if jax.process_count() > 1:
-    raise NotImplementedError("the evaluate stage runs in one process; start it without "
-                              "config.distributed / VQVAE2_DISTRIBUTED")
   opts = EvalOptions.from_mapping(e.to_dict())
   parallel.check_batch_size(opts.batch_size, mesh, "evaluate.batch_size")
   kind = e.rejection_classifier or config.sample.rejection.classifier
@@ -400,7 +398,7 @@ def _guidance_metrics(ev: _Evaluation) -> None:
   tiles, cols, names, captions = tradeoff.guidance_grid(
       {ev.sampler.options.guidance: ev.candidates,
        **{w: cands for w, (cands, _, _) in ev.guided.items()}}, ev.run.class_names or [])
-  if len(tiles):
+  if len(tiles) and parallel.is_main_process():
     image_lib.save_grid(ev.run.workdir.path_in(NAME, GUIDANCE_GRID), tiles, cols,
                         row_labels=[n[:14] for n in names], captions=captions)
     ev.report["guidance_grid"] = GUIDANCE_GRID
@@ -428,8 +426,9 @@ def _rate_distortion(ev: _Evaluation) -> None:
           images, [codec_stream.unpack(s)[0].label for s in streams]
           if run.num_classes and run.codec.conditional else None)["bits"])
   out_dir = run.workdir.stage_dir(NAME)
-  os.makedirs(out_dir, exist_ok=True)
-  rate_distortion.plot(result, os.path.join(out_dir, "rate_distortion.png"))
+  if parallel.is_main_process():
+    os.makedirs(out_dir, exist_ok=True)
+    rate_distortion.plot(result, os.path.join(out_dir, "rate_distortion.png"))
   ev.report["rate_distortion"] = result
 
 
@@ -445,5 +444,6 @@ def run(config, workdir: str) -> None:
   for step in STEPS:
     step(ev)
   out_dir = ev.run.workdir.stage_dir(NAME)
-  report_lib.write(ev.report, out_dir)
+  if parallel.is_main_process():
+    report_lib.write(ev.report, out_dir)
   log(f"wrote {out_dir}/report.md and report.json")

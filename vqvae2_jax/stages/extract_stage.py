@@ -1,13 +1,16 @@
 """Stage 2a: encode the data set to discrete codes (paper Algorithm 2, lines 1-7).
 
 Reads the stage-1 checkpoint in the same workdir, encodes the configured splits batch by
-batch (batch sharded over the mesh, every process reading its own slice), and writes
-code shards (see `vqvae2_jax.data.codes`). Shards already on disk are skipped, so an
-interrupted extraction resumes where it stopped. The manifest is written last.
+batch (batch sharded over the mesh, every process decoding its own slice of each batch in
+data.num_threads threads and data.worker_count grain worker processes, and encoding it on
+its own devices), and writes code shards (see `vqvae2_jax.data.codes`; process 0 writes
+the gathered codes). Shards already on disk are skipped, so an interrupted extraction
+resumes where it stopped. The manifest is written last.
 """
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import os
 import time
@@ -65,14 +68,25 @@ def run(config, workdir: str) -> None:
     source = make_source(config.data, split)
     num_classes, class_names = source.num_classes, list(source.class_names)
     num_shards = -(-len(source) // shard_size)
+    keys = names + ("label", "index")
+    # Process 0 decides what is missing: every process must encode the same shards.
+    todo = parallel.main_process_value(np.asarray(
+        [not codes_lib.shard_complete(out_dir, split, shard, keys)
+         for shard in range(num_shards)]))
+    todo = [int(shard) for shard in np.nonzero(todo)[0]]
+    bounds = {s: (s * shard_size, min(len(source), (s + 1) * shard_size)) for s in todo}
     start_time, done = time.time(), 0
-    for shard in range(num_shards):
-      keys = names + ("label", "index")
-      if codes_lib.shard_complete(out_dir, split, shard, keys):
-        continue
-      lo, hi = shard * shard_size, min(len(source), (shard + 1) * shard_size)
+    # One pass over the missing shards' images: every shard but the split's last is
+    # whole global batches, so batches never straddle two shards.
+    rows = np.concatenate([np.arange(*bounds[s]) for s in todo] or [np.zeros(0, np.int64)])
+    batches = (iterate_once(Subset(source, rows), batch_size,
+                            num_threads=config.data.num_threads,
+                            worker_count=config.data.worker_count)
+               if len(rows) else iter(()))
+    for shard in todo:
+      lo, hi = bounds[shard]
       arrays = {k: [] for k in keys}
-      for batch in iterate_once(Subset(source, np.arange(lo, hi)), batch_size):
+      for batch in itertools.islice(batches, -(-(hi - lo) // batch_size)):
         global_batch = parallel.host_to_global(
             {"image": batch["image"], "label": batch["label"], "valid": batch["valid"]}, mesh)
         level_codes = encode(variables, global_batch["image"])
@@ -88,6 +102,8 @@ def run(config, workdir: str) -> None:
       rate = done / max(time.time() - start_time, 1e-9)
       parallel.print0(f"[extract] {split}: shard {shard + 1}/{num_shards} ({hi}/{len(source)} images,"
             f" {rate:.1f} img/s)")
+    if hasattr(batches, "close"):
+      batches.close()  # stops grain's threads and workers
     splits[split] = {"num_images": len(source), "num_shards": num_shards}
   manifest = dict(vqvae_step=vqvae_step, levels=list(names), shapes=shapes,
                   num_codes=config.vqvae.num_codes, dtype=dtype.name, splits=splits,
@@ -96,4 +112,5 @@ def run(config, workdir: str) -> None:
   if jax.process_index() == 0:
     with open(manifest_path, "w") as f:
       json.dump(manifest, f, indent=2)
+  parallel.sync_processes("extract: manifest written")  # later stages read it at once
   parallel.print0(f"[extract] wrote {manifest_path}")

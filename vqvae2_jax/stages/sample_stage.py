@@ -9,6 +9,8 @@ Writes under <workdir>/sample/:
 With rejection sampling, ceil(num_images / keep_fraction) candidates cycle through the
 intended classes, and each class keeps exactly its intended count of best-scoring ones
 (`sampling.rejection.accept`), so num_images are accepted whatever the fraction.
+On many processes each process draws and scores its devices' rows of every batch (the
+images do not depend on the split) and process 0 writes the files.
 """
 from __future__ import annotations
 

@@ -1,0 +1,160 @@
+"""extract, sample and evaluate on 2 processes x 2 devices == 1 process x 4 devices.
+
+The tiny pipeline is trained once (the session's `tiny_pipeline` workdir) and copied
+twice. In one copy a single 4-device process runs `sample` and `evaluate`; in the other
+two `jax.distributed` processes on 127.0.0.1 (launch/local_multiprocess.py, each wrapped
+in its timeout) extract the codes again with grain worker processes, then run `sample`
+and `evaluate`. The codes, the samples, the evaluation candidates and every figure of
+the report must agree (timings aside).
+"""
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from helpers import ROOT
+from test_multihost import LAUNCHER, base_env, can_bind_localhost, launcher
+
+# Sharing the session-wide tiny pipeline: the tests of the group run in one xdist worker.
+pytestmark = [
+    pytest.mark.xdist_group("tiny_pipeline"),
+    pytest.mark.skipif(not can_bind_localhost(),
+                       reason="cannot bind a TCP port on 127.0.0.1 for the jax.distributed "
+                              "coordinator")]
+
+# One trade-off point's CAS classifier (not one per point) and no codec comparison keep
+# the runs short; CAS, FID, IS, precision/recall and the trade-off stay in.
+EVALUATE_FLAGS = ("--config.evaluate.cas_per_point=False",
+                  "--config.evaluate.rate_distortion_images=0")
+# Figures that are wall-clock measurements, not results.
+TIMINGS = re.compile(r"seconds|per_s$|^workdir$")
+
+
+def stage(name, workdir, *flags):
+  """The shell words of one stage; "$@" takes the launcher's distributed flags."""
+  return (f"{sys.executable} -m vqvae2_jax.main --config=configs/demo.py:{name},tiny "
+          f"--workdir={workdir} {' '.join(flags)} \"$@\"")
+
+
+def chain(*commands):
+  """argv running the stage commands in order, stopping at the first failure."""
+  return ["sh", "-c", " && ".join(commands), "sh"]
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_pipeline, tmp_path_factory):
+  """(single workdir, multi workdir, multi log) after both runs."""
+  root = tmp_path_factory.mktemp("multihost_eval")
+  single, multi = str(root / "single"), str(root / "multi")
+  for copy in (single, multi):
+    shutil.copytree(tiny_pipeline, copy)
+    for done in ("sample", "evaluate"):  # other tests of the group may have run them
+      shutil.rmtree(os.path.join(copy, done), ignore_errors=True)
+  shutil.rmtree(os.path.join(multi, "extract"))
+  with open(root / "multi.log", "w+") as multi_log, \
+       open(root / "single.log", "w+") as single_log:
+    # Side by side: most of their time is single-threaded compilation.
+    ref = subprocess.Popen(
+        chain(stage("sample", single), stage("evaluate", single, *EVALUATE_FLAGS)),
+        cwd=ROOT, env=launcher.process_env(4, base_env()), stdout=single_log,
+        stderr=subprocess.STDOUT)
+    try:
+      code = subprocess.run(
+          [sys.executable, LAUNCHER, "--num_processes=2", "--devices_per_process=2",
+           "--timeout=400", "--",
+           *chain(stage("extract", multi, "--config.data.worker_count=1"),
+                  stage("sample", multi), stage("evaluate", multi, *EVALUATE_FLAGS))],
+          cwd=ROOT, env=base_env(), stdout=multi_log, stderr=subprocess.STDOUT,
+          timeout=450).returncode
+      ref_code = ref.wait(timeout=400)
+    finally:
+      if ref.poll() is None:
+        ref.kill()
+        ref.wait()
+    multi_log.seek(0)
+    single_log.seek(0)
+    multi_out, single_out = multi_log.read(), single_log.read()
+  if code and re.search(r"failed to add port|no address added|failed to bind", multi_out,
+                        re.IGNORECASE):
+    pytest.skip("jax.distributed could not bind its coordinator port on 127.0.0.1")
+  assert code == 0, multi_out[-6000:]
+  assert ref_code == 0, single_out[-6000:]
+  assert "process 1 of 2, 2 local / 4 global devices" in multi_out
+  return single, multi, multi_out
+
+
+def test_extract_on_two_processes_with_workers_writes_the_same_codes(runs):
+  single, multi, _ = runs
+  names = sorted(os.listdir(os.path.join(single, "extract", "train")))
+  for split in ("train", "val"):
+    files = sorted(os.listdir(os.path.join(multi, "extract", split)))
+    assert files == sorted(os.listdir(os.path.join(single, "extract", split)))
+    for name in files:
+      np.testing.assert_array_equal(np.load(os.path.join(multi, "extract", split, name)),
+                                    np.load(os.path.join(single, "extract", split, name)))
+  assert any(n.endswith(".bottom.npy") for n in names)
+  manifests = [json.load(open(os.path.join(w, "extract", "manifest.json")))
+               for w in (single, multi)]
+  assert manifests[0] == manifests[1]
+
+
+def test_sample_on_two_processes_draws_and_rejects_the_same_images(runs):
+  single, multi, _ = runs
+  a, b = (np.load(os.path.join(w, "sample", "samples.npz")) for w in (single, multi))
+  assert sorted(a.files) == sorted(b.files)
+  for key in a.files:
+    if key == "scores":
+      np.testing.assert_allclose(b[key], a[key], rtol=1e-5, atol=1e-6)
+    else:
+      np.testing.assert_array_equal(b[key], a[key], err_msg=key)
+  ra, rb = (json.load(open(os.path.join(w, "sample", "rejection.json")))
+            for w in (single, multi))
+  assert ra["accepted"] == rb["accepted"] == ra["requested"]
+  assert ra["mean_score_accepted"] == pytest.approx(rb["mean_score_accepted"], rel=1e-5)
+  assert os.path.exists(os.path.join(multi, "sample", "rejection.png"))
+
+
+def _figures(report, path=""):
+  """{path: value} of every number and string of a report, timings left out."""
+  if isinstance(report, dict):
+    out = {}
+    for k, v in report.items():
+      if not TIMINGS.search(k):
+        out.update(_figures(v, f"{path}/{k}"))
+    return out
+  if isinstance(report, list):
+    out = {f"{path}#len": len(report)}
+    for i, v in enumerate(report):
+      out.update(_figures(v, f"{path}[{i}]"))
+    return out
+  return {path: report}
+
+
+def test_evaluate_on_two_processes_reports_the_same_figures(runs):
+  single, multi, _ = runs
+  # The candidates each process drew its rows of are the single process's, image by image.
+  cands = [np.load(os.path.join(w, "evaluate", "candidates", "images.npy"))
+           for w in (single, multi)]
+  np.testing.assert_array_equal(cands[1], cands[0])
+  a, b = (json.load(open(os.path.join(w, "evaluate", "report.json"))) for w in (single, multi))
+  # The figures the comparison must hold: distances, the trade-off and CAS.
+  for row in a["tradeoff"]:
+    assert all(row.get(k) is not None and math.isfinite(row[k])
+               for k in ("fid", "fid_star", "is_mean", "precision", "recall",
+                         "mean_class_score"))
+  assert [r["keep_fraction"] for r in a["tradeoff"]] == [1.0, 0.5]
+  assert a["tradeoff"][0]["cas_top1"] is not None and "sample_trained_on_real" in a["cas"]
+  fa, fb = _figures(a), _figures(b)
+  assert sorted(fa) == sorted(fb)
+  for key, value in fa.items():
+    if isinstance(value, float):
+      assert fb[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+    else:
+      assert fb[key] == value, key
+  assert os.path.exists(os.path.join(multi, "evaluate", "report.md"))
