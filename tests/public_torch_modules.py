@@ -37,7 +37,17 @@ class Quantize(nn.Module):
   def forward(self, z):
     _, codes = (-self.distances(z)).max(1)
     codes = codes.view(*z.shape[:-1])
-    quantized = self.embed_code(codes)
+    quantized = self.embed_code(codes)  # looked up before this step's update
+    if self.training:  # the EMA step: counts, sums, Laplace-smoothed codebook
+      with torch.no_grad():
+        onehot = F.one_hot(codes.reshape(-1), self.n_embed).type(z.dtype)
+        flat = z.reshape(-1, self.dim)
+        self.cluster_size.mul_(self.decay).add_(onehot.sum(0), alpha=1 - self.decay)
+        self.embed_avg.mul_(self.decay).add_(flat.transpose(0, 1) @ onehot,
+                                             alpha=1 - self.decay)
+        n = self.cluster_size.sum()
+        smoothed = (self.cluster_size + self.eps) / (n + self.n_embed * self.eps) * n
+        self.embed.copy_(self.embed_avg / smoothed.unsqueeze(0))
     return z + (quantized - z).detach(), (quantized.detach() - z).pow(2).mean(), codes
 
   def embed_code(self, codes):

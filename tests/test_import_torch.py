@@ -10,6 +10,7 @@ within float tolerance; then the extract and prior stages run on the imported wo
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 
@@ -22,6 +23,7 @@ torch = pytest.importorskip("torch", reason="the reference models are PyTorch mo
 import public_torch_modules as pub  # pylint: disable=g-import-not-at-top
 import vqvae2_jax  # pylint: disable=g-import-not-at-top
 from helpers import load_config  # pylint: disable=g-import-not-at-top
+from vqvae2_jax import images as image_lib  # pylint: disable=g-import-not-at-top
 from vqvae2_jax import import_torch  # pylint: disable=g-import-not-at-top
 from vqvae2_jax import main  # pylint: disable=g-import-not-at-top
 from vqvae2_jax.data import demo  # pylint: disable=g-import-not-at-top
@@ -109,6 +111,23 @@ def test_encode_decode_and_reconstruct_equal_torch(imported, run):
   np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-4)
   recon = run.reconstruct(images)
   assert recon.shape == images.shape and recon.dtype == np.uint8
+
+
+def test_a_codebook_ema_step_equals_the_public_quantizers(imported, run):
+  _, vq, _, _ = imported
+  images = _photos()
+  model, variables = run.vqvae
+  _, updated = model.apply(variables, image_lib.to_model(images), train=True,
+                           mutable=["vq_stats"])
+  vq = copy.deepcopy(vq).train()
+  with torch.no_grad():
+    vq.encode(_torch_images(images))
+  for level, quantize in enumerate((vq.quantize_t, vq.quantize_b)):
+    ours = updated["vq_stats"][f"quantizers_{level}"]
+    np.testing.assert_allclose(ours["ema_count"], quantize.cluster_size.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(ours["ema_sum"], quantize.embed_avg.numpy().T, atol=1e-5)
+    np.testing.assert_allclose(ours["codebook"], quantize.embed.numpy().T, atol=1e-4,
+                               rtol=1e-4)
 
 
 def test_prior_logits_equal_torch(imported, run):
