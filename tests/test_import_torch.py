@@ -28,7 +28,9 @@ from vqvae2_jax import import_torch  # pylint: disable=g-import-not-at-top
 from vqvae2_jax import main  # pylint: disable=g-import-not-at-top
 from vqvae2_jax.data import demo  # pylint: disable=g-import-not-at-top
 
-pytestmark = pytest.mark.filterwarnings("ignore:.*weight_norm.*:FutureWarning")
+# One worker runs the module, so its tests share the imported workdir and its Run.
+pytestmark = [pytest.mark.filterwarnings("ignore:.*weight_norm.*:FutureWarning"),
+              pytest.mark.xdist_group("import_torch")]
 SIZE = 64             # demo image side: top codes 8x8, bottom 16x16
 K, D, C = 32, 8, 16   # codes, code dim, hidden channels
 TOP = dict(shape=(8, 8), n_class=K, channel=16, kernel_size=5, n_block=2, n_res_block=1,
