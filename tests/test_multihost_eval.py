@@ -5,7 +5,8 @@ twice. In one copy a single 4-device process runs `sample` and `evaluate`; in th
 two `jax.distributed` processes on 127.0.0.1 (launch/local_multiprocess.py, each wrapped
 in its timeout) extract the codes again with grain worker processes, then run `sample`
 and `evaluate`. The codes, the samples, the evaluation candidates and every figure of
-the report must agree (timings aside).
+the report must agree (timings aside). In one process, `extract` reads with grain workers
+and resumes several missing shards in one pass.
 """
 import json
 import math
@@ -18,15 +19,18 @@ import sys
 import numpy as np
 import pytest
 
-from helpers import ROOT
+from vqvae2_jax import main
+from vqvae2_jax.data import codes as codes_lib
+from vqvae2_jax.stages import extract_stage
+
+from helpers import ROOT, load_config
 from test_multihost import LAUNCHER, base_env, can_bind_localhost, launcher
 
 # Sharing the session-wide tiny pipeline: the tests of the group run in one xdist worker.
-pytestmark = [
-    pytest.mark.xdist_group("tiny_pipeline"),
-    pytest.mark.skipif(not can_bind_localhost(),
-                       reason="cannot bind a TCP port on 127.0.0.1 for the jax.distributed "
-                              "coordinator")]
+pytestmark = pytest.mark.xdist_group("tiny_pipeline")
+needs_localhost = pytest.mark.skipif(
+    not can_bind_localhost(),
+    reason="cannot bind a TCP port on 127.0.0.1 for the jax.distributed coordinator")
 
 # One trade-off point's CAS classifier (not one per point) and no codec comparison keep
 # the runs short; CAS, FID, IS, precision/recall and the trade-off stay in.
@@ -89,6 +93,7 @@ def runs(tiny_pipeline, tmp_path_factory):
   return single, multi, multi_out
 
 
+@needs_localhost
 def test_extract_on_two_processes_with_workers_writes_the_same_codes(runs):
   single, multi, _ = runs
   names = sorted(os.listdir(os.path.join(single, "extract", "train")))
@@ -104,6 +109,7 @@ def test_extract_on_two_processes_with_workers_writes_the_same_codes(runs):
   assert manifests[0] == manifests[1]
 
 
+@needs_localhost
 def test_sample_on_two_processes_draws_and_rejects_the_same_images(runs):
   single, multi, _ = runs
   a, b = (np.load(os.path.join(w, "sample", "samples.npz")) for w in (single, multi))
@@ -136,6 +142,7 @@ def _figures(report, path=""):
   return {path: report}
 
 
+@needs_localhost
 def test_evaluate_on_two_processes_reports_the_same_figures(runs):
   single, multi, _ = runs
   # The candidates each process drew its rows of are the single process's, image by image.
@@ -158,3 +165,42 @@ def test_evaluate_on_two_processes_reports_the_same_figures(runs):
     else:
       assert fb[key] == value, key
   assert os.path.exists(os.path.join(multi, "evaluate", "report.md"))
+
+
+def test_extract_reads_with_grain_workers_and_resumes_missing_shards_in_one_pass(
+    tiny_pipeline, tmp_path, monkeypatch):
+  # 16-image shards: the 64 training images make four; the second and fourth go missing.
+  monkeypatch.setattr(extract_stage, "IMAGES_PER_SHARD_BATCHES", 2)
+  passes = []
+
+  def recorded_iterate_once(source, batch_size, **kwargs):
+    passes.append((len(source), kwargs))
+    return real_iterate_once(source, batch_size, **kwargs)
+
+  real_iterate_once = extract_stage.iterate_once
+  monkeypatch.setattr(extract_stage, "iterate_once", recorded_iterate_once)
+  workdir = str(tmp_path)
+  shutil.copytree(os.path.join(tiny_pipeline, "vqvae"), os.path.join(workdir, "vqvae"))
+  config = load_config("demo", "extract,tiny", **{"data.worker_count": 1,
+                                                  "data.num_threads": 2})
+  main.run_stage(config, workdir)
+  assert passes == [(64, dict(num_threads=2, worker_count=1)),
+                    (8, dict(num_threads=2, worker_count=1))]
+  out = os.path.join(workdir, "extract")
+  files = sorted(os.listdir(os.path.join(out, "train")))
+  assert len(files) == 4 * 4  # top, bottom, label, index of each shard
+  first = {f: np.load(os.path.join(out, "train", f)) for f in files}
+  for shard in (1, 3):
+    os.remove(codes_lib.shard_prefix(out, "train", shard) + ".bottom.npy")
+  passes.clear()
+  main.run_stage(config, workdir)
+  assert [n for n, _ in passes] == [32]  # one pass over the two missing shards
+  for f in files:
+    np.testing.assert_array_equal(np.load(os.path.join(out, "train", f)), first[f], f)
+  # Row for row the codes of the one-shard extraction of the tiny pipeline.
+  for split, n in (("train", 64), ("val", 8)):
+    ours = codes_lib.CodeShards(out, split).take(np.arange(n))
+    ref = codes_lib.CodeShards(os.path.join(tiny_pipeline, "extract"), split).take(
+        np.arange(n))
+    for key in ref:
+      np.testing.assert_array_equal(ours[key], ref[key], f"{split} {key}")
