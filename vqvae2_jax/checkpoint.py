@@ -8,6 +8,11 @@ before any array is read, naming the first differing entries; arrays whose bytes
 after the save fail as `CorruptCheckpointError`, naming the step and the arrays. Training
 resume (`restore_newest_valid`) then falls back to the newest step that verifies and
 moves the bad one to `<checkpoints>/rejected/<step>`; inference loading refuses.
+
+Only evidence about the bytes makes a step corrupt (`vqvae2_jax.checkpoint_reads`): a read
+that fails because the storage did not answer (an I/O error, a timeout) is retried with
+backoff and, if it persists, fails as `CheckpointReadError`, moving nothing; so does
+running out of memory, or any error not recognised as corruption.
 """
 from __future__ import annotations
 
@@ -16,13 +21,14 @@ import logging as py_logging
 import os
 import shutil
 import signal
-from typing import Any
+from typing import Any, Callable
 
 from absl import logging
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from vqvae2_jax import checkpoint_reads
 from vqvae2_jax import integrity
 
 REJECTED = "rejected"
@@ -43,6 +49,19 @@ class CorruptCheckpointError(CheckpointError):
                earlier: list[int]):
     super().__init__(message)
     self.directory, self.step, self.reason, self.earlier = directory, step, reason, earlier
+
+
+class CheckpointReadError(CheckpointError):
+  """A checkpoint step could not be read for a reason other than corruption (a storage
+  failure that outlasted the retries, memory, an unrecognised error). Nothing was moved.
+
+  Attributes: directory, step, kind ('transient', 'memory' or 'unknown': see
+  `vqvae2_jax.checkpoint_reads`).
+  """
+
+  def __init__(self, message: str, *, directory: str, step: int, kind: str):
+    super().__init__(message)
+    self.directory, self.step, self.kind = directory, step, kind
 
 
 class Preempted(Exception):  # pylint: disable=g-bad-exception-name
@@ -102,15 +121,15 @@ def _register_array_handler() -> None:
     absl_logger.removeFilter(quiet)
 
 
-def _one_line(e: BaseException) -> str:
-  return f"{type(e).__name__}: {' '.join(str(e).split())}"[:400]
-
-
 class Checkpointer:
   """An orbax CheckpointManager for one stage directory (`<workdir>/<stage>/checkpoints`)."""
 
-  def __init__(self, directory: str, *, keep: int | None = 3):
+  def __init__(self, directory: str, *, keep: int | None = 3,
+               read_retry: checkpoint_reads.RetryPolicy | None = None):
+    """keep: the newest steps kept (None: all). read_retry: how reads that fail
+    transiently are retried (default `checkpoint_reads.DEFAULT_RETRY`)."""
     _register_array_handler()
+    self.read_retry = read_retry or checkpoint_reads.DEFAULT_RETRY
     self.directory = os.path.abspath(directory)
     self._manager = ocp.CheckpointManager(
         self.directory,
@@ -145,11 +164,8 @@ class Checkpointer:
   def read_record(self, step: int | None = None) -> dict[str, Any]:
     """The JSON record of a checkpoint (latest by default), without reading arrays."""
     step = self._require_step(step)
-    try:
-      restored = self._manager.restore(
-          step, args=ocp.args.Composite(record=ocp.args.JsonRestore()))
-    except Exception as e:  # orbax raises many types for unreadable files
-      raise self._corrupt(step, f"its record is unreadable ({_one_line(e)})") from e
+    restored = self._read(step, "record", lambda: self._manager.restore(
+        step, args=ocp.args.Composite(record=ocp.args.JsonRestore())))
     return dict(restored.record)
 
   def restore(self, abstract_state: Any, step: int | None = None
@@ -161,11 +177,8 @@ class Checkpointer:
     step = self._require_step(step)
     record = self.read_record(step)
     self._check_shapes(step, record.get("shapes", {}), shape_signature(abstract_state))
-    try:
-      restored = self._manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state)))
-    except Exception as e:
-      raise self._corrupt(step, f"its arrays are unreadable ({_one_line(e)})") from e
+    restored = self._read(step, "arrays", lambda: self._manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))))
     self._verify(step, record, restored.state)
     return restored.state, record
 
@@ -185,14 +198,11 @@ class Checkpointer:
     self._check_shapes(step, {k: v for k, v in saved.items()
                               if k.split("/")[0] in abstract_subtree},
                        shape_signature(abstract_subtree))
-    try:
-      restored = self._manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.PyTreeRestore(
-              item=abstract_subtree,
-              restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_subtree),
-              partial_restore=True)))
-    except Exception as e:
-      raise self._corrupt(step, f"its arrays are unreadable ({_one_line(e)})") from e
+    restored = self._read(step, "arrays", lambda: self._manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item=abstract_subtree,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_subtree),
+            partial_restore=True))))
     state = dict(restored.state)
     self._verify(step, record, state)
     return state, record
@@ -204,7 +214,9 @@ class Checkpointer:
     Steps that fail verification are moved to `<checkpoints>/rejected/<step>` (so later
     saves of those step numbers start clean) once an older step verified; if none does,
     nothing is moved and the newest step's CorruptCheckpointError is raised. A shape
-    mismatch is raised at once (it is the config, not the files). Returns None when the
+    mismatch is raised at once (it is the config, not the files), and so is a
+    CheckpointReadError (a read that failed without evidence of corruption: nothing is
+    moved, the rerun reads the same steps again). Returns None when the
     directory holds no checkpoint, else (state, record, [(skipped step, why), ...]).
     """
     steps = self.all_steps()
@@ -262,6 +274,42 @@ class Checkpointer:
       names = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
       raise self._corrupt(step, f"{len(bad)} array(s) differ from the checksums recorded "
                                 f"when it was saved ({names})")
+
+  def _read(self, step: int, what: str, read: Callable[[], Any]) -> Any:
+    """read() of step `step`'s `what` ('record' or 'arrays'), retried while it fails
+    transiently; CorruptCheckpointError on evidence of corruption, else
+    CheckpointReadError."""
+    try:
+      return checkpoint_reads.read_with_retries(
+          read, self.read_retry, f"the {what} of checkpoint step {step}")
+    except checkpoint_reads.ReadFailed as failed:
+      cause = checkpoint_reads.describe(failed.cause)
+      if failed.kind == checkpoint_reads.CORRUPT:
+        verb = "is" if what == "record" else "are"
+        raise self._corrupt(step, f"its {what} {verb} unreadable ({cause})") from failed
+      raise self._read_failure(step, what, failed) from failed
+
+  def _read_failure(self, step: int, what: str, failed: checkpoint_reads.ReadFailed
+                    ) -> CheckpointReadError:
+    where = f"the {what} of checkpoint step {step} in {self.directory}"
+    cause = checkpoint_reads.describe(failed.cause)
+    aside = (f"if it fails again, move {self.directory}/{step} aside to resume from the "
+             "step before")
+    if failed.kind == checkpoint_reads.TRANSIENT:
+      message = (f"could not read {where} after {failed.tries} tries over "
+                 f"{failed.waited_s:.0f}s ({cause}): a storage or network failure, not "
+                 "corruption, so nothing was moved. Check the storage, then rerun the same "
+                 "command; it resumes from this step.")
+    elif failed.kind == checkpoint_reads.MEMORY:
+      message = (f"ran out of memory reading {where} ({cause}): not corruption, so "
+                 "nothing was moved. Free host or device memory (or use a machine with "
+                 "more), then rerun the same command.")
+    else:
+      message = (f"could not read {where} ({cause}): not recognised as corruption, so "
+                 f"nothing was moved. Rerun the same command; {aside} (--debug shows "
+                 "the traceback).")
+    return CheckpointReadError(message, directory=self.directory, step=step,
+                               kind=failed.kind)
 
   def _corrupt(self, step: int, reason: str) -> CorruptCheckpointError:
     earlier = [s for s in self.all_steps() if s < step]
