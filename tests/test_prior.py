@@ -11,6 +11,7 @@ import numpy as np
 import optax
 import pytest
 
+from vqvae2_jax import config_lib
 from vqvae2_jax.models import causal
 from vqvae2_jax.models.prior import PixelSNAILPrior
 
@@ -25,7 +26,8 @@ COND = dict(num_codes=K, hidden=16, res_hidden=16, num_layers=2, num_cond_layers
 # compiled functions through the `_forward` cache.
 TOP_B, COND_B = 37, 65
 UNCOND = dict(TOP, num_classes=0, num_layers=2, num_output_layers=0)
-ALLOWED_AXES = {"kh", "kw", "embed", "mlp", "vocab", "heads", "classes"}
+# Every parameter axis name has a rule (activations alone use "batch").
+ALLOWED_AXES = {name for name, _ in config_lib.DEFAULT_AXIS_RULES} - {"batch"}
 
 
 def _inputs(model, b, h, w, seed=0):

@@ -86,7 +86,8 @@ def build_prior(config, level: str, manifest: dict, dtype=None) -> PixelSNAILPri
       num_output_layers=p.num_output_layers, num_cond_layers=p.num_cond_layers,
       num_cond_levels=len(upper), cond_scales=scales, num_classes=num_classes,
       remat=p.train.remat, dtype=dtype or parallel.to_dtype(p.train.dtype),
-      null_label=label_dropout > 0, label_dropout=label_dropout)
+      null_label=label_dropout > 0, label_dropout=label_dropout,
+      scan_layers=bool(p.get("scan_layers", False)))
 
 
 def build_public_prior(p, num_codes: int, num_cond_levels: int, scales: tuple[int, ...],

@@ -7,7 +7,7 @@ All stages of one experiment share one config, so `sample` can rebuild the model
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import ml_collections
 
@@ -17,7 +17,10 @@ UPSAMPLE_MODES = ("transpose", "subpixel", "resize")
 ARCHITECTURES = ("paper", "public")  # 'public': the public PyTorch VQ-VAE-2 code's layers
 DEFAULT_AXIS_RULES = (("batch", ("data", "fsdp")), ("mlp", "fsdp"), ("embed", None),
                       ("vocab", None), ("heads", None), ("classes", None), ("kh", None),
-                      ("kw", None))
+                      ("kw", None), ("layers", None), ("sublayers", None))
+# Model fields whose value before they existed differs from today's default: a record
+# written before the field keeps the behaviour it was trained with (Workdir.resolve_recorded).
+LEGACY_RECORD_VALUES = {"scan_layers": False}
 
 
 def train_config(**overrides) -> ml_collections.ConfigDict:
@@ -47,6 +50,9 @@ def prior_config(**overrides) -> ml_collections.ConfigDict:
       # Classifier-free guidance: probability that training swaps a label for a learned
       # null label (0 = off; > 0 adds that label row, enabling sample.guidance != 1).
       label_dropout=0.0,
+      # Each repeated stack (gated layers, output and conditioning blocks) as one scan
+      # over stacked parameters: TPU compile time independent of depth (models/layer_scan.py).
+      scan_layers=True,
       # 'paper' (models/prior.py) | 'public': the PixelSNAIL of the public PyTorch code
       # (models/public_pixelsnail.py, written by `python -m vqvae2_jax.import_torch`), whose
       # `num_layers` blocks hold `res_per_block` gated blocks each (unused by 'paper').
@@ -162,6 +168,20 @@ def get_field(config: ml_collections.ConfigDict, dotted: str):
   for key in dotted.split("."):
     config = config[key]
   return config
+
+
+def with_fields(config: ml_collections.ConfigDict, values: dict[str, Any]
+                ) -> ml_collections.ConfigDict:
+  """A copy of `config` with dotted fields set ({'mesh.fsdp': 8}); existing keys only."""
+  out = config.copy_and_resolve_references()
+  for dotted, value in values.items():
+    *parents, last = dotted.split(".")
+    node = get_field(out, ".".join(parents)) if parents else out
+    if last not in node:
+      raise KeyError(f"config has no field {dotted!r}")
+    with node.unlocked():
+      node[last] = value
+  return out
 
 
 def prior_levels(config: ml_collections.ConfigDict) -> tuple[str, ...]:

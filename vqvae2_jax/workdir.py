@@ -235,6 +235,10 @@ class Workdir:
         current = config_lib.get_field(config, section)
         current = current.to_dict() if hasattr(current, "to_dict") else current
         flat_rec, flat_cur = _flatten(recorded, section), _flatten(current, section)
+        for key in flat_cur.keys() - flat_rec.keys():
+          legacy = key.rsplit(".", 1)[-1]
+          if legacy in config_lib.LEGACY_RECORD_VALUES:
+            flat_rec[key] = config_lib.LEGACY_RECORD_VALUES[legacy]
         for key, rec_value in flat_rec.items():
           if _is_training_key(key) or key not in flat_cur:
             continue

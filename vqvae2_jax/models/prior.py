@@ -59,8 +59,12 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from vqvae2_jax.models import causal
+from vqvae2_jax.models.prior_blocks import (CondStack, GatedLayer, GatedStack, OutputStack,
+                                            ResBlock, attention_inputs, one_hot_lookup,
+                                            table_init)
 from vqvae2_jax.models.remat import check_mode as check_remat, maybe_remat
 
 Dtype = Any
@@ -71,127 +75,6 @@ def attention_positions(num_layers: int, attention_every: int) -> tuple[int, ...
   if attention_every <= 0:
     return ()
   return tuple(l for l in range(num_layers) if (l + 1) % attention_every == 0)
-
-
-def _table_init(names: tuple[str, str]):
-  return nn.with_logical_partitioning(nn.initializers.normal(1.0), names)
-
-
-def _one_hot_lookup(table: jax.Array, idx: jax.Array, dtype: Dtype) -> jax.Array:
-  """table [N, C], idx int [...] -> [..., C]. One-hot matmul: no gather, so it stays
-  valid under any mesh axis type; HIGHEST precision so it selects the rows (in `dtype`)
-  exactly, not TF32- or bf16-pass-rounded ones on accelerators."""
-  return jnp.matmul(jax.nn.one_hot(idx, table.shape[0], dtype=dtype), table.astype(dtype),
-                    precision=jax.lax.Precision.HIGHEST)
-
-
-class GatedLayer(nn.Module):
-  """One gated residual layer acting on the vertical (v) and horizontal (h) streams.
-
-  The methods work at any granularity: full maps [B, H, W, C], one row [B, 1, W, C]
-  (vertical stream, from a pre-padded cache window) or one position [B, C] (horizontal).
-  """
-  hidden: int
-  kernel_size: int
-  dropout: float
-  conditioned: bool
-  dtype: Dtype = jnp.float32
-
-  def setup(self):
-    k, kh = self.kernel_size, self.kernel_size // 2 + 1
-    self.v_conv = causal.CausalConv(2 * self.hidden, (kh, k), "down", self.dtype)
-    self.h_conv = causal.CausalConv(2 * self.hidden, (kh, kh), "down_right", self.dtype)
-    self.link = causal.dense(2 * self.hidden, dtype=self.dtype)
-    if self.conditioned:
-      self.cond_v = causal.dense(2 * self.hidden, dtype=self.dtype, use_bias=False)
-      self.cond_h = causal.dense(2 * self.hidden, dtype=self.dtype, use_bias=False)
-    self.drop = nn.Dropout(self.dropout)
-
-  def vertical(self, v: jax.Array, conv_in: jax.Array, c: jax.Array | None, *,
-               prepadded: bool, train: bool) -> jax.Array:
-    """v [..., C]; conv_in = elu(v) (or its padded cache window); c [..., C] or None."""
-    a = self.v_conv(conv_in, prepadded)
-    if self.conditioned:
-      a = a + self.cond_v(c)
-    return v + self.drop(causal.gate(a), deterministic=not train)
-
-  def horizontal(self, h: jax.Array, conv_in: jax.Array, v: jax.Array, c: jax.Array | None,
-                 *, prepadded: bool, train: bool) -> jax.Array:
-    """h [..., C]; conv_in = elu(h) (or its window); v = this layer's new vertical stream."""
-    a = self.h_conv(conv_in, prepadded) + self.link(nn.elu(v))
-    if self.conditioned:
-      a = a + self.cond_h(c)
-    return h + self.drop(causal.gate(a), deterministic=not train)
-
-  def __call__(self, v, h, c, *, train: bool):
-    """v, h float [B, H, W, C]; c [B, H, W, C] or None -> new (v, h)."""
-    v = self.vertical(v, nn.elu(v), c, prepadded=False, train=train)
-    h = self.horizontal(h, nn.elu(h), v, c, prepadded=False, train=train)
-    return v, h
-
-
-class ResBlock(nn.Module):
-  """x + dropout(W2 elu(conv(elu(x)))) with inner width `res_hidden`; conv is 1x1 or 3x3."""
-  hidden: int
-  res_hidden: int
-  dropout: float
-  kernel: int = 1
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-    if self.kernel == 1:
-      y = causal.dense(self.res_hidden, dtype=self.dtype)(nn.elu(x))
-    else:
-      y = nn.Conv(self.res_hidden, (self.kernel, self.kernel), padding="SAME", dtype=self.dtype,
-                  param_dtype=jnp.float32, kernel_init=causal.conv_kernel_init(),
-                  bias_init=causal.bias_init())(nn.elu(x))
-    y = causal.dense(self.hidden, dtype=self.dtype)(nn.elu(y))
-    return x + nn.Dropout(self.dropout)(y, deterministic=not train)
-
-
-class CondStack(nn.Module):
-  """Upper-level codes -> conditioning features at this level's resolution.
-
-  Attributes:
-    hidden, res_hidden: widths (see the module docstring).
-    num_layers: residual blocks.
-    scales: per upper level, the integer upsampling factor to this level.
-    num_codes: codebook size of the upper levels.
-    remat: 'none' | 'block' (recompute each residual block in training's backward pass).
-  """
-  hidden: int
-  res_hidden: int
-  num_layers: int
-  scales: tuple[int, ...]
-  num_codes: int
-  dropout: float
-  dtype: Dtype = jnp.float32
-  remat: str = "none"
-
-  @nn.compact
-  def __call__(self, cond_codes: Sequence[jax.Array], *, train: bool) -> jax.Array:
-    """cond_codes: int32 [B, H/s, W/s] per level (top first) -> float [B, H, W, hidden]."""
-    feats = []
-    for u, (codes, s) in enumerate(zip(cond_codes, self.scales)):
-      table = self.param(f"embedding_{u}", _table_init(("vocab", "mlp")),
-                         (self.num_codes, self.hidden), jnp.float32)
-      e = _one_hot_lookup(table, codes, self.dtype)
-      b, h, w, ch = e.shape  # nearest upsample as a broadcast: no gather, cheap gradient
-      e = jnp.broadcast_to(e[:, :, None, :, None], (b, h, s, w, s, ch)).reshape(
-          b, h * s, w * s, ch)
-      feats.append(nn.Conv(self.hidden, (3, 3), padding="SAME", dtype=self.dtype,
-                           param_dtype=jnp.float32, kernel_init=causal.conv_kernel_init(),
-                           bias_init=causal.bias_init(), name=f"upsample_conv_{u}")(e))
-    x = causal.dense(self.hidden, dtype=self.dtype, name="merge")(jnp.concatenate(feats, -1))
-    block = maybe_remat(CondStack.block, self.remat if train else "none", static_argnums=(2,))
-    for _ in range(self.num_layers):
-      x = block(self, x, train)
-    return x
-
-  def block(self, x: jax.Array, train: bool) -> jax.Array:
-    """One 3x3 residual block of the stack: x [B, H, W, hidden] -> same shape."""
-    return ResBlock(self.hidden, self.res_hidden, self.dropout, 3, self.dtype)(x, train=train)
 
 
 class PixelSNAILPrior(nn.Module):
@@ -224,6 +107,11 @@ class PixelSNAILPrior(nn.Module):
   # row's label with it (train mode only). Both off keep the checkpoints of before.
   null_label: bool = False
   label_dropout: float = 0.0
+  # Each repeated stack as one nn.scan over stacked parameters (models/prior_blocks.py):
+  # compile time and program size independent of depth. False: one module per block,
+  # the layout of runs recorded before the field and of the incremental sampler
+  # (`decoding_view` converts).
+  scan_layers: bool = True
 
   def setup(self):
     k, c = self.kernel_size, self.hidden
@@ -233,23 +121,32 @@ class PixelSNAILPrior(nn.Module):
     if len(self.cond_scales) != self.num_cond_levels:
       raise ValueError(f"cond_scales {self.cond_scales} must have one entry per upper level "
                        f"(num_cond_levels={self.num_cond_levels})")
-    self.embedding = self.param("embedding", _table_init(("vocab", "mlp")),
+    self.embedding = self.param("embedding", table_init(("vocab", "mlp")),
                                 (self.num_codes, c), jnp.float32)
     self.in_v = causal.CausalConv(c, (k // 2, k), "down", self.dtype)
     self.in_h = causal.CausalConv(c, (1, k // 2), "down_right", self.dtype)
     conditioned = self.num_cond_levels > 0 or self.num_classes > 0
-    self.layers = [GatedLayer(c, k, self.dropout, conditioned, self.dtype)
-                   for _ in range(self.num_layers)]
     self.attn_after = attention_positions(self.num_layers, self.attention_every)
-    self.attn = [causal.CausalSelfAttention(c, self.num_heads, self.attn_dropout, self.dtype)
-                 for _ in self.attn_after]
-    self.out_blocks = [ResBlock(c, self.res_hidden, self.dropout, 1, self.dtype)
-                       for _ in range(self.num_output_layers)]
+    if self.scan_layers:
+      self.stack = GatedStack(c, k, self.dropout, conditioned, self.dtype, self.num_layers,
+                              self.attention_every, self.num_heads, self.attn_dropout,
+                              self.remat)
+      if self.num_output_layers:
+        self.out_stack = OutputStack(c, self.res_hidden, self.num_output_layers,
+                                     self.dropout, self.dtype, self.remat)
+    else:
+      self.layers = [GatedLayer(c, k, self.dropout, conditioned, self.dtype)
+                     for _ in range(self.num_layers)]
+      self.attn = [causal.CausalSelfAttention(c, self.num_heads, self.attn_dropout,
+                                              self.dtype) for _ in self.attn_after]
+      self.out_blocks = [ResBlock(c, self.res_hidden, self.dropout, 1, self.dtype)
+                         for _ in range(self.num_output_layers)]
     self.head = causal.dense(self.num_codes, dtype=jnp.float32, scale=self.head_init_scale,
                              names=("embed", "vocab"))
     if self.num_cond_levels:
       self.cond_stack = CondStack(c, self.res_hidden, self.num_cond_layers, self.cond_scales,
-                                  self.num_codes, self.dropout, self.dtype, self.remat)
+                                  self.num_codes, self.dropout, self.dtype, self.remat,
+                                  self.scan_layers)
     if not 0.0 <= self.label_dropout < 1.0:
       raise ValueError(f"label_dropout must be in [0, 1), got {self.label_dropout}")
     if self.label_dropout > 0 and not (self.null_label and self.num_classes):
@@ -257,14 +154,14 @@ class PixelSNAILPrior(nn.Module):
                        "null_label=True (the row the dropped labels map to)")
     if self.num_classes:
       rows = self.num_classes + int(self.null_label)
-      self.label_embedding = self.param("label_embedding", _table_init(("classes", "mlp")),
+      self.label_embedding = self.param("label_embedding", table_init(("classes", "mlp")),
                                         (rows, c), jnp.float32)
 
   # ---- pieces shared by the full forward pass and the incremental sampler ----
 
   def embed(self, codes: jax.Array) -> jax.Array:
     """codes int32 [...] -> float [..., hidden]."""
-    return _one_hot_lookup(self.embedding, codes, self.dtype)
+    return one_hot_lookup(self.embedding, codes, self.dtype)
 
   def conditioning(self, cond_codes: Sequence[jax.Array], labels: jax.Array | None,
                    shape: tuple[int, int, int], *, train: bool) -> jax.Array | None:
@@ -298,7 +195,7 @@ class PixelSNAILPrior(nn.Module):
       if train and self.label_dropout > 0:
         drop = jax.random.bernoulli(self.make_rng("dropout"), self.label_dropout, (b,))
         labels = jnp.where(drop, self.num_classes, labels)
-      lab = _one_hot_lookup(self.label_embedding, labels, self.dtype)[:, None, None, :]
+      lab = one_hot_lookup(self.label_embedding, labels, self.dtype)[:, None, None, :]
       c = lab if c is None else c + lab
       c = jnp.broadcast_to(c, (b, hgt, wid, self.hidden))
     return c
@@ -310,14 +207,18 @@ class PixelSNAILPrior(nn.Module):
 
   def attention_inputs(self, h: jax.Array, x: jax.Array, pos: jax.Array):
     """Query input [h, pos] and key/value input [h, x, pos] (all [..., *])."""
-    pos = pos.astype(h.dtype)
-    return (jnp.concatenate([h, pos], -1), jnp.concatenate([h, x.astype(h.dtype), pos], -1))
+    return attention_inputs(h, x, pos)
 
   def output(self, h: jax.Array, *, train: bool) -> jax.Array:
     """Output stack and head: h [..., C] -> float32 logits [..., K]."""
-    block = maybe_remat(PixelSNAILPrior._out_block, self._remat(train), static_argnums=(1, 3))
-    for i in range(len(self.out_blocks)):
-      h = block(self, i, h, train)
+    if self.scan_layers:
+      if self.num_output_layers:
+        h = self.out_stack(h, train=train)
+    else:
+      block = maybe_remat(PixelSNAILPrior._out_block, self._remat(train),
+                          static_argnums=(1, 3))
+      for i in range(len(self.out_blocks)):
+        h = block(self, i, h, train)
     return self.head(nn.elu(h.astype(jnp.float32)))
 
   # ---- blocks that remat='block' recomputes in the backward pass ----
@@ -361,6 +262,9 @@ class PixelSNAILPrior(nn.Module):
     pos = causal.positional_features(hgt, wid)[None]
     xf = x.reshape(b, hgt * wid, -1)
     pos = jnp.broadcast_to(pos, (b,) + pos.shape[1:])
+    if self.scan_layers:
+      _, h = self.stack(v, h, c, xf, pos, train=train)
+      return self.output(h, train=train)
     mode = self._remat(train)
     gated = maybe_remat(PixelSNAILPrior._gated_layer, mode, static_argnums=(1, 5))
     attention = maybe_remat(PixelSNAILPrior._attention, mode, static_argnums=(1, 5))
@@ -371,3 +275,83 @@ class PixelSNAILPrior(nn.Module):
         h = attention(self, a, h, xf, pos, train)
         a += 1
     return self.output(h, train=train)
+
+
+# ---- the two parameter layouts (scan_layers True / False) ----
+
+def _layout(prior: PixelSNAILPrior) -> list[tuple[tuple[str, ...], tuple[int, ...], Any]]:
+  """[(scanned path, stacked index shape, index -> unrolled path)] of every stack."""
+  every = max(prior.attention_every, 0)
+  segments = prior.num_layers // every if every else 0
+  rest = prior.num_layers - segments * every
+  rules = [
+      (("stack", "segments", "layers"), (segments, every),
+       lambda s, e: (f"layers_{s * every + e}",)),
+      (("stack", "segments", "attn"), (segments,), lambda s: (f"attn_{s}",)),
+      (("stack", "tail"), (rest,), lambda r: (f"layers_{segments * every + r}",)),
+      (("out_stack", "blocks"), (prior.num_output_layers,), lambda i: (f"out_blocks_{i}",)),
+  ]
+  if prior.num_cond_levels:
+    rules.append((("cond_stack", "blocks"), (prior.num_cond_layers,),
+                  lambda i: ("cond_stack", f"ResBlock_{i}")))
+  return [r for r in rules if all(r[1])]
+
+
+def _get(tree, path):
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
+def _set(tree: dict, path, value) -> None:
+  for key in path[:-1]:
+    tree = tree.setdefault(key, {})
+  tree[path[-1]] = value
+
+
+def _pop(tree: dict, path) -> None:
+  """Removes path from tree, and the parents it leaves empty."""
+  parents = [tree]
+  for key in path[:-1]:
+    parents.append(parents[-1][key])
+  del parents[-1][path[-1]]
+  for parent, key in zip(reversed(parents[:-1]), reversed(path[:-1])):
+    if parent[key]:
+      break
+    del parent[key]
+
+
+def _copy(tree):
+  return {k: _copy(v) for k, v in tree.items()} if hasattr(tree, "items") else tree
+
+
+def unstack_layer_params(prior: PixelSNAILPrior, params: dict) -> dict:
+  """Plain (unboxed) params of a scan_layers=True prior -> the scan_layers=False layout
+  (`layers_<l>`, `attn_<a>`, `out_blocks_<i>`, `cond_stack/ResBlock_<i>`), same values."""
+  out = _copy(params)
+  for path, shape, name in _layout(prior):
+    stacked = _get(params, path)
+    for index in np.ndindex(*shape):
+      _set(out, name(*index), jax.tree.map(lambda x, i=index: x[i], stacked))
+    _pop(out, path)
+  return out
+
+
+def stack_layer_params(prior: PixelSNAILPrior, params: dict) -> dict:
+  """The inverse of `unstack_layer_params` (scan_layers=False params -> True layout)."""
+  out = _copy(params)
+  for path, shape, name in _layout(prior):
+    blocks = [_get(params, name(*index)) for index in np.ndindex(*shape)]
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs).reshape(shape + xs[0].shape), *blocks)
+    _set(out, path, stacked)
+    for index in np.ndindex(*shape):
+      _pop(out, name(*index))
+  return out
+
+
+def decoding_view(prior: PixelSNAILPrior, params: dict) -> tuple[PixelSNAILPrior, dict]:
+  """(prior, plain params) in the one-module-per-layer layout that the incremental
+  sampler steps through layer by layer; the same function of the codes."""
+  if not prior.scan_layers:
+    return prior, params
+  return prior.clone(scan_layers=False), unstack_layer_params(prior, params)

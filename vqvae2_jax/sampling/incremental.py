@@ -1,7 +1,9 @@
 """Incremental (cached) ancestral sampler for `PixelSNAILPrior`, about one forward pass.
 
 Computes only what each new position needs, with the prior's own submodules (called
-through `prior.apply(..., method=...)`, so every layer has one definition). Work that
+through `prior.apply(..., method=...)`, so every layer has one definition), in the
+prior's one-module-per-layer layout (`models.prior.decoding_view`: a scanned prior's
+stacked parameters are sliced per layer once, outside the loop). Work that
 depends only on rows above is done once per row, for all its positions, as wide
 convolutions and matmuls; only what reads the current row runs per position:
 
@@ -39,7 +41,7 @@ import numpy as np
 from jax import lax
 
 from vqvae2_jax.models import causal
-from vqvae2_jax.models.prior import PixelSNAILPrior, attention_positions
+from vqvae2_jax.models.prior import PixelSNAILPrior, attention_positions, decoding_view
 from vqvae2_jax.sampling import draw as draw_lib
 
 Choose = Callable[[jax.Array, jax.Array], jax.Array]
@@ -106,6 +108,7 @@ def _attend_cached_impl(attn, q, keys, values, p, start):
 def _loop(prior: PixelSNAILPrior, params, cond_codes, labels, *, shape, choose, sharding,
           return_logits):
   """The traced sampling loop (call inside jit). Returns codes [, logits]."""
+  prior, params = decoding_view(prior, params)  # per-layer slices of stacked params
   b, hgt, wid = shape
   k, ch, dt, n_codes = prior.kernel_size, prior.hidden, prior.dtype, prior.num_codes
   kh = k // 2 + 1  # gated convs: ConvDown (kh, k), ConvDownRight (kh, kh)
