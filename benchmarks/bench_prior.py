@@ -42,7 +42,7 @@ from vqvae2_jax import parallel  # noqa: E402
 from vqvae2_jax.models.prior import PixelSNAILPrior  # noqa: E402
 from vqvae2_jax.models.vqvae import level_names, level_strides  # noqa: E402
 from vqvae2_jax import builders  # noqa: E402
-from vqvae2_jax.stages import prior_stage  # noqa: E402
+from vqvae2_jax.train import losses  # noqa: E402
 from vqvae2_jax.train import loop  # noqa: E402
 from vqvae2_jax.train import state as state_lib  # noqa: E402
 
@@ -91,7 +91,7 @@ class JaxPriorBench:
     if prior.num_classes:
       batch_arrays["label"] = rng.integers(0, prior.num_classes, (batch,), dtype=np.int32)
     self.batch_arrays = jax.device_put(batch_arrays)
-    step = loop.make_train_step(prior_stage.make_loss_fn(prior, level, upper), tx, ema)
+    step = loop.make_train_step(losses.prior_loss_fn(prior, level, upper), tx, ema)
     self._train, self.compile_s = bv.compile_timed(step, self.state, self.batch_arrays,
                                                    donate_argnums=0)
     self.flops = bv.xla_flops(self._train)

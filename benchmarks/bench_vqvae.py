@@ -40,7 +40,7 @@ import numpy as np
 from vqvae2_jax import images as image_lib
 from vqvae2_jax import parallel
 from vqvae2_jax import builders
-from vqvae2_jax.stages import vqvae_stage
+from vqvae2_jax.train import losses
 from vqvae2_jax.train import loop
 from vqvae2_jax.train import state as state_lib
 
@@ -201,7 +201,7 @@ class JaxVQVAEBench:
     model = builders.build_vqvae(config, dtype)
     t = config.vqvae_train
     tx = state_lib.make_optimizer(t)
-    step = loop.make_train_step(vqvae_stage.make_loss_fn(model, config.vqvae.beta), tx,
+    step = loop.make_train_step(losses.vqvae_loss_fn(model, config.vqvae.beta), tx,
                                 t.param_ema_decay)
     self.state = init_train_state(builders.vqvae_init_fn(model, image_size), tx,
                                   t.param_ema_decay > 0, seed)

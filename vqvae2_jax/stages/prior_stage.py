@@ -7,29 +7,12 @@ Writes <workdir>/prior_<level>/{config.json, metrics.jsonl, curves.png, checkpoi
 """
 from __future__ import annotations
 
-import math
-
 from vqvae2_jax import builders
 from vqvae2_jax import parallel
 from vqvae2_jax.data import codes as codes_lib
 from vqvae2_jax.eval import likelihood
-from vqvae2_jax.train import loop
+from vqvae2_jax.train import loop, losses
 from vqvae2_jax.workdir import Workdir, prior_stage
-
-
-def make_loss_fn(prior, level: str, upper: tuple[str, ...]):
-  """(params, model_state, code batch, rng) -> (mean NLL, (metrics, model_state))."""
-  conditional = prior.num_classes > 0
-
-  def loss_fn(params, model_state, batch, rng):
-    codes, cond, labels = likelihood.prior_inputs(batch, level, upper, conditional)
-    logits = prior.apply({"params": params}, codes, cond, labels, train=True,
-                         rngs={"dropout": rng})
-    nll, acc = likelihood.nll_terms(logits, codes)
-    loss = nll.mean()
-    return loss, (dict(nll_nats=loss, nll_bits=loss / math.log(2), accuracy=acc.mean()),
-                  model_state)
-  return loss_fn
 
 
 def build_task(config, level: str, mesh, workdir: Workdir) -> loop.TrainTask:
@@ -52,7 +35,7 @@ def build_task(config, level: str, mesh, workdir: Workdir) -> loop.TrainTask:
   h, w = manifest["shapes"][level]
   return loop.TrainTask(
       name=prior_stage(level), init_variables=builders.prior_init_fn(prior, manifest, level),
-      loss_fn=make_loss_fn(prior, level, upper), loader=loader,
+      loss_fn=losses.prior_loss_fn(prior, level, upper), loader=loader,
       evaluate=evaluate if has_val else None,
       progress_keys=("loss", "nll_bits", "accuracy"), throughput_name="latents_per_sec",
       throughput_per_example=h * w)

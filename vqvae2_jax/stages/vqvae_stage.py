@@ -7,7 +7,6 @@ reconstructions.png} (validation originals on the first row, reconstructions bel
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from vqvae2_jax import images as image_lib
@@ -16,36 +15,13 @@ from vqvae2_jax import parallel
 from vqvae2_jax.data.loader import BatchLoader, iterate_once
 from vqvae2_jax.data.sources import make_source, spread_subset
 from vqvae2_jax.models import vqvae as vqvae_model
-from vqvae2_jax.models.quantizer import VQ_BATCH_COLLECTION, VQ_COLLECTION
 from vqvae2_jax.models.vqvae import level_names
 from vqvae2_jax import builders
 from vqvae2_jax.eval.reconstruction import make_reconstruct_fn, reconstruction_mse
-from vqvae2_jax.train import loop
+from vqvae2_jax.train import loop, losses
 from vqvae2_jax.workdir import Workdir
 
 NAME = "vqvae"
-
-
-def make_loss_fn(model, beta: float, deferred_codebooks: bool = False):
-  """(params, model_state, batch, rng) -> (loss, (metrics, new_model_state)).
-
-  deferred_codebooks: the quantizers only write the batch's code statistics ('vq_batch')
-  and `vqvae.finalize_codebooks` applies one EMA step over all microbatches (gradient
-  accumulation); otherwise each step's EMA update happens inside the loss ('vq_stats').
-  """
-  collection = VQ_BATCH_COLLECTION if deferred_codebooks else VQ_COLLECTION
-
-  def loss_fn(params, model_state, batch, rng):
-    x = image_lib.to_model(batch["image"])
-    out, updates = model.apply({"params": params, **model_state}, x, train=True,
-                               mutable=[collection], rngs={"reseed": rng})
-    mse = jnp.mean((out.reconstruction - x)**2)
-    loss = mse + beta * out.commitment_loss
-    metrics = dict(mse=mse, psnr=image_lib.psnr_from_mse(mse),
-                   commitment=out.commitment_loss, perplexity=out.perplexity,
-                   code_usage=out.usage)
-    return loss, (metrics, {**model_state, **updates})
-  return loss_fn
 
 
 class UsageWarning:
@@ -134,7 +110,7 @@ def build_task(config, mesh, workdir: Workdir) -> loop.TrainTask:
 
   return loop.TrainTask(
       name=NAME, init_variables=builders.vqvae_init_fn(model, config.data.image_size),
-      loss_fn=make_loss_fn(model, config.vqvae.beta, deferred_codebooks=accumulate),
+      loss_fn=losses.vqvae_loss_fn(model, config.vqvae.beta, deferred_codebooks=accumulate),
       finalize_state=vqvae_model.finalize_codebooks(model) if accumulate else None,
       loader=loader, evaluate=evaluate,
       pictures=pictures, progress_keys=("loss", "mse", "psnr", "perplexity", "code_usage"),

@@ -20,7 +20,7 @@ from vqvae2_jax import parallel
 from vqvae2_jax import plots
 from vqvae2_jax.train import state as state_lib
 from vqvae2_jax.train.guard import CheckpointGuard, NonFiniteLossError  # noqa: F401
-from vqvae2_jax.train.step import make_train_step  # the jitted update (+ accumulation)
+from vqvae2_jax.train.step import jit_train_step, make_train_step  # noqa: F401
 from vqvae2_jax.train.writer import MetricWriter
 
 
@@ -95,10 +95,8 @@ def train(task: TrainTask, train_config, *, directory: str, checkpoint_dir: str,
     checkpointer.close()
     raise
 
-  jitted_step = jax.jit(make_train_step(task.loss_fn, tx, train_config.param_ema_decay,
-                                        train_config.grad_accum_steps, task.finalize_state),
-                        in_shardings=(shardings, parallel.batch_sharding(mesh)),
-                        out_shardings=(shardings, None), donate_argnums=0)
+  jitted_step = jit_train_step(task.loss_fn, tx, train_config, shardings,
+                               parallel.batch_sharding(mesh), task.finalize_state)
 
   def step_fn(state, batch):
     # Traced with the models' activations pinned batch-sharded (models/sharding.py).
