@@ -3,15 +3,16 @@
   python benchmarks/fault_battery.py [--tries 12] [--seed 0] [--stage vqvae]
 
 Each try runs `<stage>,tiny` (4 steps, a checkpoint every step) with one fault from
-tests/fault_injection.py (SIGTERM on a step, inside evaluation, inside pictures, inside
-the first compile; SIGKILL inside a save's write or commit) or an external SIGTERM /
-SIGKILL at a random moment, then reruns the same command without faults until it exits 0
-(at most 3 reruns). A try survives when every SIGTERM run exited 0 with
-"preempted: saved step N" (or, before training started, "preempted outside training"; or finished), and the final checkpoint's array checksums equal
-an uninterrupted run's (bit-exact state). Prints the figures and the load average.
+tests/fault_injection.py (SIGTERM at each of the safe points CI tests,
+`fault_injection.SIGTERM_POINTS`, and at step 3; SIGKILL inside a save's write or
+commit) or an external SIGTERM / SIGKILL at a random moment, then reruns the same command
+without faults until it exits 0 (at most 3 reruns). A try survives when every SIGTERM run
+exited 0 with "preempted: saved step N" (or, before training started, "preempted outside
+training"; or finished: `fault_injection.preempted_cleanly`), and the final checkpoint's
+array checksums equal an uninterrupted run's (bit-exact state). Prints the figures and
+the load average.
 """
 import argparse
-import json
 import os
 import random
 import signal
@@ -22,10 +23,12 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DRIVER = os.path.join(ROOT, "tests", "fault_injection.py")
-FAULTS = ["sigterm_step:1", "sigterm_step:2", "sigterm_step:3", "sigterm_step:4",
-          "sigterm_evaluate:4", "sigterm_pictures:4", "sigterm_compile:1",
-          "sigkill_save:2", "sigkill_save:4", "sigkill_write:3", "random_sigterm",
-          "random_sigkill"]
+sys.path.insert(0, os.path.dirname(DRIVER))
+from fault_injection import SIGTERM_POINTS, final_checksums, preempted_cleanly  # noqa: E402
+
+FAULTS = [*SIGTERM_POINTS.values(), "sigterm_step:3", "sigkill_save:2", "sigkill_save:4",
+          "sigkill_write:3", "random_sigterm", "random_sigkill"]
+FINAL_STEP = 4
 
 
 def run(stage, workdir, fault=None, kill_after=None, sig=None):
@@ -48,12 +51,6 @@ def run(stage, workdir, fault=None, kill_after=None, sig=None):
   return proc.returncode, out, err
 
 
-def final_checksums(workdir, stage):
-  path = os.path.join(workdir, stage, "checkpoints", "4", "record", "metadata")
-  with open(path) as f:
-    return json.load(f)["checksums"]
-
-
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--tries", type=int, default=len(FAULTS))
@@ -69,7 +66,7 @@ def main():
   start = time.time()
   rc, _, err = run(args.stage, os.path.join(root, "reference"))
   assert rc == 0, err[-2000:]
-  reference = final_checksums(os.path.join(root, "reference"), args.stage)
+  reference = final_checksums(os.path.join(root, "reference"), args.stage, FINAL_STEP)
   faults = survived = 0
   for t in range(args.tries):
     fault = (rng.choice(["random_sigterm", "random_sigkill"]) if args.random_only
@@ -89,8 +86,8 @@ def main():
     # SIGTERM: a clean exit 0 (preempted, or finished before the signal landed);
     # SIGKILL: killed, or finished before it landed.
     ok = rc == 0 or (sig == signal.SIGKILL and rc == -signal.SIGKILL)
-    if sig == signal.SIGTERM and rc == 0 and "done" not in out:
-      ok = "preempted" in out
+    if sig == signal.SIGTERM:
+      ok = preempted_cleanly(rc, out, args.stage)
     reruns = 0
     while ok and (rc != 0 or "done" not in out):
       if reruns == 3:
@@ -98,7 +95,7 @@ def main():
         break
       rc, out, err = run(args.stage, workdir)
       reruns += 1
-    same = ok and final_checksums(workdir, args.stage) == reference
+    same = ok and final_checksums(workdir, args.stage, FINAL_STEP) == reference
     survived += same
     print(f"try {t}: {label:<22} first rc={first_rc} reruns={reruns} "
           f"{'survived' if same else 'FAILED: ' + err.strip()[-300:]}", flush=True)
