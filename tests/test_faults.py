@@ -2,7 +2,9 @@
 step and during evaluation, kill -9 inside a save, divergence, corrupt checkpoint arrays,
 and bad command lines. Faults are injected by tests/fault_injection.py around unmodified
 code; "survived" means the rerun of the same command finishes with the state an
-undisturbed history reaches (equal array checksums, which are bit-exact).
+undisturbed history reaches (equal array checksums, which are bit-exact). SIGTERM at each
+other safe point: tests/test_preemption_points.py; failed (not corrupt) checkpoint reads:
+tests/test_restore_failures.py.
 """
 import json
 import os

@@ -158,6 +158,14 @@ def test_inference_restore_of_a_failing_step_is_a_read_error(checkpoints):
     c.close()
 
 
+def test_a_folder_that_cannot_be_listed_is_a_read_error(tmp_path, monkeypatch):
+  monkeypatch.setattr(checkpoint_reads, "DEFAULT_RETRY", FAST)
+  (tmp_path / "a_file").write_text("not a folder")
+  with pytest.raises(ckpt_lib.CheckpointReadError, match="could not list the checkpoints.*"
+                     "3 tries.*NotADirectoryError"):
+    ckpt_lib.Checkpointer(str(tmp_path / "a_file" / "checkpoints"))
+
+
 def _flip_bytes(directory, step):
   data = os.path.join(directory, str(step), "state", "d")
   largest = max((os.path.join(data, n) for n in os.listdir(data)), key=os.path.getsize)

@@ -131,12 +131,13 @@ class Checkpointer:
     _register_array_handler()
     self.read_retry = read_retry or checkpoint_reads.DEFAULT_RETRY
     self.directory = os.path.abspath(directory)
-    self._manager = ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                             enable_async_checkpointing=False,
-                                             # a save killed mid-way leaves a tmp folder
-                                             cleanup_tmp_directories=True))
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                           enable_async_checkpointing=False,
+                                           # a save killed mid-way leaves a tmp folder
+                                           cleanup_tmp_directories=True)
+    # Lists the saved steps: retried like a read, and never a reason to move anything.
+    self._manager = self._list(lambda: ocp.CheckpointManager(self.directory,
+                                                             options=options))
     self._sigterm = False
     self._handler_installed, self._previous_handler = False, None
     self._preemption_checked: dict[int, bool] = {}
@@ -288,6 +289,18 @@ class Checkpointer:
         verb = "is" if what == "record" else "are"
         raise self._corrupt(step, f"its {what} {verb} unreadable ({cause})") from failed
       raise self._read_failure(step, what, failed) from failed
+
+  def _list(self, read: Callable[[], Any]) -> Any:
+    """read() of the folder's list of steps, retried; CheckpointReadError if it fails."""
+    try:
+      return checkpoint_reads.read_with_retries(
+          read, self.read_retry, f"the list of checkpoints in {self.directory}")
+    except checkpoint_reads.ReadFailed as failed:
+      raise CheckpointReadError(
+          f"could not list the checkpoints in {self.directory} ({failed.tries} tries: "
+          f"{checkpoint_reads.describe(failed.cause)}). Check the storage (and the "
+          "--workdir), then rerun the same command.", directory=self.directory, step=-1,
+          kind=failed.kind) from failed
 
   def _read_failure(self, step: int, what: str, failed: checkpoint_reads.ReadFailed
                     ) -> CheckpointReadError:
