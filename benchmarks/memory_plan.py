@@ -19,14 +19,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
-import math
 import os
 import sys
 import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -109,38 +107,11 @@ def vqvae_step(config, remat: str) -> Step:
               vqvae_lib.finalize_codebooks(model))
 
 
-def depth_units(p) -> int:
-  """How many equal slices the prior's depth splits into (<= 4): layers, output and
-  conditioning blocks and (when it divides) attention blocks scale together."""
-  attention = p.num_layers // p.attention_every if p.attention_every > 0 else 0
-  counts = [p.num_layers, p.num_output_layers, p.num_cond_layers]
-  if attention and attention > 1:
-    counts.append(attention)
-  g = 0
-  for c in counts:
-    g = math.gcd(g, c)
-  return max(u for u in range(1, 5) if g % u == 0)
-
-
-def scaled_prior(p, k: int, units: int):
-  """A copy of prior config section `p` at k / units of its depth (attention count scaled
-  with it when it divides, else kept, e.g. FFHQ mid's single attention block)."""
-  p = p.copy_and_resolve_references()
-  attention = p.num_layers // p.attention_every if p.attention_every > 0 else 0
-  layers = p.num_layers * k // units
-  if attention:
-    attention = attention * k // units if attention % units == 0 else attention
-  with p.unlocked():
-    p.num_layers, p.num_output_layers = layers, p.num_output_layers * k // units
-    p.num_cond_layers = p.num_cond_layers * k // units
-    p.attention_every = layers // attention if attention else 0
-  return p
-
-
-def prior_step(config, level: str, remat: str, k: int = 1, units: int = 1) -> Step:
-  """The prior of `level` (at k / units of its depth): cross-entropy over the codes, inputs
-  shaped like extracted codes."""
-  v, p = config.vqvae, scaled_prior(config.priors[level], k, units)
+def prior_step(config, level: str, remat: str) -> Step:
+  """The prior of `level`: cross-entropy over the codes, inputs shaped like extracted
+  codes. Its repeated stacks run under nn.scan (models/layer_scan.py), so the full depth
+  compiles in about the time of one layer."""
+  v, p = config.vqvae, config.priors[level]
   names = vqvae_lib.level_names(v.num_levels)
   strides = vqvae_lib.level_strides(v.num_levels, v.bottom_down)
   shapes = {n: (config.data.image_size // s,) * 2 for n, s in zip(names, strides)}
@@ -153,7 +124,8 @@ def prior_step(config, level: str, remat: str, k: int = 1, units: int = 1) -> St
       num_output_layers=p.num_output_layers, num_cond_layers=p.num_cond_layers,
       num_cond_levels=len(upper), cond_scales=tuple(shapes[level][0] // shapes[u][0]
                                                     for u in upper),
-      num_classes=num_classes, dtype=parallel.to_dtype(p.train.dtype), remat=remat)
+      num_classes=num_classes, dtype=parallel.to_dtype(p.train.dtype), remat=remat,
+      scan_layers=p.scan_layers)
 
   def inputs(batch):
     return (batch[level], tuple(batch[u] for u in upper),
@@ -176,11 +148,11 @@ def prior_step(config, level: str, remat: str, k: int = 1, units: int = 1) -> St
   return Step(f"prior_{level}", p.train.batch_size, p.train, init, loss_fn, batch_shapes)
 
 
-def make_step(config, stage: str, level, remat: str, k: int = 1, units: int = 1) -> Step:
-  """vqvae_step or prior_step (the latter at k / units of its depth)."""
+def make_step(config, stage: str, level, remat: str) -> Step:
+  """vqvae_step or prior_step."""
   if stage == "vqvae":
     return vqvae_step(config, remat)
-  return prior_step(config, level, remat, k, units)
+  return prior_step(config, level, remat)
 
 
 def make_mesh(devices, fsdp: int):
@@ -241,27 +213,13 @@ def finish_row(row: dict) -> dict:
   return row
 
 
-def planned_bytes(config, stage, level, remat, mesh, accum, axis_rules, exact: bool
-                  ) -> tuple[dict, str]:
-  """Per-device bytes of one program and how they were obtained.
-
-  A prior's unrolled 20-layer stack takes minutes to compile on CPU, so unless `exact` its
-  bytes are compiled at 1/u and 2/u of its depth and extrapolated linearly to u/u (saved
-  activations, parameters and optimizer state all grow by the same amount per slice);
-  'u=4 (extrap.)' in the table.
-  """
-  units = 1 if stage == "vqvae" or exact else depth_units(config.priors[level])
-  if units <= 2:
-    return memory_row(compile_step(make_step(config, stage, level, remat), mesh, accum,
-                                   axis_rules)[0]), "full"
-  one, two = (memory_row(compile_step(make_step(config, stage, level, remat, k, units), mesh,
-                                      accum, axis_rules)[0]) for k in (1, 2))
-  row = {key: one[key] + (units - 1) * (two[key] - one[key])
-         for key in ("argument", "output", "alias", "temp")}
-  return finish_row(row), f"u={units} (extrap.)"
+def planned_bytes(config, stage, level, remat, mesh, accum, axis_rules) -> dict:
+  """Per-device bytes of one program, compiled at full depth."""
+  return memory_row(compile_step(make_step(config, stage, level, remat), mesh, accum,
+                                 axis_rules)[0])
 
 
-def plan(step_list, devices, grid, axis_rules, log=print, exact: bool = False) -> list[dict]:
+def plan(step_list, devices, grid, axis_rules, log=print) -> list[dict]:
   """Compiles every (step, remat, fsdp, accum) of `grid` and returns one row per program.
 
   grid: callable (global batch, number of devices) -> list of (remat, fsdp, accum).
@@ -277,9 +235,7 @@ def plan(step_list, devices, grid, axis_rules, log=print, exact: bool = False) -
              "per_device_batch": base.batch_size // len(devices),
              "per_device_micro": base.batch_size // len(devices) // accum}
       try:
-        figures, how = planned_bytes(config, stage, level, remat, mesh, accum, axis_rules,
-                                     exact)
-        row.update(figures, how=how)
+        row.update(planned_bytes(config, stage, level, remat, mesh, accum, axis_rules))
       except Exception as e:  # pylint: disable=broad-except
         row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
       row["compile_s"] = time.time() - start
@@ -309,7 +265,7 @@ def gb(x) -> str:
 
 HEADER = (f"{'experiment':<12} {'step':<13} {'batch':>5} {'dev_b':>5} {'micro':>5} "
           f"{'remat':<5} {'fsdp':>4} {'accum':>5} {'arg_GB':>8} {'out_GB':>8} "
-          f"{'temp_GB':>8} {'peak_GB':>8}  {'fits (GB)':<13} {'compile_s':>9}  depth")
+          f"{'temp_GB':>8} {'peak_GB':>8}  {'fits (GB)':<13} {'compile_s':>9}")
 
 
 def format_row(r: dict) -> str:
@@ -320,7 +276,7 @@ def format_row(r: dict) -> str:
     return head + f"error: {r['error']}"
   fits = ",".join(map(str, r["fits_gb"])) or "none"
   return (head + f"{gb(r['argument'])} {gb(r['output'])} {gb(r['temp'])} {gb(r['peak'])}  "
-          f"{fits:<13} {r['compile_s']:9.1f}  {r['how']}")
+          f"{fits:<13} {r['compile_s']:9.1f}")
 
 
 def parse_mesh(text: str) -> int:
@@ -354,8 +310,6 @@ def main(argv=None) -> list[dict]:
   ap.add_argument("--steps", default="all",
                   help="comma list of experiments or steps (vqvae, prior_top, ...)")
   ap.add_argument("--tiny", action="store_true", help="the configs' tiny preset (tests)")
-  ap.add_argument("--exact", action="store_true",
-                  help="compile the priors at full depth (minutes each on CPU)")
   args = ap.parse_args(argv)
   num = parse_mesh(args.mesh)
   devices = jax.devices()
@@ -371,7 +325,7 @@ def main(argv=None) -> list[dict]:
   print(HEADER, flush=True)
   steps = paper_steps(args.steps, ",tiny" if args.tiny else "")
   rows = plan(steps, devices[:num], default_grid, steps[0][1].axis_rules if steps else None,
-              log=lambda line: print(line, flush=True), exact=args.exact)
+              log=lambda line: print(line, flush=True))
   print(f"planned {len(rows)} programs in {time.time() - start:.0f} s; load "
         f"{os.getloadavg()}")
   return rows

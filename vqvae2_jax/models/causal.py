@@ -26,13 +26,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 
 from vqvae2_jax.models import fast_conv
+from vqvae2_jax.models.remat import SAVED_NAMES
 
 Dtype = Any
 
 CONV_MODES = ("down", "down_right")
 _NEG_INF = -1e9  # finite, so fully masked rows stay NaN-free
+ATTENTION_WEIGHTS = SAVED_NAMES[0]  # saved, not recomputed, under remat (models/remat.py)
 
 
 def conv_kernel_init(scale: float = 1.0):
@@ -216,6 +219,7 @@ class CausalSelfAttention(nn.Module):
     weights = jax.nn.softmax(logits, axis=-1)
     # Rows with no visible key (position 0) would be uniform over masked keys: zero them.
     weights = weights * jnp.any(visible, axis=-1)[None, None, :, None]
+    weights = checkpoint_name(weights, ATTENTION_WEIGHTS)  # kept under remat
     weights = self.drop(weights, deterministic=not train)
     out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(self.dtype), v.astype(self.dtype))
     return self.out(out.reshape(out.shape[:2] + (self.features,)))

@@ -1,8 +1,8 @@
 """Rematerialisation (gradient checkpointing) of residual / gated blocks.
 
 `remat='block'` wraps each block's method in `nn.remat` with the named policy below:
-only the block's inputs are kept for the backward pass and everything inside the block is
-recomputed, trading about one extra forward pass for the activations of the whole stack.
+only the block's inputs (and the attention weights, `SAVED_NAMES`) are kept for the
+backward pass and everything else inside the block is recomputed, trading about one extra forward pass for the activations of the whole stack.
 The method is lifted as `Cls.method(self, ...)`, so parameter paths (and checkpoints) are
 identical with and without remat. Either way the block's outputs are pinned to the
 batch-sharded layout (`models/sharding.py`; a no-op outside the train step's rules).
@@ -16,7 +16,13 @@ import jax
 
 from vqvae2_jax.models.sharding import batch_sharded
 
-REMAT_POLICIES = {"block": jax.checkpoint_policies.nothing_saveable}
+# Saved, not recomputed, under remat: the attention weights (softmax output, float32
+# [B, heads, N, N]). Recomputing them in the backward pass (scores matmul, mask, softmax)
+# and fusing that chain into the dropout and the gradient matmuls overflowed XLA:TPU's
+# stack (SIGSEGV in convolution fusion costing) at the default 8 MB limit; saving them
+# costs what the un-remat'd step keeps and spares recomputing two [N, N] matmuls.
+SAVED_NAMES = ("attention_weights",)
+REMAT_POLICIES = {"block": jax.checkpoint_policies.save_only_these_names(*SAVED_NAMES)}
 REMAT_MODES = ("none",) + tuple(REMAT_POLICIES)
 
 
