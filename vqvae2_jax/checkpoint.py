@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import logging as py_logging
-import os
-import shutil
 import signal
 from typing import Any, Callable
 
@@ -30,6 +28,7 @@ import orbax.checkpoint as ocp
 
 from vqvae2_jax import checkpoint_reads
 from vqvae2_jax import integrity
+from vqvae2_jax import storage
 
 REJECTED = "rejected"
 
@@ -130,7 +129,7 @@ class Checkpointer:
     transiently are retried (default `checkpoint_reads.DEFAULT_RETRY`)."""
     _register_array_handler()
     self.read_retry = read_retry or checkpoint_reads.DEFAULT_RETRY
-    self.directory = os.path.abspath(directory)
+    self.directory = storage.absolute(directory)  # a local folder or a bucket URL
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=False,
                                            # a save killed mid-way leaves a tmp folder
@@ -242,15 +241,14 @@ class Checkpointer:
 
   def reject(self, step: int, why: str) -> str:
     """Moves step `step` out of the manager's view, to `<checkpoints>/rejected/<step>`,
-    with the reason in `why.txt`; returns the new path. Collective over processes."""
-    target = os.path.join(self.directory, REJECTED, str(step))
+    with the reason in `why.txt`; returns the new path. Collective over processes.
+
+    On a bucket (no rename) the step is copied, the copy verified, then the original
+    deleted (`storage.move_tree`)."""
+    target = storage.join(self.directory, REJECTED, str(step))
     if jax.process_index() == 0:
-      os.makedirs(os.path.dirname(target), exist_ok=True)
-      if os.path.exists(target):
-        shutil.rmtree(target)
-      os.replace(os.path.join(self.directory, str(step)), target)
-      with open(os.path.join(target, "why.txt"), "w") as f:
-        f.write(why + "\n")
+      storage.move_tree(storage.join(self.directory, str(step)), target)
+      storage.write_text(storage.join(target, "why.txt"), why + "\n")
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       multihost_utils.sync_global_devices(f"checkpoint_reject_{step}")

@@ -6,12 +6,13 @@ mse / 4 ("mse_01"); PSNR is computed for the [0, 1] range.
 """
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
 import jax.numpy as jnp
 import numpy as np
 from PIL import Image, ImageDraw
+
+from vqvae2_jax import storage
 
 
 def to_model(images) -> jnp.ndarray:
@@ -57,10 +58,8 @@ def make_grid(images: np.ndarray, cols: int, *, pad: int = 2,
 
 
 def save_grid(path: str, images: np.ndarray, cols: int, **kwargs) -> str:
-  """Writes `make_grid(...)` as a PNG (creating folders); returns the path."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  make_grid(images, cols, **kwargs).save(path)
-  return path
+  """Writes `make_grid(...)` as a PNG (creating folders; `path` may be a URL)."""
+  return storage.save_picture(make_grid(images, cols, **kwargs), path)
 
 
 def interleave_rows(*groups: np.ndarray) -> np.ndarray:

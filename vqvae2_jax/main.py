@@ -42,6 +42,7 @@ import ml_collections
 from ml_collections import config_flags
 
 from vqvae2_jax import checkpoint as ckpt_lib
+from vqvae2_jax import storage
 from vqvae2_jax import workdir as workdir_lib
 from vqvae2_jax.data.errors import DataError
 from vqvae2_jax.runner import run_stage
@@ -125,10 +126,10 @@ def _show_tracebacks() -> bool:
 def _fallback_command(error: ckpt_lib.CorruptCheckpointError, workdir: str) -> str:
   """The command that retrains the stage owning a corrupt checkpoint from the newest step
   that verifies, when the checkpoint is one of `workdir`'s stages ('' otherwise)."""
-  stage_dir = os.path.dirname(error.directory)
-  if os.path.dirname(stage_dir) != os.path.abspath(workdir):
+  stage_dir = storage.dirname(error.directory)
+  if storage.dirname(stage_dir) != storage.absolute(workdir):
     return ""
-  stage = os.path.basename(stage_dir)
+  stage = storage.basename(stage_dir)
   config_arg = flags.FLAGS["config"].config_filename
   path, _, arg = config_arg.partition(":")
   presets = [p for p in arg.split(",")[1:] if p.strip()]

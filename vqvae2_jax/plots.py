@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from vqvae2_jax import images as image_lib
+from vqvae2_jax import storage
 from vqvae2_jax.models import vqvae as vqvae_model
 
 # Metrics drawn by `plot_training_curves`, in panel order.
@@ -43,9 +44,7 @@ def _figure(width_px: int, height_px: int):
 
 
 def _save(fig, path: str) -> str:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, dpi=DPI)
-  return path
+  return storage.save_figure(fig, path, dpi=DPI)
 
 
 def _level_name(index: int, num_levels: int) -> str:
@@ -54,12 +53,12 @@ def _level_name(index: int, num_levels: int) -> str:
 
 def read_metrics(stage_dir: str) -> list[dict[str, Any]]:
   """Rows of `<stage_dir>/metrics.jsonl` (blank lines skipped)."""
-  path = os.path.join(stage_dir, "metrics.jsonl")
-  if not os.path.exists(path):
+  path = storage.join(stage_dir, "metrics.jsonl")
+  if not storage.exists(path):
     raise FileNotFoundError(f"{path} does not exist: train the stage first (its "
                             "metrics.jsonl is written while it trains)")
   rows = []
-  with open(path) as f:
+  with storage.open(path) as f:
     for number, line in enumerate(f, 1):
       if line.strip():
         try:
@@ -149,9 +148,10 @@ def plot_training_curves(stage_dir: str, path: str | None = None) -> str:
     ax.legend(fontsize=7)
   for ax in list(axes.flat)[len(panels):]:
     ax.axis("off")
-  fig.suptitle(os.path.basename(os.path.normpath(stage_dir)), fontsize=10)
+  fig.suptitle(storage.basename(stage_dir.rstrip("/")) if storage.is_remote(stage_dir)
+               else os.path.basename(os.path.normpath(stage_dir)), fontsize=10)
   fig.tight_layout()
-  return _save(fig, path or os.path.join(stage_dir, "curves.png"))
+  return _save(fig, path or storage.join(stage_dir, "curves.png"))
 
 
 def ema_counts(variables_or_counts: Any, level_names: Sequence[str]) -> list[np.ndarray]:
@@ -339,6 +339,4 @@ def save_level_subset_figure(subsets: np.ndarray, originals: np.ndarray,
       if scale > 1:
         tile = tile.resize((tw, th), Image.NEAREST)
       canvas.paste(tile, (x0, header + pad + r * (th + pad)))
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  canvas.save(path)
-  return path
+  return storage.save_picture(canvas, path)

@@ -19,13 +19,14 @@ explicit override that contradicts a recorded model field fails at start
 from __future__ import annotations
 
 import json
-import os
 from typing import Any, Iterable
 
 import jax
 import ml_collections
+import orbax.checkpoint as ocp
 
 from vqvae2_jax import config_lib
+from vqvae2_jax import storage
 from vqvae2_jax.data.codes import MANIFEST
 
 CONFIG_JSON, CONFIG_TXT, CHECKPOINTS = "config.json", "config.txt", "checkpoints"
@@ -82,7 +83,8 @@ class Workdir:
   """Paths, records and checkpoints of one experiment directory.
 
   Nothing else in the package joins path strings for stage folders, checkpoint folders,
-  manifests or recorded configs.
+  manifests or recorded configs. `path` may be a local folder or a bucket URL
+  (`gs://bucket/run`): every file goes through `vqvae2_jax.storage`.
   """
 
   def __init__(self, path: str):
@@ -94,15 +96,15 @@ class Workdir:
   # ---------------------------------------------------------------- layout
   def stage_dir(self, stage: str) -> str:
     """<workdir>/<stage>: everything a stage writes."""
-    return os.path.join(self.path, stage)
+    return storage.join(self.path, stage)
 
   def checkpoint_dir(self, stage: str) -> str:
     """<workdir>/<stage>/checkpoints: the orbax steps of a training stage."""
-    return os.path.join(self.stage_dir(stage), CHECKPOINTS)
+    return storage.join(self.stage_dir(stage), CHECKPOINTS)
 
   def path_in(self, stage: str, *names: str) -> str:
     """A file or folder inside a stage's folder."""
-    return os.path.join(self.stage_dir(stage), *names)
+    return storage.join(self.stage_dir(stage), *names)
 
   @property
   def extract_dir(self) -> str:
@@ -111,9 +113,12 @@ class Workdir:
   def checkpoint_steps(self, stage: str) -> list[int]:
     """Saved steps of a training stage, ascending (empty when none)."""
     d = self.checkpoint_dir(stage)
-    if not os.path.isdir(d):
-      return []
-    return sorted(int(s) for s in os.listdir(d) if s.isdigit())
+    steps = sorted(int(s) for s in storage.listdir(d) if s.isdigit())
+    if storage.is_remote(d):
+      # A bucket has no rename: orbax writes a step under its final name and marks it
+      # finished last (commit_success.txt); a step without the mark was interrupted.
+      steps = [s for s in steps if ocp.path.step.is_path_finalized(storage.join(d, str(s)))]
+    return steps
 
   def has_checkpoint(self, stage: str) -> bool:
     """Whether the stage has saved at least one step."""
@@ -129,17 +134,16 @@ class Workdir:
     return steps[-1]
 
   def has_manifest(self) -> bool:
-    return os.path.exists(os.path.join(self.extract_dir, MANIFEST))
+    return storage.exists(storage.join(self.extract_dir, MANIFEST))
 
   def manifest(self) -> dict:
     """The extraction manifest (levels, shapes, num_codes, classes, stage-1 step)."""
-    path = os.path.join(self.extract_dir, MANIFEST)
-    if not os.path.exists(path):
+    path = storage.join(self.extract_dir, MANIFEST)
+    if not storage.exists(path):
       raise StageMissingError(
           f"no extracted codes in {self.extract_dir} (missing {MANIFEST}): run the extract "
           f"stage with --workdir={self.path} first")
-    with open(path) as f:
-      return json.load(f)
+    return json.loads(storage.read_text(path))
 
   # ---------------------------------------------------------------- records
   def write_config(self, stage: str, config: ml_collections.ConfigDict) -> None:
@@ -147,20 +151,17 @@ class Workdir:
     if jax.process_index() != 0:
       return
     d = self.stage_dir(stage)
-    os.makedirs(d, exist_ok=True)
-    with open(os.path.join(d, CONFIG_JSON), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
-    with open(os.path.join(d, CONFIG_TXT), "w") as f:
-      f.write(str(config))
+    storage.makedirs(d)
+    storage.write_text(storage.join(d, CONFIG_JSON), config.to_json_best_effort(indent=2))
+    storage.write_text(storage.join(d, CONFIG_TXT), str(config))
 
   def recorded_config(self, stage: str) -> dict | None:
     """The config a stage recorded (plain dict), or None when it has not run."""
-    path = os.path.join(self.stage_dir(stage), CONFIG_JSON)
-    if not os.path.exists(path):
+    path = storage.join(self.stage_dir(stage), CONFIG_JSON)
+    if not storage.exists(path):
       return None
     try:
-      with open(path) as f:
-        return json.load(f)
+      return json.loads(storage.read_text(path))
     except (OSError, json.JSONDecodeError) as e:
       raise ConfigConflictError(
           f"{path} is unreadable ({e}); it records the model of the {stage} stage. Restore "
@@ -179,18 +180,17 @@ class Workdir:
     """Records the classes a classifier stage was trained on (classes.json)."""
     if jax.process_index() != 0:
       return
-    os.makedirs(self.stage_dir(stage), exist_ok=True)
-    with open(self.path_in(stage, CLASSES_JSON), "w") as f:
-      json.dump({"num_classes": len(class_names), "class_names": list(class_names)}, f)
+    storage.makedirs(self.stage_dir(stage))
+    storage.write_text(self.path_in(stage, CLASSES_JSON), json.dumps(
+        {"num_classes": len(class_names), "class_names": list(class_names)}))
 
   def recorded_classes(self, stage: str) -> dict:
     """{'num_classes', 'class_names'} recorded by a classifier stage."""
     path = self.path_in(stage, CLASSES_JSON)
-    if not os.path.exists(path):
+    if not storage.exists(path):
       raise StageMissingError(f"no trained {stage} in {self.stage_dir(stage)} (missing "
                               f"{CLASSES_JSON}): run the {stage} stage first")
-    with open(path) as f:
-      return json.load(f)
+    return json.loads(storage.read_text(path))
 
   def inference_params_key(self, stage: str) -> str:
     """'ema_params' when the stage kept a parameter EMA (what inference uses), else

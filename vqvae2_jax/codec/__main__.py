@@ -17,13 +17,14 @@ This is an entry point (like vqvae2_jax.main): it loads the workdir through the 
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 
 from absl import app
 from absl import flags
 import numpy as np
+
+from vqvae2_jax import storage
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Experiment directory with trained vqvae and priors.")
@@ -90,7 +91,7 @@ def _labels(n: int):
 
 def compress(run, paths) -> None:
   from vqvae2_jax.codec import files  # pylint: disable=g-import-not-at-top
-  os.makedirs(FLAGS.out, exist_ok=True)
+  storage.makedirs(FLAGS.out)
   size = run.config.data.image_size
   progress, taken, total_bytes, done = _Progress("compressed", len(paths)), set(), 0, 0
   for chunk in _chunks(paths, FLAGS.batch_size):
@@ -98,9 +99,8 @@ def compress(run, paths) -> None:
     if good:
       streams = run.compress(images, _labels(len(good)), batch_size=FLAGS.batch_size)
       for path, data in zip(good, streams):
-        with open(files.output_path(FLAGS.out, path, files.STREAM_SUFFIX, taken),
-                  "wb") as f:
-          f.write(data)
+        storage.write_bytes(files.output_path(FLAGS.out, path, files.STREAM_SUFFIX, taken),
+                            data)
         total_bytes += len(data)
     done += len(chunk)
     progress(done, f", {total_bytes} bytes so far")
@@ -114,7 +114,7 @@ def decompress(run, paths) -> None:
   from vqvae2_jax.codec import coder, files  # pylint: disable=g-import-not-at-top
   from vqvae2_jax.codec.stream import StreamError  # pylint: disable=g-import-not-at-top
   from vqvae2_jax.data.errors import DataError  # pylint: disable=g-import-not-at-top
-  os.makedirs(FLAGS.out, exist_ok=True)
+  storage.makedirs(FLAGS.out)
   good, streams = [], []
   for p in paths:  # every stream checked before any decoding
     try:
@@ -163,8 +163,7 @@ def likelihood(run, paths) -> None:
           f"{np.mean([r['bits_per_pixel'] for r in rows]):.4f} bits per pixel (code length "
           "of the latents, not a pixel likelihood)")
   if FLAGS.json:
-    with open(FLAGS.json, "w") as f:
-      json.dump({"images": rows, "image_size": size}, f, indent=1)
+    storage.write_text(FLAGS.json, json.dumps({"images": rows, "image_size": size}, indent=1))
 
 
 def main(argv) -> None:
@@ -180,7 +179,7 @@ def main(argv) -> None:
     _fail(f"{command} needs at least one input file")
   if FLAGS.batch_size < 1:
     _fail(f"--batch_size must be >= 1, got {FLAGS.batch_size}")
-  missing = [p for p in paths if not os.path.isfile(p)]
+  missing = [p for p in paths if not storage.isfile(p)]
   if missing and FLAGS.on_bad_input == "error":  # before the (slow) model load
     _bad(f"{missing[0]}: no such {'stream' if command == 'decompress' else 'image'} file")
   import vqvae2_jax  # pylint: disable=g-import-not-at-top

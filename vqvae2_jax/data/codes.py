@@ -5,19 +5,20 @@ Layout under `<workdir>/extract/`:
   <split>/shard_00000.<level>.npy    uint8/uint16/int32 [n, H_l, W_l] per level
   <split>/shard_00000.label.npy      int32 [n]
   <split>/shard_00000.index.npy      int64 [n], the image index in the split
-Shards are memory-mapped, so a split larger than RAM (ImageNet) trains without loading.
+Local shards are memory-mapped, so a split larger than RAM (ImageNet) trains without
+loading; shards in a bucket (`vqvae2_jax.storage`) are read whole into memory.
 """
 from __future__ import annotations
 
 import functools
 import json
 import math
-import os
 from typing import Iterator, Optional
 
 import grain
 import numpy as np
 
+from vqvae2_jax import storage
 from vqvae2_jax.data.errors import DataError
 from vqvae2_jax.data.loader import BatchLoader, _process_layout, grain_iterator
 
@@ -34,33 +35,30 @@ def code_dtype(num_codes: int) -> np.dtype:
 
 def shard_prefix(extract_dir: str, split: str, shard: int) -> str:
   """Path prefix of one shard's files: <extract_dir>/<split>/shard_00000."""
-  return os.path.join(extract_dir, split, f"shard_{shard:05d}")
+  return storage.join(extract_dir, split, f"shard_{shard:05d}")
 
 
 def write_shard(extract_dir: str, split: str, shard: int, arrays: dict[str, np.ndarray]):
-  """Writes one shard's arrays atomically enough: each .npy via a temp name + rename."""
+  """Writes one shard's arrays, each .npy whole or not at all (`storage.save_npy`)."""
   prefix = shard_prefix(extract_dir, split, shard)
-  os.makedirs(os.path.dirname(prefix), exist_ok=True)
+  storage.makedirs(storage.dirname(prefix))
   for key, value in arrays.items():
-    tmp = f"{prefix}.{key}.tmp.npy"
-    np.save(tmp, value)
-    os.replace(tmp, f"{prefix}.{key}.npy")
+    storage.save_npy(f"{prefix}.{key}.npy", value)
 
 
 def shard_complete(extract_dir: str, split: str, shard: int, keys) -> bool:
   """True when every array of the shard is on disk (interrupted runs skip it)."""
   prefix = shard_prefix(extract_dir, split, shard)
-  return all(os.path.exists(f"{prefix}.{k}.npy") for k in keys)
+  return all(storage.exists(f"{prefix}.{k}.npy") for k in keys)
 
 
 def read_manifest(extract_dir: str) -> dict:
   """The extraction manifest; a clear error when `extract` has not run."""
-  path = os.path.join(extract_dir, MANIFEST)
-  if not os.path.exists(path):
+  path = storage.join(extract_dir, MANIFEST)
+  if not storage.exists(path):
     raise DataError(f"no code shards at {extract_dir} (missing {MANIFEST}): run the "
                     "'extract' stage with the same --workdir first")
-  with open(path) as f:
-    return json.load(f)
+  return json.loads(storage.read_text(path))
 
 
 class CodeShards:
@@ -80,7 +78,7 @@ class CodeShards:
     for shard in range(count):
       prefix = shard_prefix(extract_dir, split, shard)
       try:
-        self._shards.append({k: np.load(f"{prefix}.{k}.npy", mmap_mode="r")
+        self._shards.append({k: storage.load_npy(f"{prefix}.{k}.npy")
                              for k in self.levels + ("label",)})
       except (OSError, ValueError) as e:
         raise DataError(f"code shard {prefix}.*.npy is missing or corrupt ({e}); rerun "

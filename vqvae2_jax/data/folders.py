@@ -1,4 +1,5 @@
-"""Images from folders on disk, in ImageNet or FFHQ layout.
+"""Images from folders on disk or in a bucket (`gs://...`, `vqvae2_jax.storage`), in
+ImageNet or FFHQ layout.
 
 Two layouts (`data.layout`):
 
@@ -27,6 +28,8 @@ from typing import BinaryIO, Union
 
 import numpy as np
 from PIL import Image
+
+from vqvae2_jax import storage
 
 from vqvae2_jax.data.errors import BadImagePolicy, DataError
 
@@ -63,6 +66,9 @@ def decode_image(data: Union[str, bytes, BinaryIO], size: int) -> np.ndarray:
   side >= S (PIL `draft`), which is much faster for large photographs.
   Raises whatever PIL raises for a damaged file.
   """
+  if isinstance(data, str) and storage.is_remote(data):
+    with storage.open(data, "rb") as f:
+      data = f.read()
   if isinstance(data, bytes):
     data = io.BytesIO(data)
   with Image.open(data) as img:
@@ -76,6 +82,10 @@ def _is_image(name: str) -> bool:
 
 def _list_images(folder: str) -> list[str]:
   """All image files under `folder` (recursive), sorted by relative path."""
+  if storage.is_remote(folder):
+    found = sorted(f for f in storage.walk_files(folder) if _is_image(f.split("/")[-1])
+                   and not any(d.startswith(".") for d in f.split("/")[:-1]))
+    return [storage.join(folder, f) for f in found]
   found = []
   for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
     dirnames[:] = [d for d in dirnames if not d.startswith(".")]
@@ -87,16 +97,16 @@ def _list_images(folder: str) -> list[str]:
 
 
 def _class_dirs(split_dir: str) -> list[str]:
-  return sorted(d for d in os.listdir(split_dir)
-                if not d.startswith(".") and os.path.isdir(os.path.join(split_dir, d)))
+  return sorted(d for d in storage.listdir(split_dir)
+                if not d.startswith(".") and storage.isdir(storage.join(split_dir, d)))
 
 
 @functools.lru_cache(maxsize=16)
 def _class_listing(root: str, split_dir_name: str, train_split: str
                    ) -> tuple[tuple[str, ...], tuple[str, ...], np.ndarray]:
   """(class_names, files, labels int32) of a 'classes' layout split, cached."""
-  split_dir = os.path.join(root, split_dir_name)
-  if not os.path.isdir(split_dir):
+  split_dir = storage.join(root, split_dir_name)
+  if not storage.isdir(split_dir):
     raise DataError(
         f"Split folder {split_dir} does not exist. The 'classes' layout expects "
         f"<root>/<split>/<class>/<image>; check --config.data.root and "
@@ -107,9 +117,9 @@ def _class_listing(root: str, split_dir_name: str, train_split: str
         f"No class folders in {split_dir}. The 'classes' layout expects "
         f"<root>/<split>/<class>/<image>; for a folder of unlabelled images use "
         f"--config.data.layout=flat.")
-  train_dir = os.path.join(root, train_split)
+  train_dir = storage.join(root, train_split)
   label_names = names
-  if split_dir_name != train_split and os.path.isdir(train_dir):
+  if split_dir_name != train_split and storage.isdir(train_dir):
     label_names = _class_dirs(train_dir)
     missing = sorted(set(names) - set(label_names))
     if missing:
@@ -118,7 +128,7 @@ def _class_listing(root: str, split_dir_name: str, train_split: str
           f"split {train_dir}; both splits need the same class folders.")
   files, labels = [], []
   for name in names:
-    class_files = _list_images(os.path.join(split_dir, name))
+    class_files = _list_images(storage.join(split_dir, name))
     files.extend(class_files)
     labels.extend([label_names.index(name)] * len(class_files))
   if not files:
@@ -131,7 +141,7 @@ def _class_listing(root: str, split_dir_name: str, train_split: str
 @functools.lru_cache(maxsize=16)
 def _flat_listing(root: str) -> tuple[str, ...]:
   """The sorted image files under `root` (recursive), cached."""
-  if not os.path.isdir(root):
+  if not storage.isdir(root):
     raise DataError(
         f"Image folder {root} does not exist; set --config.data.root to the "
         f"folder that holds the images.")
@@ -166,8 +176,8 @@ class FolderSource:
     """
     if not root:
       raise DataError("--config.data.root is empty; set it to the image folder.")
-    root = os.path.abspath(os.path.expanduser(root))
-    if not os.path.isdir(root):
+    root = storage.absolute(os.path.expanduser(root))
+    if not storage.isdir(root):
       raise DataError(f"Data root {root} does not exist; check --config.data.root.")
     self.image_size = int(image_size)
     if layout == "classes":

@@ -3,7 +3,9 @@
 The dataset is read by name and data_dir (`data.tfds_name`,
 `data.tfds_data_dir`; '' = tfds's default `~/tensorflow_datasets`) through
 `tfds.builder(...).as_data_source(...)`: random access to array_record files,
-which needs no TensorFlow. Images are fetched as encoded bytes and decoded with
+which needs no TensorFlow. array_record reads local files only: a data_dir on a bucket
+(`gs://...`) has the dataset's folder copied to local disk once
+(`vqvae2_jax.storage.local_copy`, under ~/.cache/vqvae2_jax/buckets), and read there. Images are fetched as encoded bytes and decoded with
 PIL exactly as the folder source does (RGB, short side -> S, centre crop).
 The 'label' feature is optional (unlabelled datasets get label 0); class names
 come from the builder's `ClassLabel` feature when it has one. Unreadable images
@@ -24,11 +26,13 @@ A dataset that is missing, unprepared, or prepared as tfrecord raises a
 """
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from absl import logging
 import numpy as np
 
+from vqvae2_jax import storage
 from vqvae2_jax.data.errors import BadImagePolicy, DataError
 from vqvae2_jax.data.folders import decode_image
 
@@ -67,6 +71,9 @@ class TfdsSource:
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     self.image_size = int(image_size)
     self.name = name
+    if storage.is_remote(data_dir):
+      logging.info("copying tfds %s from %s to local disk (once)", name, data_dir)
+      data_dir = os.path.dirname(storage.local_copy(storage.join(data_dir, name.split(":")[0])))
     try:
       builder = tfds.builder(name, data_dir=data_dir or None)
     except Exception as e:  # pylint: disable=broad-except

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from typing import Any, Callable
 
@@ -20,6 +19,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from vqvae2_jax import parallel
+from vqvae2_jax import storage
 from vqvae2_jax.eval import feature_networks as features_lib
 from vqvae2_jax.eval import metrics
 from vqvae2_jax.eval.options import EvalOptions
@@ -217,18 +217,18 @@ class ReferenceCache:
   """
 
   def __init__(self, directory: str, net: Network, role: str, key: dict):
-    self.stem = os.path.join(directory, f"ref_{'stats' if role == 'fid' else 'pr'}_{net.name}")
+    self.stem = storage.join(directory,
+                             f"ref_{'stats' if role == 'fid' else 'pr'}_{net.name}")
     self.role, self.key = role, key
 
   def load(self):
     """(mu, sigma) for 'fid', feature rows [n, D] for 'pr'; None when absent or stale."""
     try:
-      with open(self.stem + ".json") as f:
-        if json.load(f) != self.key:
-          return None
+      if json.loads(storage.read_text(self.stem + ".json")) != self.key:
+        return None
       if self.role == "fid":
         return metrics.load_stats(self.stem + ".npz")
-      with np.load(self.stem + ".npz") as data:
+      with storage.open(self.stem + ".npz", "rb") as f, np.load(f) as data:
         return data["features"]
     except (OSError, ValueError, KeyError):
       return None
@@ -240,9 +240,9 @@ class ReferenceCache:
     if self.role == "fid":
       metrics.save_stats(self.stem + ".npz", *value)
     else:
-      np.savez(self.stem + ".npz", features=value)
-    with open(self.stem + ".json", "w") as f:
-      json.dump(self.key, f)
+      with storage.open(self.stem + ".npz", "wb") as f:
+        np.savez(f, features=value)
+    storage.write_text(self.stem + ".json", json.dumps(self.key))
 
 
 

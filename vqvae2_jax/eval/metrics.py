@@ -16,7 +16,6 @@ Conventions follow the reference implementations so numbers are comparable:
 from __future__ import annotations
 
 import functools
-import os
 import warnings
 
 import jax
@@ -24,6 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.linalg
 import scipy.special
+
+from vqvae2_jax import storage
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray,
@@ -293,15 +294,15 @@ def save_stats(path: str, mu: np.ndarray, sigma: np.ndarray) -> None:
   mu, sigma = np.asarray(mu), np.asarray(sigma)
   if mu.ndim != 1 or sigma.shape != (mu.size, mu.size):
     raise ValueError(f"expected mu [D] and sigma [D, D], got {mu.shape} and {sigma.shape}")
-  with open(path, "wb") as f:
+  with storage.open(path, "wb") as f:
     np.savez(f, mu=mu, sigma=sigma)
 
 
 def load_stats(path: str) -> tuple[np.ndarray, np.ndarray]:
   """Reads (mu, sigma) from a pytorch-fid style .npz (or one save_stats wrote)."""
-  if not os.path.isfile(path):
+  if not storage.isfile(path):
     raise FileNotFoundError(f"statistics file {path!r} does not exist")
-  with np.load(path, allow_pickle=False) as data:
+  with storage.open(path, "rb") as f, np.load(f, allow_pickle=False) as data:
     if "mu" not in data.files or "sigma" not in data.files:
       raise ValueError(f"{path!r} has keys {data.files}; expected 'mu' and 'sigma' "
                        "(pytorch-fid's statistics format)")

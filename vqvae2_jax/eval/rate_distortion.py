@@ -21,6 +21,8 @@ import numpy as np
 from PIL import Image
 from skimage.metrics import structural_similarity
 
+from vqvae2_jax import storage
+
 
 @dataclasses.dataclass(frozen=True)
 class RateDistortionOptions:
@@ -230,6 +232,6 @@ def plot(result: dict, path: str) -> str:
   axes[0].legend()
   fig.suptitle(f"{result['num_images']} images, {result['image_size']}px")
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  storage.save_figure(fig, path, dpi=110)
   plt.close(fig)
   return path

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from vqvae2_jax import storage
 from vqvae2_jax.eval import rate_distortion
 
 MSE_NOTE = ("MSE is per pixel and channel on the [-1, 1] scale the models use; in brackets "
@@ -218,14 +219,14 @@ def plot_tradeoff(rows: list[dict], path: str, fid_label: str = "FID",
     ax.set_title(title)
     ax.grid(alpha=0.3)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  storage.save_figure(fig, path, dpi=100)
   plt.close(fig)
   return path
 
 
 def write(report: dict, out_dir: str) -> dict:
   """Writes report.json, tradeoff.png (when there is a trade-off) and report.md."""
-  os.makedirs(out_dir, exist_ok=True)
+  storage.makedirs(out_dir)
   report = _plain(report)
   plot_name = None
   if len((report.get("tradeoff") or []) + (report.get("guidance") or [])) > 1:
@@ -238,12 +239,10 @@ def write(report: dict, out_dir: str) -> dict:
     guidance_rows = report.get("guidance") or []
     if guidance_rows:
       guidance_rows = [r for r in rejection_rows if r["keep_fraction"] == 1.0] + guidance_rows
-    if plot_tradeoff(rejection_rows, os.path.join(out_dir, "tradeoff.png"), label,
+    if plot_tradeoff(rejection_rows, storage.join(out_dir, "tradeoff.png"), label,
                      guidance_rows):
       plot_name = "tradeoff.png"
   report["tradeoff_plot"] = plot_name
-  with open(os.path.join(out_dir, "report.json"), "w") as f:
-    json.dump(report, f, indent=2)
-  with open(os.path.join(out_dir, "report.md"), "w") as f:
-    f.write(render_markdown(report, plot_name))
+  storage.write_text(storage.join(out_dir, "report.json"), json.dumps(report, indent=2))
+  storage.write_text(storage.join(out_dir, "report.md"), render_markdown(report, plot_name))
   return report

@@ -15,14 +15,13 @@ metrics affected, and the report carries a warning.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
 from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 
 from vqvae2_jax import parallel
+from vqvae2_jax import storage
 from vqvae2_jax.eval import distances
 from vqvae2_jax.eval.options import EvalOptions
 from vqvae2_jax.sampling import rejection
@@ -43,7 +42,8 @@ class Selector(NamedTuple):
 
 
 class Candidates(NamedTuple):
-  """images: uint8 [M, S, S, 3] (a read-only memmap); labels: int32 [M] intended classes;
+  """images: uint8 [M, S, S, 3] (a read-only memmap; in memory for a bucket directory);
+  labels: int32 [M] intended classes;
   seconds_per_image: wall-clock seconds the sampler spent per candidate with compilation
   excluded (None when none was timed, e.g. candidates of an older version)."""
   images: np.ndarray
@@ -89,13 +89,13 @@ def generate_candidates(sampler: HierarchicalSampler, num: int, directory: str, 
              sampler=o.sampler, image_size=image_size, **model_steps)
   if o.guidance != 1.0:  # (absent at 1: keys written before guidance stay valid)
     key["guidance"] = o.guidance
-  progress_path = os.path.join(directory, PROGRESS)
+  progress_path = storage.join(directory, PROGRESS)
   labels = candidate_labels(num, sampler.num_classes)
   main = parallel.is_main_process()  # the one writer; the others draw their rows only
   if main:
     progress = _open_progress(directory, key, (num, image_size, image_size, 3), on_restart)
-    np.save(os.path.join(directory, LABELS), labels)
-    images = np.load(os.path.join(directory, IMAGES), mmap_mode="r+")
+    storage.save_npy(storage.join(directory, LABELS), labels)
+    images = _images(directory, (num, image_size, image_size, 3), "r+")
   done = int(parallel.main_process_value(np.int64(progress["done"] if main else 0)))
   chunk = o.batch_size * max(1, 128 // o.batch_size)
   if done < num:  # compile outside the clock (a seed no chunk uses)
@@ -109,19 +109,16 @@ def generate_candidates(sampler: HierarchicalSampler, num: int, directory: str, 
     seconds = time.perf_counter() - start
     done = hi
     if main:
-      images[lo:hi] = result["image"]
-      images.flush()
+      _write_rows(images, directory, lo, result["image"])
       progress["done"] = hi
       progress["seconds"] = progress.get("seconds", 0.0) + seconds
       progress["timed"] = progress.get("timed", 0) + hi - lo
-      with open(progress_path, "w") as f:
-        json.dump(progress, f)
+      storage.write_text(progress_path, json.dumps(progress))
     log(f"generated {hi}/{num} candidates ({(hi - lo) / seconds:.2f} img/s)")
   parallel.sync_processes(f"candidates {directory}")  # the files are whole: all may read
-  with open(progress_path) as f:
-    progress = json.load(f)
+  progress = json.loads(storage.read_text(progress_path))
   timed = progress.get("timed", 0)
-  return Candidates(np.load(os.path.join(directory, IMAGES), mmap_mode="r"), labels,
+  return Candidates(_images(directory, (num, image_size, image_size, 3), "r"), labels,
                     progress["seconds"] / timed if timed else None)
 
 
@@ -130,21 +127,51 @@ def _open_progress(directory: str, key: dict, shape: tuple[int, ...],
   """The progress record of the candidates in `directory` when drawn with `key`; else a
   fresh one over an empty images.npy of `shape`, after removing the old candidates and
   calling `on_restart`."""
-  progress_path = os.path.join(directory, PROGRESS)
-  if os.path.exists(progress_path):
-    with open(progress_path) as f:
-      progress = json.load(f)
+  progress_path = storage.join(directory, PROGRESS)
+  if storage.exists(progress_path):
+    progress = json.loads(storage.read_text(progress_path))
     if progress.get("key") == key:
       return progress
-  shutil.rmtree(directory, ignore_errors=True)
+  storage.rmtree(directory)
   if on_restart is not None:
     on_restart()
-  os.makedirs(directory)
-  np.lib.format.open_memmap(os.path.join(directory, IMAGES), "w+", np.uint8, shape).flush()
+  storage.makedirs(directory)
+  if not storage.is_remote(directory):
+    np.lib.format.open_memmap(storage.join(directory, IMAGES), "w+", np.uint8, shape).flush()
   progress = {"key": key, "done": 0}
-  with open(progress_path, "w") as f:
-    json.dump(progress, f)
+  storage.write_text(progress_path, json.dumps(progress))
   return progress
+
+
+# Candidate images: locally one images.npy, memory-mapped and written in place. A bucket
+# object cannot be written in place, so there each chunk of rows is its own object,
+# images_<first row>.npy, and the images are read back whole into memory.
+def _chunk_paths(directory: str) -> list[tuple[int, str]]:
+  """(first row, path) of every chunk object of a bucket directory, by row."""
+  prefix = IMAGES[:-len(".npy")] + "_"
+  return sorted((int(storage.basename(p)[len(prefix):-len(".npy")]), p)
+                for p in storage.glob(storage.join(directory, prefix + "*.npy")))
+
+
+def _images(directory: str, shape: tuple[int, ...], mode: str) -> np.ndarray:
+  """uint8 `shape`: images.npy memory-mapped with `mode` ('r' or 'r+': `_write_rows`
+  fills it), or a bucket directory's chunks in memory (rows not drawn yet are zeros)."""
+  if not storage.is_remote(directory):
+    return np.load(storage.join(directory, IMAGES), mmap_mode=mode)
+  images = np.zeros(shape, np.uint8)
+  for lo, path in _chunk_paths(directory):
+    rows = storage.load_npy(path)
+    images[lo:lo + len(rows)] = rows
+  return images
+
+
+def _write_rows(images: np.ndarray, directory: str, lo: int, rows: np.ndarray) -> None:
+  """Stores rows [lo, lo + len(rows)) of the candidates before progress records them."""
+  images[lo:lo + len(rows)] = rows
+  if storage.is_remote(directory):
+    storage.save_npy(storage.join(directory, f"{IMAGES[:-len('.npy')]}_{lo:09d}.npy"), rows)
+  else:
+    images.flush()
 
 
 def score_candidates(scorer: Scorer, candidates: Candidates,

@@ -26,9 +26,6 @@ results gathered), and process 0 alone writes the files (`eval.tradeoff`, `paral
 from __future__ import annotations
 
 import dataclasses
-import glob
-import os
-import shutil
 import time
 from typing import Any, Callable
 
@@ -39,6 +36,7 @@ from vqvae2_jax import builders
 from vqvae2_jax import images as image_lib
 from vqvae2_jax import checkpoint as ckpt_lib
 from vqvae2_jax import parallel
+from vqvae2_jax import storage
 from vqvae2_jax.data import codes as codes_lib
 from vqvae2_jax.data.sources import make_source, spread_subset
 from vqvae2_jax.codec import stream as codec_stream
@@ -115,7 +113,7 @@ def _start(config, workdir: str, mesh) -> _Evaluation:
         "vqvae stage with the same --workdir first")
   run.workdir.write_config(NAME, config)
   notes: list[str] = []
-  report = {"experiment": config.experiment, "workdir": os.path.abspath(workdir),
+  report = {"experiment": config.experiment, "workdir": storage.absolute(workdir),
             "settings": e.to_dict(), "notes": notes, "vqvae_step": run.vqvae_step}
   return _Evaluation(run, opts, kind, report, notes)
 
@@ -292,8 +290,8 @@ def _remove_cas_classifiers(ev: _Evaluation, *suffix_patterns: str) -> None:
   folders CAS_SAMPLES + suffix for every suffix matching one of `suffix_patterns` (globs
   over `tradeoff.cas_suffix` values)."""
   for pattern in suffix_patterns:
-    for directory in glob.glob(ev.run.workdir.stage_dir(CAS_SAMPLES + pattern)):
-      shutil.rmtree(directory, ignore_errors=True)
+    for directory in storage.glob(ev.run.workdir.stage_dir(CAS_SAMPLES + pattern)):
+      storage.rmtree(directory)
 
 
 def _validation(ev: _Evaluation) -> None:
@@ -427,8 +425,8 @@ def _rate_distortion(ev: _Evaluation) -> None:
           if run.num_classes and run.codec.conditional else None)["bits"])
   out_dir = run.workdir.stage_dir(NAME)
   if parallel.is_main_process():
-    os.makedirs(out_dir, exist_ok=True)
-    rate_distortion.plot(result, os.path.join(out_dir, "rate_distortion.png"))
+    storage.makedirs(out_dir)
+    rate_distortion.plot(result, storage.join(out_dir, "rate_distortion.png"))
   ev.report["rate_distortion"] = result
 
 

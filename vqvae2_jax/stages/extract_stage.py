@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import itertools
 import json
-import os
 import time
 
 import jax
@@ -23,6 +22,7 @@ from vqvae2_jax import builders
 from vqvae2_jax import checkpoint as ckpt_lib
 from vqvae2_jax import images as image_lib
 from vqvae2_jax import parallel
+from vqvae2_jax import storage
 from vqvae2_jax.data import codes as codes_lib
 from vqvae2_jax.data.loader import iterate_once
 from vqvae2_jax.data.sources import Subset, make_source
@@ -54,7 +54,7 @@ def run(config, workdir: str) -> None:
   dtype = codes_lib.code_dtype(config.vqvae.num_codes)
   w = run.workdir
   out_dir = w.extract_dir
-  manifest_path = os.path.join(out_dir, codes_lib.MANIFEST)
+  manifest_path = storage.join(out_dir, codes_lib.MANIFEST)
   if w.has_manifest():
     previous = w.manifest()
     if previous.get("vqvae_step") != vqvae_step:
@@ -110,7 +110,6 @@ def run(config, workdir: str) -> None:
                   num_classes=num_classes, class_names=class_names,
                   image_size=size)
   if jax.process_index() == 0:
-    with open(manifest_path, "w") as f:
-      json.dump(manifest, f, indent=2)
+    storage.write_text(manifest_path, json.dumps(manifest, indent=2))
   parallel.sync_processes("extract: manifest written")  # later stages read it at once
   parallel.print0(f"[extract] wrote {manifest_path}")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 
 import jax
 import numpy as np
@@ -24,6 +23,7 @@ import numpy as np
 from vqvae2_jax import api
 from vqvae2_jax import images as image_lib
 from vqvae2_jax import parallel
+from vqvae2_jax import storage
 from vqvae2_jax.sampling import rejection
 
 NAME = "sample"
@@ -70,10 +70,11 @@ def run(config, workdir: str) -> None:
   cols = max(1, min(8, math.ceil(len(images) / per_class)))
   scores = np.full(len(images), np.nan, np.float32)
   if jax.process_index() == 0:
-    os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
+    storage.makedirs(storage.join(out_dir, "images"))
     for i, img in enumerate(images):
-      image_lib.save_grid(os.path.join(out_dir, "images", f"{i:05d}.png"), img[None], 1, pad=0)
-    grid = class_grid(os.path.join(out_dir, "samples.png"), images, labels, names, cols)
+      image_lib.save_grid(storage.join(out_dir, "images", f"{i:05d}.png"), img[None], 1,
+                          pad=0)
+    grid = class_grid(storage.join(out_dir, "samples.png"), images, labels, names, cols)
     parallel.print0(f"[sample] wrote {grid}")
   if use_rejection:
     r = s.rejection
@@ -90,16 +91,17 @@ def run(config, workdir: str) -> None:
     if jax.process_index() == 0:
       order = np.argsort(-scores, kind="stable")
       order = order[accepted[order]]
-      path = class_grid(os.path.join(out_dir, "rejection.png"), images, labels, names,
+      path = class_grid(storage.join(out_dir, "rejection.png"), images, labels, names,
                         cols=max(1, min(8, math.ceil(s.num_images / per_class))), order=order)
-      with open(os.path.join(out_dir, "rejection.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+      storage.write_text(storage.join(out_dir, "rejection.json"),
+                         json.dumps(summary, indent=2))
       parallel.print0(f"[sample] rejection sampling with the {r.classifier} classifier: "
                       f"accepted {summary['accepted']}/{summary['candidates']} "
                       f"({100 * summary['acceptance_rate']:.0f}%), mean p(class) "
                       f"{summary['mean_score_all']:.3f} -> "
                       f"{summary['mean_score_accepted']:.3f}; wrote {path}")
   if jax.process_index() == 0:
-    np.savez_compressed(os.path.join(out_dir, "samples.npz"), scores=scores,
-                        **{k: v for k, v in result.items()})
-    parallel.print0(f"[sample] wrote {os.path.join(out_dir, 'samples.npz')}")
+    samples_path = storage.join(out_dir, "samples.npz")
+    with storage.open(samples_path, "wb") as f:
+      np.savez_compressed(f, scores=scores, **{k: v for k, v in result.items()})
+    parallel.print0(f"[sample] wrote {samples_path}")
