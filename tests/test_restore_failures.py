@@ -210,6 +210,15 @@ def test_classification_of_what_the_libraries_raise():
   assert kind(PermissionError(13, "Permission denied")) == "transient"
 
 
+def test_classification_of_what_a_bucket_client_raises():
+  from gcsfs.retry import HttpError  # pylint: disable=g-import-not-at-top
+  kind = lambda e: checkpoint_reads.classify(e)[0]
+  assert kind(HttpError({"code": 503, "message": "Service Unavailable"})) == "transient"
+  assert kind(HttpError({"code": 429, "message": "rate limit exceeded"})) == "transient"
+  assert kind(HttpError({"code": 404, "message": "No such object"})) == "corrupt"
+  assert kind(HttpError({"code": 400, "message": "Bad Request"})) == "unknown"
+
+
 # The same failure in a real run: a stage rerun whose resume hits it.
 STAGE = ["--config=configs/demo.py:vqvae,tiny", "--config.vqvae_train.checkpoint_every=1",
          "--config.vqvae_train.steps=6"]

@@ -15,7 +15,9 @@ taken for corruption would silently roll a long run back. A failed read is one o
              connection error, TimeoutError, ConnectionError), tensorstore UNAVAILABLE,
              DEADLINE_EXCEEDED, ABORTED (its message for a bucket it cannot reach: "All N
              retry attempts failed: CURL error ..."), UNKNOWN, INTERNAL, PERMISSION_DENIED,
-             UNAUTHENTICATED, CANCELLED. Retried with exponential backoff (`RetryPolicy`).
+             UNAUTHENTICATED, CANCELLED; a bucket's HTTP 401, 403, 408, 429 or 5xx (gcsfs,
+             google-api-core; its 404 is a missing file). Retried with exponential
+             backoff (`RetryPolicy`).
   memory     MemoryError, or RESOURCE_EXHAUSTED naming memory (the allocator of the host or
              device): not retried, not corruption.
   unknown    anything else: not retried, not corruption.
@@ -46,9 +48,15 @@ _CORRUPT_CODES = {"NOT_FOUND", "DATA_LOSS", "OUT_OF_RANGE", "FAILED_PRECONDITION
 _TRANSIENT_CODES = {"UNAVAILABLE", "DEADLINE_EXCEEDED", "ABORTED", "UNKNOWN", "INTERNAL",
                     "PERMISSION_DENIED", "UNAUTHENTICATED", "CANCELLED",
                     "RESOURCE_EXHAUSTED"}
+# HTTP statuses of a bucket's answer that a later try may not get: timeout, throttled,
+# credentials (expired tokens are refreshed), server errors.
+_TRANSIENT_HTTP = {401, 403, 408, 429, 500, 502, 503, 504}
 _STATUS = re.compile(r"^([A-Z_]+): ")
 # Tensorstore appends the whole spec of the array (kilobytes of JSON) to its messages.
 _SPEC_SUFFIX = re.compile(r"\s*\[tensorstore_spec(\[\d+\])?=.*$", re.DOTALL)
+# After a failed read: how long the reads orbax abandoned get to finish (local reads take
+# milliseconds) while their noise is dropped (`_abandoned_reads_quiet`).
+_SETTLE_S = 0.2
 # Orbax's own messages for a step or an item that is not on disk.
 _MISSING = ("was not found in the checkpoint", "Found incomplete checkpoint")
 
@@ -95,6 +103,9 @@ def _kind_of(error: BaseException) -> str | None:
   message = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
   if any(m in message for m in _MISSING):
     return CORRUPT
+  http = getattr(error, "code", None) or getattr(error, "status", None)
+  if isinstance(http, int) and 400 <= http < 600:  # gcsfs, google-api-core, aiohttp
+    return CORRUPT if http == 404 else TRANSIENT if http in _TRANSIENT_HTTP else None
   status = _STATUS.match(message)
   if status:
     code = status.group(1)
@@ -141,7 +152,8 @@ def _loop_closed(error: BaseException | None) -> bool:
 
 
 def _is_abandoned_read(unraisable) -> bool:
-  return (asyncio.iscoroutine(unraisable.object) or isinstance(unraisable.object, asyncio.Future)
+  return (asyncio.iscoroutine(unraisable.object)
+          or isinstance(unraisable.object, asyncio.Future)
           or _loop_closed(unraisable.exc_value))
 
 
@@ -185,20 +197,15 @@ def _abandoned_reads_quiet() -> Iterator[None]:
     asyncio_logger.removeFilter(drop)
 
 
-_SETTLE_S = 0.2
-
-
-def read_with_retries(read: Callable[[], Any], policy: RetryPolicy, what: str,
-                      sleep: Callable[[float], None] = time.sleep) -> Any:
+def read_with_retries(read: Callable[[], Any], policy: RetryPolicy, what: str) -> Any:
   """read(), retried while it fails transiently; raises ReadFailed (from the last error)
   when it fails otherwise or `policy.tries` attempts all failed. Each retry prints one
   line on stdout naming `what` and the error (stderr stays for the final error)."""
   with _abandoned_reads_quiet():
-    return _retry(read, policy, what, sleep)
+    return _retry(read, policy, what)
 
 
-def _retry(read: Callable[[], Any], policy: RetryPolicy, what: str,
-           sleep: Callable[[float], None]) -> Any:
+def _retry(read: Callable[[], Any], policy: RetryPolicy, what: str) -> Any:
   waited = 0.0
   for attempt in range(1, policy.tries + 1):
     try:
@@ -210,6 +217,6 @@ def _retry(read: Callable[[], Any], policy: RetryPolicy, what: str,
       delay = policy.delay(attempt)
       print(f"reading {what} failed ({describe(cause, 160)}); retry {attempt} of "
             f"{policy.tries - 1} in {delay:g}s", flush=True)
-      sleep(delay)
+      time.sleep(delay)
       waited += delay
   raise AssertionError("unreachable")
