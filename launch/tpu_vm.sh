@@ -20,7 +20,7 @@
 #   REMOTE_DIR   repository directory on each worker (default: vqvae2_jax, i.e. ~/vqvae2_jax).
 #   SYNC=1       first copy this checkout (tracked and untracked, non-ignored files) to
 #                REMOTE_DIR on every worker.
-#   INSTALL=1    first run `pip install -e REMOTE_DIR` and JAX's TPU wheels on every worker.
+#   INSTALL=1    first run `pip install -e REMOTE_DIR[gcs]` and JAX's TPU wheels on every worker.
 #   JAX_SPEC     the JAX requirement INSTALL uses (default: 'jax[tpu]>=0.10,<0.13').
 #   PYTHON       interpreter on the workers (default: python3).
 #   DETACH=1     start the job with nohup and return; each worker logs to
@@ -70,7 +70,7 @@ fi
 
 if [[ "${INSTALL:-0}" == 1 ]]; then
   on_all_workers "cd $RDIR && $PYTHON -m pip install -q -U pip \
-&& $PYTHON -m pip install -q -e . $(printf '%q' "$JAX_SPEC")"
+&& $PYTHON -m pip install -q -e '.[gcs]' $(printf '%q' "$JAX_SPEC")"
 fi
 
 # The stage command, quoted so that it reaches the workers' shell unchanged.

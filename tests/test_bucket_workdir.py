@@ -19,11 +19,13 @@ import pytest
 import tensorstore as ts
 
 import bucket_server
+from fault_injection import failing_array_reads, io_error
 from helpers import ROOT, load_config
 from test_data import _tfds_dataset
 
 import vqvae2_jax
 from vqvae2_jax import checkpoint as ckpt_lib
+from vqvae2_jax import checkpoint_reads
 from vqvae2_jax import storage
 from vqvae2_jax.data import codes as codes_lib
 from vqvae2_jax.data import folders
@@ -267,6 +269,37 @@ def test_rejected_step_is_copied_verified_then_deleted_on_the_bucket(gcs):
         f"{directory}/{ckpt_lib.REJECTED}/2/why.txt")
   finally:
     c.close()
+
+
+def _resume(directory: str):
+  c = ckpt_lib.Checkpointer(directory, keep=None)
+  try:
+    return c.restore_newest_valid(_abstract(_state(0.0)))
+  finally:
+    c.close()
+
+
+def test_a_failing_array_read_on_the_bucket_moves_nothing_and_resumes_after(gcs,
+                                                                            monkeypatch):
+  monkeypatch.setattr(checkpoint_reads, "DEFAULT_RETRY",
+                      checkpoint_reads.RetryPolicy(tries=3, first_delay_s=0.01))
+  directory = f"{BUCKET}/flaky/checkpoints"
+  c = ckpt_lib.Checkpointer(directory, keep=None)
+  try:
+    for step in (1, 2):
+      c.save(step, _state(float(step)), {"step": step})
+  finally:
+    c.close()
+  before = _objects(directory)
+  with failing_array_reads(2, io_error) as failed:
+    with pytest.raises(ckpt_lib.CheckpointReadError) as raised:
+      _resume(directory)
+  assert raised.value.kind == "transient" and raised.value.step == 2
+  assert failed["failed"] >= 3 and "nothing was moved" in str(raised.value)
+  assert _objects(directory) == before  # no step moved to rejected/, no byte changed
+  state, record, skipped = _resume(directory)  # the storage answers again
+  assert record["step"] == 2 and skipped == []
+  np.testing.assert_array_equal(state["params"]["w"], np.full((4, 3), 2.0))
 
 
 def test_a_move_whose_copy_differs_keeps_the_original(gcs, monkeypatch):
