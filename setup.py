@@ -2,7 +2,7 @@
 from setuptools import find_packages, setup
 
 CORE = [
-    "jax>=0.10,<0.13",
+    "jax==0.10.2",  # with the tpu extra's pin (libtpu is built per jax release)
     "flax>=0.12,<0.13",
     "optax>=0.2.5,<0.3",
     "orbax-checkpoint>=0.11,<0.13",

@@ -21,7 +21,7 @@
 #   SYNC=1       first copy this checkout (tracked and untracked, non-ignored files) to
 #                REMOTE_DIR on every worker.
 #   INSTALL=1    first run `pip install -e REMOTE_DIR[gcs]` and JAX's TPU wheels on every worker.
-#   JAX_SPEC     the JAX requirement INSTALL uses (default: 'jax[tpu]>=0.10,<0.13').
+#   JAX_SPEC     the JAX requirement INSTALL uses (default: 'jax[tpu]==0.10.2', setup.py's tpu extra).
 #   PYTHON       interpreter on the workers (default: python3).
 #   DETACH=1     start the job with nohup and return; each worker logs to
 #                REMOTE_DIR/logs/<stage-time>.log (otherwise the output streams here and
@@ -41,7 +41,7 @@ fi
 : "${ZONE:?set ZONE to the zone of the TPU VM slice}"
 REMOTE_DIR="${REMOTE_DIR:-vqvae2_jax}"
 PYTHON="${PYTHON:-python3}"
-JAX_SPEC="${JAX_SPEC:-jax[tpu]>=0.10,<0.13}"
+JAX_SPEC="${JAX_SPEC:-jax[tpu]==0.10.2}"
 
 GCLOUD=(gcloud compute tpus tpu-vm)
 COMMON=(--zone="$ZONE" --worker=all)

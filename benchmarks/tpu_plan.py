@@ -1,0 +1,86 @@
+r"""The TPU plan: each paper train step on each slice, with the levers `--suggest` picks.
+
+  python benchmarks/tpu_plan.py --topologies=v4-8,v5e-8,v5p-8,v6e-8 \
+      --out=benchmarks/results/<date>_tpu_plan
+
+Runs `python -m vqvae2_jax.compile --suggest` (XLA's TPU compiler on this host, libtpu from
+the tpu extra) for the seven paper train steps (imagenet256 vqvae / prior_top /
+prior_bottom, ffhq1024 vqvae / prior_top / prior_mid / prior_bottom) at the configs'
+batches, keeps each JSON, and prints a Markdown table: per-chip peak against HBM, the
+step-time lower bound, throughput and MFU bound of the suggested setting, and whether the
+step is bound by memory traffic (the compiler's bytes / HBM bandwidth > FLOPs / peak).
+Steps already in --out are not compiled again (the plan resumes).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = (("imagenet256", "vqvae"), ("imagenet256", "prior_top"), ("imagenet256", "prior_bottom"),
+         ("ffhq1024", "vqvae"), ("ffhq1024", "prior_top"), ("ffhq1024", "prior_mid"),
+         ("ffhq1024", "prior_bottom"))
+
+
+def run_one(experiment: str, stage: str, topology: str, out_dir: str) -> dict:
+  path = os.path.join(out_dir, f"{experiment}_{stage}_{topology}.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      return json.load(f)
+  start = time.time()
+  proc = subprocess.run(
+      [sys.executable, "-m", "vqvae2_jax.compile", f"--config=configs/{experiment}.py:{stage}",
+       f"--topology={topology}", "--suggest", f"--json={path}"],
+      cwd=ROOT, capture_output=True, text=True, check=False)
+  print(proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else "", flush=True)
+  if not os.path.exists(path):  # refused before compiling: keep its one line
+    result = {"rows": [], "failure": proc.stderr.strip()[-300:]}
+    with open(path, "w") as f:
+      json.dump(result, f)
+  with open(path) as f:
+    result = json.load(f)
+  result["wall_s"] = round(time.time() - start, 1)
+  with open(path, "w") as f:
+    json.dump(result, f, indent=1)
+  return result
+
+
+def table_line(experiment: str, stage: str, topology: str, result: dict) -> str:
+  if not result.get("rows"):
+    return f"| {experiment} {stage} | {topology} | {result.get('failure', '')[:120]} |||||"
+  r = result["rows"][0]
+  bound = r.get("bound", "")
+  per_s = r.get("per_s_per_chip", 0.0)
+  unit = "img/s" if r["unit"] == "images" else "latents/s"
+  return (f"| {experiment} {stage} | {topology} | remat={r['remat']}, "
+          f"accum={r['grad_accum_steps']}, fsdp={r['fsdp']} | {r['peak'] / 1e9:.1f} / "
+          f"{r['hbm'] / 2**30:.0f} GiB | {1e3 * r['step_s']:.0f} ms | {per_s:,.0f} {unit} | "
+          f"{100 * r.get('mfu_bound', 0):.0f}% ({bound}) |")
+
+
+def main(argv=None) -> None:
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--topologies", default="v4-8,v5e-8,v5p-8,v6e-8")
+  ap.add_argument("--steps", default="all", help="comma list of experiment:stage")
+  ap.add_argument("--out", required=True, help="folder for one JSON per step and slice")
+  args = ap.parse_args(argv)
+  os.makedirs(args.out, exist_ok=True)
+  steps = STEPS if args.steps == "all" else [tuple(s.split(":")) for s in args.steps.split(",")]
+  lines = ["| step | slice | suggested levers | peak / HBM per chip | step >= | per chip | "
+           "MFU <= |", "|---|---|---|---|---|---|---|"]
+  for experiment, stage in steps:
+    for topology in args.topologies.split(","):
+      result = run_one(experiment, stage, topology, args.out)
+      lines.append(table_line(experiment, stage, topology, result))
+      print(lines[-1], flush=True)
+  with open(os.path.join(args.out, "plan.md"), "w") as f:
+    f.write("\n".join(lines) + "\n")
+  print("\n".join(lines))
+
+
+if __name__ == "__main__":
+  main()

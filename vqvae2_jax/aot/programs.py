@@ -1,0 +1,211 @@
+"""The programs each stage runs, built from a config with abstract inputs only.
+
+Each `Program` is what a stage jits on its devices: the train step exactly as
+`train/loop.py` builds it (same loss, optimizer, parameter EMA, gradient accumulation,
+remat, fsdp shardings, donated state, activation-sharding rules), extract's encoder, the
+incremental sampler's loop per level, and evaluate's feature network. Inputs are
+`jax.ShapeDtypeStruct`s carrying `NamedSharding`s on a mesh of any devices (TPU
+compile-only devices in `vqvae2_jax.compile`), so nothing is allocated.
+
+Without a workdir the extraction manifest is derived from the config: the level shapes of
+stage 1 and the class count of the data set (`num_classes`).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding
+
+from vqvae2_jax import builders
+from vqvae2_jax import config_lib
+from vqvae2_jax import parallel
+from vqvae2_jax.eval import convert
+from vqvae2_jax.models import vqvae as vqvae_lib
+from vqvae2_jax.models.vqvae import level_names
+from vqvae2_jax.sampling import incremental
+from vqvae2_jax.train import losses
+from vqvae2_jax.train import state as state_lib
+from vqvae2_jax.train import step as step_lib
+
+LEVERS = ("remat", "grad_accum_steps", "fsdp")
+
+
+@dataclasses.dataclass
+class Program:
+  """One jitted program with abstract (sharded) arguments.
+
+  Attributes:
+    name: e.g. 'train prior_top', 'encoder', 'sampler top', 'features inception'.
+    jitted: the jax.jit-wrapped function.
+    args: abstract arguments (ShapeDtypeStruct with shardings).
+    examples: global images (or latents) one call processes.
+    unit: 'images' or 'latents'.
+    levers: the train step's remat / grad_accum_steps / fsdp (empty for other programs).
+    model_fn: the same computation without rematerialisation (model FLOPs), or None when
+      the program recomputes nothing.
+    context: entered around tracing (activation-sharding rules of the train step).
+  """
+  name: str
+  jitted: Any
+  args: tuple
+  examples: int
+  unit: str
+  levers: dict = dataclasses.field(default_factory=dict)
+  model_fn: Callable | None = None
+  context: Callable[[], Any] = contextlib.nullcontext
+
+
+def manifest_from_config(config, num_classes: int) -> dict:
+  """The extraction manifest stage 1 of `config` would write (shapes, K, classes)."""
+  shapes = builders.code_shapes(config)
+  return {"levels": list(shapes), "shapes": {k: list(v) for k, v in shapes.items()},
+          "num_codes": int(config.vqvae.num_codes), "num_classes": int(num_classes)}
+
+
+def _abstract(tree, shardings):
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                      tree, shardings)
+
+
+def _train_parts(config, stage: str, manifest: dict, remat: str):
+  """(init_variables, loss_fn, finalize_state, batch shapes, train section, examples,
+  unit) of a training stage with `remat`."""
+  if stage == "vqvae":
+    config = config_lib.with_fields(config, {"vqvae_train.remat": remat})
+    t = config.vqvae_train
+    model = builders.build_vqvae(config)
+    size = config.data.image_size
+    accumulate = t.grad_accum_steps > 1
+    loss = losses.vqvae_loss_fn(model, config.vqvae.beta, deferred_codebooks=accumulate)
+    finalize = vqvae_lib.finalize_codebooks(model) if accumulate else None
+    return (builders.vqvae_init_fn(model, size), loss, finalize,
+            {"image": ((size, size, 3), jnp.uint8)}, t, t.batch_size, "images")
+  level = stage[len("prior_"):]
+  config = config_lib.with_fields(config, {f"priors.{level}.train.remat": remat})
+  t = config.priors[level].train
+  prior = builders.build_prior(config, level, manifest)
+  _, upper, _ = builders.prior_level_info(manifest, level)
+  shapes = {n: (tuple(manifest["shapes"][n]), jnp.int32) for n in upper + (level,)}
+  if prior.num_classes:
+    shapes["label"] = ((), jnp.int32)
+  h, w = manifest["shapes"][level]
+  return (builders.prior_init_fn(prior, manifest, level),
+          losses.prior_loss_fn(prior, level, upper), None, shapes, t, t.batch_size * h * w,
+          "latents")
+
+
+def train_program(config, stage: str, devices, manifest: dict) -> Program:
+  """The train step of `stage` ('vqvae' or 'prior_<level>') with the config's levers."""
+  t = config.vqvae_train if stage == "vqvae" else config.priors[stage[len("prior_"):]].train
+  mesh = parallel.make_mesh(config.mesh, devices)
+  init, loss, finalize, shapes, t, examples, unit = _train_parts(config, stage, manifest,
+                                                                 t.remat)
+  tx = state_lib.make_optimizer(t)
+  _, abstract, shardings = state_lib.plan_state(init, tx, mesh, config.axis_rules,
+                                                t.param_ema_decay > 0)
+  batch_sharding = parallel.batch_sharding(mesh)
+  state = _abstract(abstract, shardings)
+  batch = {k: jax.ShapeDtypeStruct((t.batch_size,) + s, d, sharding=batch_sharding)
+           for k, (s, d) in shapes.items()}
+  jitted = step_lib.jit_train_step(loss, tx, t, shardings, batch_sharding, finalize)
+  model_fn = None
+  if t.remat != "none":
+    _, plain_loss, plain_finalize, *_ = _train_parts(config, stage, manifest, "none")
+    model_fn = step_lib.make_train_step(plain_loss, tx, t.param_ema_decay,
+                                        t.grad_accum_steps, plain_finalize)
+  return Program(f"train {stage}", jitted, (state, batch), examples, unit,
+                 levers={"remat": t.remat, "grad_accum_steps": t.grad_accum_steps,
+                         "fsdp": int(config.mesh.fsdp)},
+                 model_fn=model_fn,
+                 context=lambda: parallel.activation_sharding(mesh, config.axis_rules))
+
+
+def _replicated_params(init, mesh: Mesh):
+  """Abstract variables of init(rng), replicated on `mesh` (inference programs)."""
+  plain = nn.unbox(jax.eval_shape(init, jax.random.key(0)))
+  return _abstract(plain, jax.tree.map(lambda _: parallel.replicated(mesh), plain))
+
+
+def encoder_program(config, devices) -> Program:
+  """Extract's encoder: uint8 images [extract.batch_size, S, S, 3] -> codes per level."""
+  mesh = parallel.make_mesh(config.mesh, devices)
+  model = builders.build_vqvae(config)
+  size, batch = config.data.image_size, config.extract.batch_size
+  variables = _replicated_params(builders.vqvae_init_fn(model, size), mesh)
+  images = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.uint8,
+                                sharding=parallel.batch_sharding(mesh))
+
+  def encode(v, x):
+    return model.apply(v, x.astype(jnp.float32) / 127.5 - 1.0, method=model.encode)
+  jitted = jax.jit(encode, out_shardings=parallel.batch_sharding(mesh))
+  return Program("encoder", jitted, (variables, images), batch, "images")
+
+
+def sampler_program(config, level: str, devices, manifest: dict) -> Program:
+  """The incremental sampler's loop for `level` at sample.batch_size (one call draws the
+  whole [B, H, W] map, conditioned on the levels above and a class)."""
+  mesh = parallel.make_mesh(config.mesh, devices)
+  prior = builders.build_prior(config, level, manifest)
+  params = _replicated_params(builders.prior_init_fn(prior, manifest, level), mesh)
+  params = params["params"]
+  b = config.sample.batch_size
+  _, upper, _ = builders.prior_level_info(manifest, level)
+  batch_sharding = parallel.batch_sharding(mesh)
+  cond = tuple(jax.ShapeDtypeStruct((b, *manifest["shapes"][u]), jnp.int32,
+                                    sharding=batch_sharding) for u in upper)
+  labels = (jax.ShapeDtypeStruct((b,), jnp.int32, sharding=batch_sharding)
+            if prior.num_classes else None)
+  h, w = manifest["shapes"][level]
+  sharding = NamedSharding(mesh, batch_sharding.spec)
+
+  def sample(p, rng, cond_codes, labels_):
+    return incremental.sample_incremental(
+        prior, p, rng, shape=(b, h, w), cond_codes=cond_codes, labels=labels_,
+        temperature=config.sample.temperature, top_k=config.sample.top_k,
+        top_p=config.sample.top_p, guidance=config.sample.guidance, sharding=sharding)
+  rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype,
+                             sharding=parallel.replicated(mesh))
+  return Program(f"sampler {level}", jax.jit(sample), (params, rng, cond, labels),
+                 b * h * w, "latents")
+
+
+def feature_program(config, devices, name: str = "inception") -> Program:
+  """Evaluate's feature network `name` on uint8 images [evaluate.batch_size, S, S, 3]."""
+  mesh = parallel.make_mesh(config.mesh, devices)
+  spec = convert.get_spec(name)
+  model = spec.make_model()
+  size, batch = config.data.image_size, config.evaluate.batch_size
+  example = jnp.zeros((1, size, size, 3), jnp.uint8)
+  variables = _replicated_params(lambda rng: model.init(rng, example), mesh)
+  images = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.uint8,
+                                sharding=parallel.batch_sharding(mesh))
+  return Program(f"features {name}", jax.jit(model.apply), (variables, images), batch,
+                 "images")
+
+
+def stage_programs(config, stage: str, devices, num_classes: int) -> list[Program]:
+  """Every program `stage` compiles ('pipeline': all stages' programs)."""
+  manifest = manifest_from_config(config, num_classes)
+  levels = level_names(config.vqvae.num_levels)
+  out = []
+  if stage in ("vqvae", "pipeline"):
+    out.append(train_program(config, "vqvae", devices, manifest))
+  if stage in ("extract", "pipeline"):
+    out.append(encoder_program(config, devices))
+  for level in levels:
+    if stage in (f"prior_{level}", "pipeline") and level in config.priors:
+      out.append(train_program(config, f"prior_{level}", devices, manifest))
+  for level in levels:
+    if stage in ("sample", "pipeline") and level in config.priors:
+      out.append(sampler_program(config, level, devices, manifest))
+  if stage in ("evaluate", "pipeline"):
+    out.append(feature_program(config, devices))
+  if not out:
+    raise ValueError(f"stage {stage!r} compiles no device program (the classifier "
+                     "trains on the host's devices like stage 1: check 'vqvae')")
+  return out
