@@ -41,7 +41,9 @@ EXTRAS = {
     # Preparing tfds builders (ImageNet from the manual download, ImageFolder) needs TensorFlow.
     "tf": ["tensorflow-cpu>=2.16,<3"],
     # Accelerator builds of jaxlib.
-    "tpu": ["jax[tpu]>=0.10,<0.13"],
+    # jax[tpu] pins the libtpu of its jax release; libtpu also compiles for TPU slices on a
+    # CPU host (python -m vqvae2_jax.compile). Pinned to the jax the core resolves.
+    "tpu": ["jax[tpu]==0.10.2"],
     "cuda12": ["jax[cuda12]>=0.10,<0.13"],
     # Weight conversion from PyTorch files and the parity tests of the feature networks.
     # torch-fidelity (the FID reference) declares torchvision, which would replace a CPU
