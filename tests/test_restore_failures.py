@@ -166,28 +166,47 @@ def test_a_folder_that_cannot_be_listed_is_a_read_error(tmp_path, monkeypatch):
     ckpt_lib.Checkpointer(str(tmp_path / "a_file" / "checkpoints"))
 
 
-def _flip_bytes(directory, step):
-  data = os.path.join(directory, str(step), "state", "d")
-  largest = max((os.path.join(data, n) for n in os.listdir(data)), key=os.path.getsize)
-  with open(largest, "r+b") as f:
-    f.seek(os.path.getsize(largest) // 2)
-    chunk = bytearray(f.read(64))
-    f.seek(os.path.getsize(largest) // 2)
+def _array_file(directory, step):
+  """The step's largest OCDBT data file (`state/ocdbt.process_0/d/*`): the arrays' bytes."""
+  data = os.path.join(directory, str(step), "state", "ocdbt.process_0", "d")
+  return max((os.path.join(data, n) for n in os.listdir(data)), key=os.path.getsize)
+
+
+def _index_file(directory, step):
+  """The step's OCDBT root b-tree node (`state/d/*`, a few hundred bytes)."""
+  index = os.path.join(directory, str(step), "state", "d")
+  return os.path.join(index, os.listdir(index)[0])
+
+
+def _flip(path):
+  with open(path, "r+b") as f:
+    f.seek(os.path.getsize(path) // 2)
+    chunk = f.read(64)
+    f.seek(os.path.getsize(path) // 2)
     f.write(bytes(b ^ 0xFF for b in chunk))
 
 
+def _flip_array_bytes(directory, step):
+  _flip(_array_file(directory, step))
+
+
+def _flip_index_bytes(directory, step):
+  _flip(_index_file(directory, step))
+
+
 def _truncate_arrays(directory, step):
-  data = os.path.join(directory, str(step), "state", "d")
-  largest = max((os.path.join(data, n) for n in os.listdir(data)), key=os.path.getsize)
-  os.truncate(largest, os.path.getsize(largest) // 2)
+  path = _array_file(directory, step)
+  os.truncate(path, os.path.getsize(path) // 2)
 
 
 def _delete_record(directory, step):
   os.remove(os.path.join(directory, str(step), "record", "metadata"))
 
 
-@pytest.mark.parametrize("corrupt", [_flip_bytes, _truncate_arrays, _delete_record],
-                         ids=["flipped_bytes", "truncated_array_file", "missing_record"])
+@pytest.mark.parametrize("corrupt", [_flip_array_bytes, _flip_index_bytes, _truncate_arrays,
+                                     _delete_record],
+                         ids=["flipped_array_bytes", "flipped_index_bytes",
+                              "truncated_array_file", "missing_record"])
 def test_corruption_is_still_rejected_and_resume_falls_back(checkpoints, corrupt):
   corrupt(checkpoints, 3)
   _, record, skipped = _resume(checkpoints)
@@ -208,6 +227,10 @@ def test_classification_of_what_the_libraries_raise():
   assert kind(FileNotFoundError("File .../record/metadata not found.")) == "corrupt"
   assert kind(RuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 1GiB")) == "memory"
   assert kind(PermissionError(13, "Permission denied")) == "transient"
+  with pytest.raises(ValueError) as invalid:  # tensorstore's INVALID_ARGUMENT: no code
+    ts.open({"driver": "zarr", "kvstore": "memory://", "metadata": {"shape": [-1]}},
+            create=True).result()
+  assert kind(invalid.value) == "corrupt", invalid.value
 
 
 def test_classification_of_what_a_bucket_client_raises():

@@ -6,7 +6,8 @@ taken for corruption would silently roll a long run back. A failed read is one o
 
   corrupt    the files are not what a finished save wrote: a file missing
              (FileNotFoundError; tensorstore NOT_FOUND), metadata that does not parse
-             (JSON / Unicode decode errors; tensorstore INVALID_ARGUMENT), array bytes that
+             (JSON / Unicode decode errors; tensorstore INVALID_ARGUMENT, which it raises
+             as a ValueError without the code), array bytes that
              do not decode or whose size contradicts the index (DATA_LOSS, OUT_OF_RANGE,
              FAILED_PRECONDITION: e.g. "Truncated Zstd-compressed stream"), an item the
              step does not hold, a step without its commit marker. (A checksum mismatch of
@@ -52,6 +53,10 @@ _TRANSIENT_CODES = {"UNAVAILABLE", "DEADLINE_EXCEEDED", "ABORTED", "UNKNOWN", "I
 # credentials (expired tokens are refreshed), server errors.
 _TRANSIENT_HTTP = {401, 403, 408, 429, 500, 502, 503, 504}
 _STATUS = re.compile(r"^([A-Z_]+): ")
+# Tensorstore raises INVALID_ARGUMENT as a ValueError without the code (e.g. 'Error opening
+# "zarr" driver: ... Error decoding b-tree node: ZSTD_decompressStream() failed: Data
+# corruption detected [tensorstore_spec=...]'): known by its spec suffix or opening words.
+_INVALID_ARGUMENT = re.compile(r"\[tensorstore_spec|^Error (opening|reading|parsing|decoding) ")
 # Tensorstore appends the whole spec of the array (kilobytes of JSON) to its messages.
 _SPEC_SUFFIX = re.compile(r"\s*\[tensorstore_spec(\[\d+\])?=.*$", re.DOTALL)
 # After a failed read: how long the reads orbax abandoned get to finish (local reads take
@@ -115,6 +120,8 @@ def _kind_of(error: BaseException) -> str | None:
       return CORRUPT
     if code in _TRANSIENT_CODES:
       return TRANSIENT
+  if isinstance(error, ValueError) and _INVALID_ARGUMENT.search(message):
+    return CORRUPT
   return None
 
 
