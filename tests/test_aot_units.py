@@ -88,7 +88,7 @@ def test_suggest_bisects_microbatches_and_prefers_no_remat():
                           "priors": {"top": type("P", (), {"train": Train})}})()
   rows, failure = suggest.search(config, topology.parse("v5e-8"), compile_fn, log=lambda _: 0)
   assert failure == "" and (rows[0]["remat"], rows[0]["grad_accum_steps"]) == ("none", 8)
-  assert len(calls) <= 1 + 3  # the most microbatches, then a bisection over 1..32
+  assert calls[:2] == [("none", 1, 1), ("none", 32, 1)] and len(calls) <= 2 + 3  # bisection
 
 
 def test_suggest_reads_the_compilers_out_of_memory_bytes():
@@ -121,5 +121,5 @@ def test_suggest_reads_the_compilers_out_of_memory_bytes():
                           "priors": {"top": type("P", (), {"train": Train})}})()
   rows, failure = suggest.search(config, topology.parse("v5e-8"), compile_fn, log=lambda _: 0)
   assert failure == "" and rows[0]["grad_accum_steps"] == 4  # micro 8: 10 GiB fits 15.5
-  assert calls == [32, 1, 4]
+  assert calls == [1, 32, 4]
   assert suggest.parse_out_of_memory(failure) == {}

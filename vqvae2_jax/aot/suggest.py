@@ -5,10 +5,10 @@ costs about a third more FLOPs); within each, fsdp=1, then parameters and optimi
 sharded over up to 8 chips (all-gathers per layer); within each, the fewest microbatches
 that fit (accumulation only re-reads the weights per microbatch). The first (remat, fsdp)
 pair with a fit wins. Each pair is settled in few compiles, since temporaries grow about
-linearly with the microbatch: one compile at the most microbatches (does anything fit?),
-one at a single microbatch (does everything fit? if not, the compiler's out-of-memory
-message says how many bytes of temporaries it needed), then the microbatch count this
-line predicts, doubled until it fits. Without a number in the message it bisects.
+linearly with the microbatch: one compile of the whole batch per chip (fits: done; if not,
+the compiler's out-of-memory message says how many bytes of temporaries it needed), one at
+the most microbatches (does anything fit?), then the microbatch count this line predicts,
+doubled until it fits. Without a number in the message it bisects.
 """
 from __future__ import annotations
 
@@ -74,12 +74,15 @@ def search(config, slice_: Slice, compile_fn: CompileFn, log=print
 
   for remat in ("none", "block"):
     for fsdp in fsdps:
-      smallest = fits(remat, fsdp, accums[-1])
-      if not smallest:
+      index = 0 if fits(remat, fsdp, accums[0]) else None
+      temp_one = last_failure.get("temp")  # what the whole batch per chip asked for
+      if index is None and len(accums) > 1:
+        smallest = fits(remat, fsdp, accums[-1])
+        if smallest:
+          index = _fewest_microbatches(lambda a: fits(remat, fsdp, accums[a]), smallest,
+                                       accums, train.batch_size // chips, temp_one)
+      if index is None:
         continue
-      index = _fewest_microbatches(lambda a: fits(remat, fsdp, accums[a]), smallest,
-                                   accums, train.batch_size // chips,
-                                   needed_temp=lambda: last_failure.get("temp"))
       best = tried[(remat, fsdp, accums[index])]
       log("suggested: " + " ".join(overrides(section, remat, accums[index], fsdp)))
       return [best], ""
@@ -102,13 +105,10 @@ def parse_out_of_memory(failure: str) -> dict:
 
 
 def _fewest_microbatches(fits_at, smallest: dict, accums: list[int], per_chip: int,
-                         needed_temp) -> int:
+                         temp_one: float | None) -> int:
   """Index into accums of the fewest microbatches that fit, given that accums[-1] does
-  (its row: `smallest`). fits_at(i) compiles accums[i]; needed_temp() the temporaries
-  the last failed compile asked for (or None)."""
-  if len(accums) == 1 or fits_at(0):
-    return 0
-  temp_one = needed_temp()
+  (its row: `smallest`) and accums[0] does not (asking for `temp_one` bytes of
+  temporaries, or None when the message said nothing). fits_at(i) compiles accums[i]."""
   if temp_one and smallest.get("available"):
     # temp(micro) ~ linear between the smallest microbatch (fits) and the whole batch.
     m0, m1 = per_chip / accums[-1], float(per_chip)
