@@ -16,7 +16,7 @@ LIBRARY = ("data", "train", "sampling", "eval", "codec")
 # Modules above the library: nothing in the library (or models) may import them.
 UPPER = ("vqvae2_jax.stages", "vqvae2_jax.api", "vqvae2_jax.workdir",
          "vqvae2_jax.builders", "vqvae2_jax.restore", "vqvae2_jax.runner",
-         "vqvae2_jax.main")
+         "vqvae2_jax.main", "vqvae2_jax.compile", "vqvae2_jax.aot")
 
 
 def imports_of(path: pathlib.Path) -> list[tuple[int, str]]:
