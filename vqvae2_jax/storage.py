@@ -3,14 +3,16 @@
 Every path the package writes or reads (workdir, data roots, codec streams) may be a local
 path or a URL such as `gs://bucket/run`. Paths stay plain strings; this module answers
 for both kinds through `etils.epath` (the path library orbax itself uses; `gs://` goes
-through fsspec's `gcsfs`, installed by the `gcs` extra). Local paths take the same code
-paths as plain `open` / `os` calls, so local runs are unchanged.
+through fsspec's `gcsfs`, installed by the `gcs` extra; where TensorFlow is installed,
+etils picks `tf.io.gfile` instead). Local paths take the same code paths as plain `open` /
+`os` calls, so local runs are unchanged.
 
 What a bucket lacks, and what is done instead:
   - rename: `move_tree` copies every object, checks each copy's checksum against the
     original, and only then deletes the original;
   - append: `append_text` rewrites the object (its old text plus the new lines);
-  - memory maps: `load_npy` reads the whole array into memory.
+  - memory maps: `load_npy` reads the whole array into memory;
+  - readers of local files only (array_record): `local_copy` copies a folder once.
 An object appears whole when its upload finishes, so a write interrupted by a kill leaves
 the previous object (or none), never a truncated one: no temp-name dance is needed there.
 
