@@ -35,6 +35,7 @@ import numpy as np
 from vqvae2_jax import builders
 from vqvae2_jax import checkpoint as ckpt_lib
 from vqvae2_jax import config_lib
+from vqvae2_jax import storage
 from vqvae2_jax import workdir as workdir_lib
 from vqvae2_jax.data import codes as codes_lib
 from vqvae2_jax.eval import convert
@@ -366,9 +367,9 @@ def import_checkpoints(workdir: str, vqvae: str, priors: dict[str, str] | None =
     config.stage = stage
     w.write_config(stage, config)
     _save(w, stage, variables, config.priors[level].train, prior_files[level][0])
-  os.makedirs(w.extract_dir, exist_ok=True)
-  with open(os.path.join(w.extract_dir, codes_lib.MANIFEST), "w") as f:
-    json.dump(manifest, f, indent=2)
+  storage.makedirs(w.extract_dir)  # the workdir may be a bucket URL
+  storage.write_text(storage.join(w.extract_dir, codes_lib.MANIFEST),
+                     json.dumps(manifest, indent=2))
   return config
 
 
