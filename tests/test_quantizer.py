@@ -165,9 +165,9 @@ def test_quantizer_contractions_are_float32_exact(threshold, options):
 
 def test_prior_one_hot_lookups_are_exact():
   """The prior's embedding, conditioning-code and label lookups select rows at HIGHEST."""
-  from vqvae2_jax.models import prior as prior_lib  # pylint: disable=g-import-not-at-top
+  from vqvae2_jax.models import prior_blocks  # pylint: disable=g-import-not-at-top
   idx = jnp.zeros((2, 3), jnp.int32)
   table = jnp.ones((5, 4))
   for dtype in (jnp.float32, jnp.bfloat16):
-    assert_all_highest(lambda t: prior_lib._one_hot_lookup(t, idx, dtype), table,  # pylint: disable=protected-access
+    assert_all_highest(lambda t: prior_blocks.one_hot_lookup(t, idx, dtype), table,
                        expect_at_least=1)

@@ -174,8 +174,9 @@ def _abandoned_reads_quiet() -> Iterator[None]:
   threads, as the abandoned reads finish). Python reports each ('Task exception was never
   retrieved', 'coroutine ... was never awaited', 'Event loop is closed') with its
   traceback: hundreds of lines that would bury the one-line error and say nothing it
-  does not. They are dropped while the reads and retries run, and for `_SETTLE_S` after a
-  failure while the garbage it left is collected.
+  does not. They are dropped while the reads and retries run; after a read that finally
+  fails, for the rest of the process (the caller stops with that error, and on a loaded
+  machine abandoned reads may report long after any fixed grace period).
   """
   asyncio_logger, drop = logging.getLogger("asyncio"), _DropAbandonedTasks()
   previous_unraisable, previous_except = sys.unraisablehook, sys.excepthook
@@ -189,19 +190,18 @@ def _abandoned_reads_quiet() -> Iterator[None]:
       previous_except(kind, value, traceback)
   asyncio_logger.addFilter(drop)
   sys.unraisablehook, sys.excepthook = unraisable_hook, except_hook
+  never_awaited = dict(message="coroutine .* was never awaited", category=RuntimeWarning)
   try:
     with warnings.catch_warnings():
-      warnings.filterwarnings("ignore", message="coroutine .* was never awaited",
-                              category=RuntimeWarning)
-      try:
-        yield
-      except BaseException:
-        time.sleep(_SETTLE_S)  # abandoned local reads finish within milliseconds
-        gc.collect()  # the abandoned tasks report now, while their reports are dropped
-        raise
-  finally:
-    sys.unraisablehook, sys.excepthook = previous_unraisable, previous_except
-    asyncio_logger.removeFilter(drop)
+      warnings.filterwarnings("ignore", **never_awaited)
+      yield
+  except BaseException:
+    warnings.filterwarnings("ignore", **never_awaited)  # process-wide from here: see above
+    time.sleep(_SETTLE_S)  # abandoned local reads finish within milliseconds
+    gc.collect()  # the abandoned tasks report now, while their reports are dropped
+    raise  # the hooks and the asyncio filter stay installed
+  sys.unraisablehook, sys.excepthook = previous_unraisable, previous_except
+  asyncio_logger.removeFilter(drop)
 
 
 def read_with_retries(read: Callable[[], Any], policy: RetryPolicy, what: str) -> Any:
