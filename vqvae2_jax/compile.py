@@ -64,6 +64,7 @@ def compile_in_child(extra_args: list[str]) -> tuple[list[dict], str]:
                                                         "--json"))]
   cmd = [sys.executable, "-m", "vqvae2_jax.compile", *args, *extra_args, "--compile_worker"]
   env = dict(os.environ, JAX_PLATFORMS="cpu", ALLOW_MULTIPLE_LIBTPU_LOAD="1")
+  env.pop("JAX_COMPILATION_CACHE_DIR", None)  # compile-only executables cannot be loaded back
   try:
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
                           timeout=_TIMEOUT.value, check=False)

@@ -23,15 +23,30 @@ such as the optimizer update and element-wise passes is that large).
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any
 
 import jax
-from jax._src import config as jax_config  # enable_compilation_cache: no public context
+from jax._src import compilation_cache  # reset_cache: see _without_persistent_cache
+from jax._src import config as jax_config
 
 from vqvae2_jax.aot import flops as flops_lib
 from vqvae2_jax.aot.programs import Program
 from vqvae2_jax.aot.topology import Chip
+
+
+@contextlib.contextmanager
+def _without_persistent_cache():
+  """Compile-only devices cannot load an executable back, so theirs stay out of any
+  persistent compilation cache. JAX decides once per process whether the cache is used:
+  the decision is reset around the compile (private API; no public switch exists)."""
+  with jax_config.enable_compilation_cache(False):
+    compilation_cache.reset_cache()
+    try:
+      yield
+    finally:
+      compilation_cache.reset_cache()
 
 
 def _trace_flops(fn, args, context) -> tuple[float, float]:
@@ -59,9 +74,7 @@ def analyse(program: Program, chip: Chip, num_chips: int) -> dict[str, Any]:
   start = time.time()
   with program.context():
     lowered = program.jitted.lower(*program.args)
-  # Compile-only devices cannot load executables back: keep them out of any persistent
-  # compilation cache (reading one back would fail with a warning).
-  with jax_config.enable_compilation_cache(False):
+  with _without_persistent_cache():
     compiled = lowered.compile()
   row["compile_s"] = round(time.time() - start, 1)
   row.update(memory_figures(compiled))

@@ -23,6 +23,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from vqvae2_jax import builders
 from vqvae2_jax import config_lib
+from vqvae2_jax import images as image_lib
 from vqvae2_jax import parallel
 from vqvae2_jax.eval import convert
 from vqvae2_jax.models import vqvae as vqvae_lib
@@ -141,7 +142,7 @@ def encoder_program(config, devices) -> Program:
                                 sharding=parallel.batch_sharding(mesh))
 
   def encode(v, x):
-    return model.apply(v, x.astype(jnp.float32) / 127.5 - 1.0, method=model.encode)
+    return model.apply(v, image_lib.to_model(x), method=model.encode)
   jitted = jax.jit(encode, out_shardings=parallel.batch_sharding(mesh))
   return Program("encoder", jitted, (variables, images), batch, "images")
 
@@ -206,6 +207,6 @@ def stage_programs(config, stage: str, devices, num_classes: int) -> list[Progra
   if stage in ("evaluate", "pipeline"):
     out.append(feature_program(config, devices))
   if not out:
-    raise ValueError(f"stage {stage!r} compiles no device program (the classifier "
-                     "trains on the host's devices like stage 1: check 'vqvae')")
+    raise ValueError(f"the compile check has no program for stage {stage!r}; use vqvae, "
+                     "extract, prior_<level>, sample, evaluate or pipeline")
   return out
