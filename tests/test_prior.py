@@ -242,3 +242,23 @@ def test_bf16_compute_gives_finite_float32_logits():
   assert logits.dtype == jnp.float32 and np.all(np.isfinite(np.asarray(logits)))
   ref = _forward(PixelSNAILPrior(**UNCOND))(params, codes, (), None)
   assert np.abs(np.asarray(logits - ref)).max() < 0.1 * np.abs(np.asarray(ref)).max() + 0.1
+
+
+def test_runs_recorded_before_scan_layers_keep_the_unrolled_layout(tmp_path):
+  """A prior record without `scan_layers` (written before the field) resolves to False,
+  the layout its checkpoints hold, although today's default is True; a record with the
+  field keeps its value."""
+  import json  # pylint: disable=g-import-not-at-top
+  from helpers import load_config  # pylint: disable=g-import-not-at-top
+  from vqvae2_jax.workdir import Workdir  # pylint: disable=g-import-not-at-top
+  config = load_config("imagenet256", "prior_top,tiny")
+  assert config.priors.top.scan_layers
+  workdir = Workdir(str(tmp_path))
+  workdir.write_config("prior_top", config)
+  (tmp_path / "prior_top" / "checkpoints" / "1").mkdir(parents=True)
+  assert workdir.resolve_recorded(config).priors.top.scan_layers
+  path = tmp_path / "prior_top" / "config.json"
+  record = json.loads(path.read_text())
+  del record["priors"]["top"]["scan_layers"]
+  path.write_text(json.dumps(record))
+  assert not workdir.resolve_recorded(config).priors.top.scan_layers

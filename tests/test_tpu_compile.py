@@ -49,8 +49,10 @@ def _analyse(config, stage, devices):
 
 @pytest.mark.parametrize("remat", ["none", "block"])
 def test_tiny_prior_train_step_compiles_for_tpu(devices, remat):
+  # Scanned stacks, as the paper configs run them on TPU (the CPU demo's are unrolled).
   config = load_config("demo", "prior_top,tiny", **{"priors.top.train.remat": remat,
-                                                    "priors.top.train.batch_size": 8})
+                                                    "priors.top.train.batch_size": 8,
+                                                    "priors.top.scan_layers": True})
   (row,) = _analyse(config, "prior_top", devices)
   assert row["remat"] == remat and row["program"] == "train prior_top"
   # Layers run under scan: XLA counts the body once, the jaxpr count knows the length.

@@ -64,14 +64,19 @@ def prior_config(**overrides) -> ml_collections.ConfigDict:
 
 def cpu_priors(top_train: ml_collections.ConfigDict,
                bottom_train: ml_collections.ConfigDict) -> dict:
-  """Small two-level priors (8x8 top / 16x16 bottom maps of 64x64 images) for a CPU."""
+  """Small two-level priors (8x8 top / 16x16 bottom maps of 64x64 images) for a CPU.
+
+  Unrolled (scan_layers=False): at 4 layers compile time is no concern, and XLA:CPU runs
+  the demo's top-prior train step 1.44x faster unrolled than scanned (fusion across
+  layers, no per-layer slicing of stacked parameters).
+  """
   return dict(
       top=prior_config(hidden=64, res_hidden=128, num_layers=4, attention_every=2,
                        num_heads=2, kernel_size=3, dropout=0.1, attn_dropout=0.1,
-                       num_output_layers=2, train=top_train),
+                       num_output_layers=2, scan_layers=False, train=top_train),
       bottom=prior_config(hidden=64, res_hidden=128, num_layers=4, attention_every=0,
                           num_heads=1, kernel_size=3, dropout=0.1, attn_dropout=0.0,
-                          num_cond_layers=3, train=bottom_train))
+                          num_cond_layers=3, scan_layers=False, train=bottom_train))
 
 
 def base_config() -> ml_collections.ConfigDict:
