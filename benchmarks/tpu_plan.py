@@ -21,6 +21,9 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from vqvae2_jax.aot import topology as topology_lib  # noqa: E402
 STEPS = (("imagenet256", "vqvae"), ("imagenet256", "prior_top"), ("imagenet256", "prior_bottom"),
          ("ffhq1024", "vqvae"), ("ffhq1024", "prior_top"), ("ffhq1024", "prior_mid"),
          ("ffhq1024", "prior_bottom"))
@@ -62,12 +65,49 @@ def table_line(experiment: str, stage: str, topology: str, result: dict) -> str:
           f"{100 * r.get('mfu_bound', 0):.0f}% ({bound}) |")
 
 
+def grid(out_dir: str, topologies: list[str]) -> str:
+  """A Markdown grid (steps x slices) of what `out_dir` holds: the --suggest result of each
+  cell, else the hand-set remat='block' compile (*_remat-block.json, marked *), else '-'."""
+  lines = ["| step | " + " | ".join(topologies) + " |",
+           "|---|" + "---|" * len(topologies)]
+  for experiment, stage in STEPS:
+    cells = []
+    for topology in topologies:
+      cell = "-"
+      for suffix, mark in (("", ""), ("_remat-block", "*")):
+        path = os.path.join(out_dir, f"{experiment}_{stage}_{topology}{suffix}.json")
+        if not os.path.exists(path):
+          continue
+        with open(path) as f:
+          rows = json.load(f).get("rows")
+        if rows:
+          r, chip = rows[0], topology_lib.parse(topology).chip
+          # The bounds from the raw figures, as aot/analysis.py defines them today.
+          step = max(r["flops"] / chip.peak_bf16_flops, r["xla_optimal_s"],
+                     r["xla_bytes"] / chip.hbm_bytes_per_s)
+          mfu = r["model_flops"] / (step * chip.peak_bf16_flops)
+          levers = ("remat" if r["remat"] == "block" else "no remat") + (
+              f", accum {r['grad_accum_steps']}" if r["grad_accum_steps"] > 1 else "") + (
+              f", fsdp {r['fsdp']}" if r["fsdp"] > 1 else "")
+          cell = (f"{levers}: {r['peak'] / 2**30:.1f} / {r['hbm'] / 2**30:.0f} GiB, "
+                  f"MFU <= {100 * mfu:.0f}%{mark}")
+          break
+      cells.append(cell)
+    lines.append(f"| {experiment} {stage} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
 def main(argv=None) -> None:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--topologies", default="v4-8,v5e-8,v5p-8,v6e-8")
   ap.add_argument("--steps", default="all", help="comma list of experiment:stage")
   ap.add_argument("--out", required=True, help="folder for one JSON per step and slice")
+  ap.add_argument("--grid", action="store_true",
+                  help="print the grid of what --out holds, compiling nothing")
   args = ap.parse_args(argv)
+  if args.grid:
+    print(grid(args.out, args.topologies.split(",")))
+    return
   os.makedirs(args.out, exist_ok=True)
   steps = STEPS if args.steps == "all" else [tuple(s.split(":")) for s in args.steps.split(",")]
   lines = ["| step | slice | suggested levers | peak / HBM per chip | step >= | per chip | "
