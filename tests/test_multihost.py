@@ -66,6 +66,37 @@ def can_bind_localhost():
     return False
 
 
+def run_side_by_side(log_dir, single_command, multi_command, timeout: int) -> str:
+  """Runs `single_command` on one process with 4 devices and `multi_command` on two
+  processes with 2 each (the launcher), side by side: most of their time is
+  single-threaded compilation. Skips when the coordinator cannot bind its port; fails
+  with the log's tail when either run fails. Returns the two-process log."""
+  with open(os.path.join(log_dir, "multi.log"), "w+") as multi_log, \
+       open(os.path.join(log_dir, "single.log"), "w+") as single_log:
+    ref = subprocess.Popen(single_command, cwd=ROOT, env=launcher.process_env(4, base_env()),
+                           stdout=single_log, stderr=subprocess.STDOUT)
+    try:
+      code = subprocess.run(
+          [sys.executable, LAUNCHER, "--num_processes=2", "--devices_per_process=2",
+           f"--timeout={timeout}", "--", *multi_command],
+          cwd=ROOT, env=base_env(), stdout=multi_log, stderr=subprocess.STDOUT,
+          timeout=timeout + 60).returncode
+      ref_code = ref.wait(timeout=timeout)
+    finally:
+      if ref.poll() is None:
+        ref.kill()
+        ref.wait()
+    multi_log.seek(0)
+    single_log.seek(0)
+    multi_out, single_out = multi_log.read(), single_log.read()
+  if code and re.search(r"failed to add port|no address added|failed to bind", multi_out,
+                        re.IGNORECASE):
+    pytest.skip("jax.distributed could not bind its coordinator port on 127.0.0.1")
+  assert code == 0, multi_out[-6000:]
+  assert ref_code == 0, single_out[-6000:]
+  return multi_out
+
+
 def restore(workdir):
   """(state, record) of the latest vqvae checkpoint under `workdir`, on one device."""
   config = load_config("demo", "vqvae,tiny", **OVERRIDES)
@@ -86,32 +117,7 @@ def train_losses(workdir):
                            "coordinator")
 def test_two_processes_equal_one_process(tmp_path):
   multi, single = str(tmp_path / "multi"), str(tmp_path / "single")
-  # The reference and the two-process run go side by side: most of their time is
-  # single-threaded compilation.
-  with open(tmp_path / "multi.log", "w+") as multi_log, \
-       open(tmp_path / "single.log", "w+") as single_log:
-    ref = subprocess.Popen(
-        main_command(single), cwd=ROOT, env=launcher.process_env(4, base_env()),
-        stdout=single_log, stderr=subprocess.STDOUT)
-    try:
-      code = subprocess.run(
-          [sys.executable, LAUNCHER, "--num_processes=2", "--devices_per_process=2",
-           "--timeout=240", "--", *main_command(multi)],
-          cwd=ROOT, env=base_env(), stdout=multi_log, stderr=subprocess.STDOUT,
-          timeout=300).returncode
-      ref_code = ref.wait(timeout=240)
-    finally:
-      if ref.poll() is None:
-        ref.kill()
-        ref.wait()
-    multi_log.seek(0)
-    single_log.seek(0)
-    multi_out, single_out = multi_log.read(), single_log.read()
-  if code and re.search(r"failed to add port|no address added|failed to bind", multi_out,
-                        re.IGNORECASE):
-    pytest.skip("jax.distributed could not bind its coordinator port on 127.0.0.1")
-  assert code == 0, multi_out[-6000:]
-  assert ref_code == 0, single_out[-6000:]
+  run_side_by_side(tmp_path, main_command(single), main_command(multi), timeout=240)
 
   # Both processes wrote their part of the checkpoint.
   metadata = os.path.join(multi, "vqvae", "checkpoints", str(STEPS), "state",

@@ -13,7 +13,6 @@ import math
 import os
 import re
 import shutil
-import subprocess
 import sys
 
 import numpy as np
@@ -23,8 +22,8 @@ from vqvae2_jax import main
 from vqvae2_jax.data import codes as codes_lib
 from vqvae2_jax.stages import extract_stage
 
-from helpers import ROOT, load_config
-from test_multihost import LAUNCHER, base_env, can_bind_localhost, launcher
+from helpers import load_config
+from test_multihost import can_bind_localhost, run_side_by_side
 
 # Sharing the session-wide tiny pipeline: the tests of the group run in one xdist worker.
 pytestmark = pytest.mark.xdist_group("tiny_pipeline")
@@ -61,34 +60,11 @@ def runs(tiny_pipeline, tmp_path_factory):
     for done in ("sample", "evaluate"):  # other tests of the group may have run them
       shutil.rmtree(os.path.join(copy, done), ignore_errors=True)
   shutil.rmtree(os.path.join(multi, "extract"))
-  with open(root / "multi.log", "w+") as multi_log, \
-       open(root / "single.log", "w+") as single_log:
-    # Side by side: most of their time is single-threaded compilation.
-    ref = subprocess.Popen(
-        chain(stage("sample", single), stage("evaluate", single, *EVALUATE_FLAGS)),
-        cwd=ROOT, env=launcher.process_env(4, base_env()), stdout=single_log,
-        stderr=subprocess.STDOUT)
-    try:
-      code = subprocess.run(
-          [sys.executable, LAUNCHER, "--num_processes=2", "--devices_per_process=2",
-           "--timeout=400", "--",
-           *chain(stage("extract", multi, "--config.data.worker_count=1"),
-                  stage("sample", multi), stage("evaluate", multi, *EVALUATE_FLAGS))],
-          cwd=ROOT, env=base_env(), stdout=multi_log, stderr=subprocess.STDOUT,
-          timeout=450).returncode
-      ref_code = ref.wait(timeout=400)
-    finally:
-      if ref.poll() is None:
-        ref.kill()
-        ref.wait()
-    multi_log.seek(0)
-    single_log.seek(0)
-    multi_out, single_out = multi_log.read(), single_log.read()
-  if code and re.search(r"failed to add port|no address added|failed to bind", multi_out,
-                        re.IGNORECASE):
-    pytest.skip("jax.distributed could not bind its coordinator port on 127.0.0.1")
-  assert code == 0, multi_out[-6000:]
-  assert ref_code == 0, single_out[-6000:]
+  multi_out = run_side_by_side(
+      root, list(chain(stage("sample", single), stage("evaluate", single, *EVALUATE_FLAGS))),
+      list(chain(stage("extract", multi, "--config.data.worker_count=1"),
+                 stage("sample", multi), stage("evaluate", multi, *EVALUATE_FLAGS))),
+      timeout=400)
   assert "process 1 of 2, 2 local / 4 global devices" in multi_out
   return single, multi, multi_out
 
