@@ -34,8 +34,9 @@ from vqvae2_jax import codec as codec_lib
 from vqvae2_jax.eval.feature_networks import load_feature_network
 from vqvae2_jax.sampling import scorers
 from vqvae2_jax.sampling.hierarchical import HierarchicalSampler, SampleOptions
-from vqvae2_jax.workdir import (CLASSIFIER, VQVAE, StageMissingError, Workdir,
-                                prior_stage)
+from vqvae2_jax.registry import (CLASSIFIER, EFFICIENTNET_LITE0, REJECT_TRAINED, VQVAE,
+                                 prior_stage)
+from vqvae2_jax.workdir import StageMissingError, Workdir
 
 
 def _tuples(value: Any) -> Any:
@@ -181,19 +182,20 @@ class Run:
     shapes = {l: tuple(self.manifest["shapes"][l]) for l in self.manifest["levels"]}
     return HierarchicalSampler(model, variables, self.priors, shapes, options, self.mesh)
 
-  def scorer(self, kind: str = "trained", batch_size: int = 32) -> scorers.Scorer:
+  def scorer(self, kind: str = REJECT_TRAINED, batch_size: int = 32) -> scorers.Scorer:
     """Class probabilities of images for rejection sampling: 'trained' (the classifier
     stage) or 'efficientnet_lite0' (ImageNet classes)."""
     batch_size = _round_up(batch_size, self.mesh.size)
-    if kind == "trained":
+    if kind == REJECT_TRAINED:
       model, params = self.classifier
       return scorers.classifier_scorer(model, params, self.mesh, batch_size)
-    if kind == "efficientnet_lite0":
+    if kind == EFFICIENTNET_LITE0:
       apply_fn, variables, info = load_feature_network(
-          "efficientnet_lite0", self.config.evaluate.efficientnet_weights or None)
+          EFFICIENTNET_LITE0, self.config.evaluate.efficientnet_weights or None)
       return scorers.network_scorer(apply_fn, variables, info["logits_key"], self.mesh,
                                     batch_size)
-    raise ValueError(f"unknown scorer {kind!r}: use 'trained' or 'efficientnet_lite0'")
+    raise ValueError(f"unknown scorer {kind!r}: use {REJECT_TRAINED!r} or "
+                     f"{EFFICIENTNET_LITE0!r}")
 
   # ------------------------------------------------------------------ calls
   def _batched(self, fn, arrays: Sequence[np.ndarray], batch_size: int | None = None):
@@ -295,7 +297,8 @@ class Run:
       raise StageMissingError(f"no classifier in {self.workdir.path}: run the classifier "
                               "stage first")
     images = self._check_images(images)
-    return self.scorer("trained", batch_size=self.config.classifier.train.batch_size)(images)
+    return self.scorer(REJECT_TRAINED,
+                       batch_size=self.config.classifier.train.batch_size)(images)
 
   # ------------------------------------------------------------------ codec
   def _model_record(self) -> dict:

@@ -11,10 +11,8 @@ from typing import Any, Callable
 
 import ml_collections
 
-STAGES = ("vqvae", "extract", "prior_top", "prior_mid", "prior_bottom", "classifier",
-          "sample", "evaluate", "pipeline")
-UPSAMPLE_MODES = ("transpose", "subpixel", "resize")
-ARCHITECTURES = ("paper", "public")  # 'public': the public PyTorch VQ-VAE-2 code's layers
+from vqvae2_jax import registry
+
 DEFAULT_AXIS_RULES = (("batch", ("data", "fsdp")), ("mlp", "fsdp"), ("embed", None),
                       ("vocab", None), ("heads", None), ("classes", None), ("kh", None),
                       ("kw", None), ("layers", None), ("sublayers", None))
@@ -32,7 +30,7 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
       dtype="float32",
       # Memory levers (no effect on parameters): microbatches per step (the update equals
       # one step on the whole batch) and rematerialisation of each residual / gated block.
-      grad_accum_steps=1, remat="none",
+      grad_accum_steps=1, remat=registry.REMAT_NONE,
       # Stage 1 only: warn when a level's code usage (fraction of K used in a batch) stays
       # below this for 3 consecutive logs (0 = never).
       usage_warning=0.1))
@@ -56,7 +54,7 @@ def prior_config(**overrides) -> ml_collections.ConfigDict:
       # 'paper' (models/prior.py) | 'public': the PixelSNAIL of the public PyTorch code
       # (models/public_pixelsnail.py, written by `python -m vqvae2_jax.import_torch`), whose
       # `num_layers` blocks hold `res_per_block` gated blocks each (unused by 'paper').
-      architecture="paper", res_per_block=4, train=train_config(
+      architecture=registry.PAPER, res_per_block=4, train=train_config(
           batch_size=32, learning_rate=3e-4, param_ema_decay=0.999)))
   c.update(overrides)
   return c
@@ -83,12 +81,12 @@ def base_config() -> ml_collections.ConfigDict:
   """Every field any stage reads, with the paper's Table 5 stage-1 values."""
   c = ml_collections.ConfigDict()
   c.experiment = ""
-  c.stage = "vqvae"
+  c.stage = registry.VQVAE
   c.seed = 0
   c.data = ml_collections.ConfigDict(dict(
-      source="demo", image_size=64, root="", layout="classes", train_split="train",
-      val_split="val", flat_val_count=1000, tfds_name="imagenet2012", tfds_data_dir="",
-      on_bad_image="error", demo_train_size=2048, demo_val_size=64, seed=0,
+      source="demo", image_size=64, root="", layout="classes", train_split=registry.TRAIN,
+      val_split=registry.VAL, flat_val_count=1000, tfds_name="imagenet2012",
+      tfds_data_dir="", on_bad_image="error", demo_train_size=2048, demo_val_size=64, seed=0,
       num_threads=4, worker_count=0))
   c.vqvae = ml_collections.ConfigDict(dict(
       num_levels=2, bottom_down=2, hidden=128, res_hidden=64, num_res_layers=2, num_codes=512,
@@ -100,20 +98,20 @@ def base_config() -> ml_collections.ConfigDict:
       code_distance="l2", codebook_init="random", lookup_dim=0,
       # 'paper' | 'public': the public PyTorch code's VQ-VAE (models/public_vqvae.py; its top
       # encoder's first conv is half as wide), written by `python -m vqvae2_jax.import_torch`.
-      architecture="paper"))
+      architecture=registry.PAPER))
   c.vqvae_train = train_config(batch_size=128, steps=2_207_444)
   c.priors = ml_collections.ConfigDict()
-  c.extract = ml_collections.ConfigDict(dict(batch_size=64, splits=("train", "val")))
+  c.extract = ml_collections.ConfigDict(dict(batch_size=64, splits=registry.SPLITS))
   c.classifier = ml_collections.ConfigDict(dict(
       width=32, depth=2, input_pool=1, train=train_config(batch_size=64, steps=1000)))
   c.sample = ml_collections.ConfigDict(dict(
       num_images=16, batch_size=16, labels=(), temperature=1.0, top_k=0, top_p=1.0,
-      sampler="incremental", seed=0,
+      sampler=registry.INCREMENTAL, seed=0,
       # Classifier-free guidance scale w: logits = l_uncond + w * (l_cond - l_uncond);
       # 1 = plain conditional sampling; != 1 needs priors trained with label_dropout > 0.
       guidance=1.0,
       rejection=ml_collections.ConfigDict(dict(
-          classifier="none", keep_fraction=0.25, threshold=0.0, class_map=()))))
+          classifier=registry.REJECT_NONE, keep_fraction=0.25, threshold=0.0, class_map=()))))
   # num_images: accepted samples per keep fraction (50,000 for published FID/IS).
   # Feature networks: Inception (FID/IS) and VGG-16 (precision/recall) from the given
   # paths or the default search; without them fallback_network ('efficientnet_lite0' or
@@ -142,12 +140,12 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-def parse_arg(arg: str | None, default_stage: str = "vqvae") -> tuple[str, list[str]]:
+def parse_arg(arg: str | None, default_stage: str = registry.VQVAE) -> tuple[str, list[str]]:
   """'vqvae,tiny' -> ('vqvae', ['tiny'])."""
   parts = [p.strip() for p in (arg or default_stage).split(",") if p.strip()]
   stage, presets = (parts[0], parts[1:]) if parts else (default_stage, [])
-  if stage not in STAGES:
-    raise ValueError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
+  if stage not in registry.STAGES:
+    raise ValueError(f"unknown stage {stage!r}; choose one of {', '.join(registry.STAGES)}")
   return stage, presets
 
 
@@ -191,24 +189,21 @@ def with_fields(config: ml_collections.ConfigDict, values: dict[str, Any]
 
 def prior_levels(config: ml_collections.ConfigDict) -> tuple[str, ...]:
   """Level names top first, as the VQ-VAE of this config names them ('top', ['mid',]
-  'bottom'; 'level<i>' beyond 3). Spelled here so configs stay plain values; a test
-  checks it equals `models.vqvae.level_names`."""
-  n = config.vqvae.num_levels
-  names = {1: ("bottom",), 2: ("top", "bottom"), 3: ("top", "mid", "bottom")}
-  return names.get(n, tuple(f"level{i}" for i in range(n)))
+  'bottom'; 'level<i>' beyond 3; `registry.level_names`)."""
+  return registry.level_names(config.vqvae.num_levels)
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Fails early, naming the key, on values no stage could run with."""
   def bad(key, value, why):
     raise ValueError(f"config.{key}={value!r}: {why}")
-  if config.stage not in STAGES:
-    bad("stage", config.stage, f"must be one of {STAGES}")
+  if config.stage not in registry.STAGES:
+    bad("stage", config.stage, f"must be one of {registry.STAGES}")
   v = config.vqvae
   if v.num_levels < 1:
     bad("vqvae.num_levels", v.num_levels, "must be >= 1")
-  if v.upsample not in UPSAMPLE_MODES:
-    bad("vqvae.upsample", v.upsample, f"must be one of {UPSAMPLE_MODES}")
+  if v.upsample not in registry.UPSAMPLE_MODES:
+    bad("vqvae.upsample", v.upsample, f"must be one of {registry.UPSAMPLE_MODES}")
   if not 0 < v.decay < 1:
     bad("vqvae.decay", v.decay, "EMA decay must be in (0, 1)")
   for key in ("num_codes", "code_dim", "hidden", "res_hidden"):
@@ -222,37 +217,39 @@ def validate(config: ml_collections.ConfigDict) -> None:
     bad("vqvae.codebook_init", v.codebook_init, "must be 'random' or 'kmeans'")
   if v.lookup_dim < 0:
     bad("vqvae.lookup_dim", v.lookup_dim, "must be 0 (off) or a positive projection size")
-  if v.get("architecture", "paper") not in ARCHITECTURES:
-    bad("vqvae.architecture", v.architecture, f"must be one of {ARCHITECTURES}")
+  if v.get("architecture", registry.PAPER) not in registry.ARCHITECTURES:
+    bad("vqvae.architecture", v.architecture, f"must be one of {registry.ARCHITECTURES}")
   stride = 2**v.bottom_down * 2**(v.num_levels - 1)
   if config.data.image_size % stride:
     bad("data.image_size", config.data.image_size,
         f"must be divisible by {stride} for {v.num_levels} levels")
-  if config.data.source not in ("demo", "folder", "tfds"):
-    bad("data.source", config.data.source, "must be 'demo', 'folder' or 'tfds'")
+  if config.data.source not in registry.DATA_SOURCES:
+    bad("data.source", config.data.source, f"must be one of {registry.DATA_SOURCES}")
   if config.data.source == "folder" and not config.data.root:
     bad("data.root", config.data.root, "set it to the image folder for data.source='folder'")
-  if config.data.on_bad_image not in ("error", "skip"):
-    bad("data.on_bad_image", config.data.on_bad_image, "must be 'error' or 'skip'")
+  if config.data.on_bad_image not in registry.ON_BAD_IMAGE:
+    bad("data.on_bad_image", config.data.on_bad_image,
+        f"must be one of {registry.ON_BAD_IMAGE}")
   levels = prior_levels(config)
   for name in config.priors:
     if name not in levels:
       bad(f"priors.{name}", "...", f"this VQ-VAE has levels {levels}")
-  if config.stage.startswith("prior_") and config.stage[6:] not in config.priors:
+  level = registry.prior_level(config.stage)
+  if level is not None and level not in config.priors:
     bad("stage", config.stage, f"experiment has priors for {tuple(config.priors)}")
   for section in ["vqvae_train", "classifier.train"] + [f"priors.{p}.train" for p in config.priors]:
     t = get_field(config, section)
     if t.batch_size < 1 or t.steps < 0 or t.learning_rate <= 0:
       bad(f"{section}", "...", "batch_size >= 1, steps >= 0 and learning_rate > 0 are needed")
-    if t.dtype not in ("float32", "bfloat16", "float16"):
-      bad(f"{section}.dtype", t.dtype, "must be float32, bfloat16 or float16")
+    if t.dtype not in registry.DTYPES:
+      bad(f"{section}.dtype", t.dtype, f"must be one of {registry.DTYPES}")
     if t.grad_accum_steps < 1 or t.batch_size % t.grad_accum_steps:
       bad(f"{section}.grad_accum_steps", t.grad_accum_steps,
           f"must be >= 1 and divide batch_size={t.batch_size}")
     if not 0 <= t.usage_warning <= 1:
       bad(f"{section}.usage_warning", t.usage_warning, "must be a fraction in [0, 1]")
-    if t.remat not in ("none", "block"):
-      bad(f"{section}.remat", t.remat, "must be 'none' or 'block'")
+    if t.remat not in registry.REMAT_MODES:
+      bad(f"{section}.remat", t.remat, f"must be one of {registry.REMAT_MODES}")
   if config.classifier.input_pool < 1 or config.data.image_size % config.classifier.input_pool:
     bad("classifier.input_pool", config.classifier.input_pool,
         f"must be >= 1 and divide data.image_size={config.data.image_size}")
@@ -260,8 +257,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     p = config.priors[name]
     if not 0.0 <= p.get("label_dropout", 0.0) < 1.0:
       bad(f"priors.{name}.label_dropout", p.label_dropout, "must be in [0, 1)")
-    if p.get("architecture", "paper") not in ARCHITECTURES:
-      bad(f"priors.{name}.architecture", p.architecture, f"must be one of {ARCHITECTURES}")
+    if p.get("architecture", registry.PAPER) not in registry.ARCHITECTURES:
+      bad(f"priors.{name}.architecture", p.architecture,
+          f"must be one of {registry.ARCHITECTURES}")
     if p.get("label_dropout", 0.0) > 0 and not p.class_conditional:
       bad(f"priors.{name}.label_dropout", p.label_dropout,
           "needs class_conditional=True (it drops class labels)")
@@ -270,11 +268,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
         "each must be >= 0 (1 = no guidance)")
   if config.sample.get("guidance", 1.0) < 0:
     bad("sample.guidance", config.sample.guidance, "must be >= 0 (1 = no guidance)")
-  if config.sample.sampler not in ("incremental", "reference"):
-    bad("sample.sampler", config.sample.sampler, "must be 'incremental' or 'reference'")
-  if config.sample.rejection.classifier not in ("none", "efficientnet_lite0", "trained"):
+  if config.sample.sampler not in registry.SAMPLERS:
+    bad("sample.sampler", config.sample.sampler, f"must be one of {registry.SAMPLERS}")
+  if config.sample.rejection.classifier not in registry.REJECTION_KINDS:
     bad("sample.rejection.classifier", config.sample.rejection.classifier,
-        "must be 'none', 'efficientnet_lite0' or 'trained'")
+        f"must be one of {registry.REJECTION_KINDS}")
   if config.mesh.fsdp < 1 or (config.mesh.data < 1 and config.mesh.data != -1):
     bad("mesh", dict(config.mesh), "data is -1 (all devices) or >= 1, fsdp >= 1")
 

@@ -12,24 +12,24 @@ from typing import Iterable
 
 from vqvae2_jax import config_lib
 from vqvae2_jax import parallel
+from vqvae2_jax import registry
 from vqvae2_jax.workdir import Workdir
 
-# stage -> module in vqvae2_jax.stages with a run(config, workdir) function.
-STAGE_MODULES = {
-    "vqvae": "vqvae_stage", "extract": "extract_stage", "prior_top": "prior_stage",
-    "prior_mid": "prior_stage", "prior_bottom": "prior_stage",
-    "classifier": "classifier_stage", "sample": "sample_stage",
-    "evaluate": "evaluate_stage",
-}
+
+def stage_module(stage: str) -> str:
+  """The module in vqvae2_jax.stages with the stage's run(config, workdir) function:
+  '<stage>_stage', one module for every level's prior ('prior_stage')."""
+  return ("prior" if registry.prior_level(stage) is not None else stage) + "_stage"
 
 
 def pipeline_stages(config) -> list[str]:
   """The stages `pipeline` runs for `config`, in order: vqvae -> extract -> each prior ->
   classifier (when rejection sampling uses it) -> sample -> evaluate."""
-  stages = ["vqvae", "extract"] + [f"prior_{l}" for l in config_lib.prior_levels(config)]
-  if config.sample.rejection.classifier == "trained":
-    stages.append("classifier")
-  return stages + ["sample", "evaluate"]
+  stages = [registry.VQVAE, registry.EXTRACT] + [
+      registry.prior_stage(l) for l in config_lib.prior_levels(config)]
+  if config.sample.rejection.classifier == registry.REJECT_TRAINED:
+    stages.append(registry.CLASSIFIER)
+  return stages + [registry.SAMPLE, registry.EVALUATE]
 
 
 def run_stage(config, workdir: str, explicit: Iterable[str] = ()) -> None:
@@ -43,12 +43,12 @@ def run_stage(config, workdir: str, explicit: Iterable[str] = ()) -> None:
   """
   explicit = tuple(explicit)
   config_lib.validate(config)
-  if config.stage == "pipeline":
+  if config.stage == registry.PIPELINE:
     _run_pipeline(config, workdir, explicit)
     return
   resolved = Workdir(workdir).resolve_recorded(config, explicit)
   config_lib.validate(resolved)
-  module = importlib.import_module(f"vqvae2_jax.stages.{STAGE_MODULES[config.stage]}")
+  module = importlib.import_module(f"vqvae2_jax.stages.{stage_module(config.stage)}")
   module.run(resolved, workdir)
 
 

@@ -28,10 +28,12 @@ import orbax.checkpoint as ocp
 from vqvae2_jax import config_lib
 from vqvae2_jax import storage
 from vqvae2_jax.data.codes import MANIFEST
+# Stage names are the registry's; imported here too for the modules that read them
+# beside a Workdir.
+from vqvae2_jax.registry import (  # pylint: disable=unused-import
+    CLASSIFIER, EVALUATE, EXTRACT, SAMPLE, VQVAE, prior_level, prior_stage)
 
 CONFIG_JSON, CONFIG_TXT, CHECKPOINTS = "config.json", "config.txt", "checkpoints"
-VQVAE, EXTRACT, CLASSIFIER, SAMPLE, EVALUATE = ("vqvae", "extract", "classifier", "sample",
-                                                "evaluate")
 CLASSES_JSON = "classes.json"
 
 
@@ -41,11 +43,6 @@ class ConfigConflictError(ValueError):
 
 class StageMissingError(FileNotFoundError):
   """A stage this use needs has not been run (or trained) in this workdir."""
-
-
-def prior_stage(level: str) -> str:
-  """'top' -> 'prior_top': the stage (and folder) of a level's prior."""
-  return f"prior_{level}"
 
 
 def model_fields(stage: str) -> tuple[str, ...]:
@@ -58,8 +55,8 @@ def model_fields(stage: str) -> tuple[str, ...]:
     return ("vqvae", "data.image_size")
   if stage == CLASSIFIER:
     return ("classifier",)
-  if stage.startswith("prior_"):
-    return (f"priors.{stage[len('prior_'):]}",)
+  if prior_level(stage) is not None:
+    return (f"priors.{prior_level(stage)}",)
   return ()
 
 
@@ -200,8 +197,8 @@ class Workdir:
       decay = self.recorded_section(stage, "vqvae_train.param_ema_decay")
     elif stage == CLASSIFIER:
       decay = self.recorded_section(stage, "classifier.train.param_ema_decay")
-    elif stage.startswith("prior_"):
-      decay = self.recorded_section(stage, f"priors.{stage[6:]}.train.param_ema_decay")
+    elif prior_level(stage) is not None:
+      decay = self.recorded_section(stage, f"priors.{prior_level(stage)}.train.param_ema_decay")
     return "ema_params" if decay and decay > 0 else "params"
 
   def resolve_recorded(self, config: ml_collections.ConfigDict,

@@ -12,7 +12,8 @@ from vqvae2_jax import parallel
 from vqvae2_jax.data.sources import make_source
 from vqvae2_jax.eval.classifier_training import classifier_task
 from vqvae2_jax.train import loop
-from vqvae2_jax.workdir import CLASSIFIER, Workdir
+from vqvae2_jax.registry import CLASSIFIER
+from vqvae2_jax.workdir import Workdir
 
 NAME = CLASSIFIER
 

@@ -26,9 +26,9 @@ from vqvae2_jax import storage
 from vqvae2_jax.data import codes as codes_lib
 from vqvae2_jax.data.loader import iterate_once
 from vqvae2_jax.data.sources import Subset, make_source
-from vqvae2_jax.models.vqvae import level_names
+from vqvae2_jax.registry import EXTRACT, level_names
 
-NAME = "extract"
+NAME = EXTRACT
 IMAGES_PER_SHARD_BATCHES = 16  # global batches per shard file
 
 
@@ -100,8 +100,8 @@ def run(config, workdir: str) -> None:
                               {k: np.concatenate(v) for k, v in arrays.items()})
       done += hi - lo
       rate = done / max(time.time() - start_time, 1e-9)
-      parallel.print0(f"[extract] {split}: shard {shard + 1}/{num_shards} ({hi}/{len(source)} images,"
-            f" {rate:.1f} img/s)")
+      parallel.print0(f"[{NAME}] {split}: shard {shard + 1}/{num_shards} "
+                      f"({hi}/{len(source)} images, {rate:.1f} img/s)")
     if hasattr(batches, "close"):
       batches.close()  # stops grain's threads and workers
     splits[split] = {"num_images": len(source), "num_shards": num_shards}
@@ -111,5 +111,5 @@ def run(config, workdir: str) -> None:
                   image_size=size)
   if jax.process_index() == 0:
     storage.write_text(manifest_path, json.dumps(manifest, indent=2))
-  parallel.sync_processes("extract: manifest written")  # later stages read it at once
-  parallel.print0(f"[extract] wrote {manifest_path}")
+  parallel.sync_processes(f"{NAME}: manifest written")  # later stages read it at once
+  parallel.print0(f"[{NAME}] wrote {manifest_path}")

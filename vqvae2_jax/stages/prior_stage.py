@@ -12,7 +12,8 @@ from vqvae2_jax import parallel
 from vqvae2_jax.data import codes as codes_lib
 from vqvae2_jax.eval import likelihood
 from vqvae2_jax.train import loop, losses
-from vqvae2_jax.workdir import Workdir, prior_stage
+from vqvae2_jax.registry import prior_level, prior_stage
+from vqvae2_jax.workdir import Workdir
 
 
 def build_task(config, level: str, mesh, workdir: Workdir) -> loop.TrainTask:
@@ -43,7 +44,7 @@ def build_task(config, level: str, mesh, workdir: Workdir) -> loop.TrainTask:
 
 def run(config, workdir: str) -> None:
   """Trains the prior named by config.stage (prior_top / prior_mid / prior_bottom)."""
-  level = config.stage[len("prior_"):]
+  level = prior_level(config.stage)
   w = Workdir(workdir)
   mesh = parallel.setup_runtime(config)
   name = prior_stage(level)

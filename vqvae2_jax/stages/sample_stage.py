@@ -24,9 +24,10 @@ from vqvae2_jax import api
 from vqvae2_jax import images as image_lib
 from vqvae2_jax import parallel
 from vqvae2_jax import storage
+from vqvae2_jax.registry import REJECT_NONE, SAMPLE
 from vqvae2_jax.sampling import rejection
 
-NAME = "sample"
+NAME = SAMPLE
 
 
 def class_grid(path: str, images: np.ndarray, labels: np.ndarray, class_names, cols: int,
@@ -53,7 +54,7 @@ def run(config, workdir: str) -> None:
   out_dir = w.stage_dir(NAME)
   w.write_config(NAME, config)
   sampler = run.sampler()
-  use_rejection = s.rejection.classifier != "none" and sampler.num_classes > 0
+  use_rejection = s.rejection.classifier != REJECT_NONE and sampler.num_classes > 0
   intended = run.sample_labels(s.num_images, s.labels, sampler.num_classes)
   labels = intended
   if use_rejection:
@@ -61,7 +62,7 @@ def run(config, workdir: str) -> None:
     labels = np.resize(intended, rejection.num_candidates(s.num_images,
                                                           s.rejection.keep_fraction))
   n = s.num_images if labels is None else len(labels)
-  parallel.print0(f"[sample] {n} images, levels {sampler.levels}, sampler={s.sampler}, "
+  parallel.print0(f"[{NAME}] {n} images, levels {sampler.levels}, sampler={s.sampler}, "
                   f"temperature={s.temperature}")
   result = sampler.generate(n, labels, s.seed)
   images, labels = result["image"], result["label"]
@@ -75,7 +76,7 @@ def run(config, workdir: str) -> None:
       image_lib.save_grid(storage.join(out_dir, "images", f"{i:05d}.png"), img[None], 1,
                           pad=0)
     grid = class_grid(storage.join(out_dir, "samples.png"), images, labels, names, cols)
-    parallel.print0(f"[sample] wrote {grid}")
+    parallel.print0(f"[{NAME}] wrote {grid}")
   if use_rejection:
     r = s.rejection
     class_map = rejection.class_map_for(r.classifier, r.class_map)
@@ -95,7 +96,7 @@ def run(config, workdir: str) -> None:
                         cols=max(1, min(8, math.ceil(s.num_images / per_class))), order=order)
       storage.write_text(storage.join(out_dir, "rejection.json"),
                          json.dumps(summary, indent=2))
-      parallel.print0(f"[sample] rejection sampling with the {r.classifier} classifier: "
+      parallel.print0(f"[{NAME}] rejection sampling with the {r.classifier} classifier: "
                       f"accepted {summary['accepted']}/{summary['candidates']} "
                       f"({100 * summary['acceptance_rate']:.0f}%), mean p(class) "
                       f"{summary['mean_score_all']:.3f} -> "
@@ -104,4 +105,4 @@ def run(config, workdir: str) -> None:
     samples_path = storage.join(out_dir, "samples.npz")
     with storage.open(samples_path, "wb") as f:
       np.savez_compressed(f, scores=scores, **{k: v for k, v in result.items()})
-    parallel.print0(f"[sample] wrote {samples_path}")
+    parallel.print0(f"[{NAME}] wrote {samples_path}")
