@@ -9,8 +9,8 @@ kernels, so every kernel tap is used and causality follows from the padding alon
   i-kh+1..i, columns j-kw+1..j. Followed by `right_shift` it sees only (i, < j) on row i.
 
 Each convolution can also be applied to an input that is already padded (`prepadded=True`),
-which is how the incremental sampler evaluates a kernel on one row or one position from
-its cache with the very same parameters.
+which is how the prior's decoding step (`models/prior_decoding.py`) evaluates a kernel on
+one row or one position from its cache with the very same parameters.
 
 `CausalSelfAttention` is PixelSNAIL-style multi-head attention over the raster order with
 a strict mask (position p attends to positions < p), so keys and values may include the
@@ -25,6 +25,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
@@ -138,6 +139,12 @@ class CausalConv(nn.Module):
                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
     return y + bias.astype(self.dtype)
 
+  def weights(self) -> tuple[jax.Array, jax.Array]:
+    """(kernel [kh, kw, Cin, Cout], bias [Cout]) in the compute dtype (bound, after init):
+    for decoding code that splits the kernel's taps."""
+    params = nn.meta.unbox(self.variables["params"])
+    return params["kernel"].astype(self.dtype), params["bias"].astype(self.dtype)
+
 
 def gate(a: jax.Array) -> jax.Array:
   """Gated activation: a [..., 2C] -> tanh(a[..., :C]) * sigmoid(a[..., C:]) [..., C]."""
@@ -223,6 +230,35 @@ class CausalSelfAttention(nn.Module):
     weights = self.drop(weights, deterministic=not train)
     out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(self.dtype), v.astype(self.dtype))
     return self.out(out.reshape(out.shape[:2] + (self.features,)))
+
+  def attend_cached(self, q: jax.Array, keys, values, p: jax.Array, start) -> jax.Array:
+    """One strictly causal query per batch row over a chunked key/value cache.
+
+    The math of `attend` (float32 scores / sqrt(d), masked softmax, zero weights at
+    position 0, the output projection), reading the cache in place: chunks
+    [B, heads, n_c, d] of consecutive raster positions, all visible but the last, which
+    begins at raster position `start` and is masked to positions < p.
+
+    Args:
+      q: [B, heads, d] query at raster position p (int32 scalar).
+      keys, values: sequences of chunks [B, heads, n_c, d] (layout of the score
+        contraction, so no step transposes them).
+      start: raster position of the last chunk's first entry.
+
+    Returns:
+      float [B, features].
+    """
+    d = q.shape[-1]
+    qf = q.astype(jnp.float32)
+    scores = [jnp.einsum("bhd,bhnd->bhn", qf, kc.astype(jnp.float32)) / math.sqrt(d)
+              for kc in keys]
+    visible = start + jnp.arange(keys[-1].shape[2]) < p
+    scores[-1] = jnp.where(visible, scores[-1], _NEG_INF)
+    weights = jax.nn.softmax(jnp.concatenate(scores, -1), axis=-1) * (p > 0)
+    splits = np.cumsum([kc.shape[2] for kc in keys[:-1]]).tolist()
+    out = sum(jnp.einsum("bhn,bhnd->bhd", w.astype(self.dtype), vc.astype(self.dtype))
+              for w, vc in zip(jnp.split(weights, splits, axis=-1), values))
+    return self.out(out.reshape(out.shape[0], -1))
 
   def __call__(self, q_in: jax.Array, kv_in: jax.Array, *, train: bool) -> jax.Array:
     """q_in float [B, N, Cq], kv_in float [B, N, Ckv] -> float [B, N, features]."""

@@ -61,7 +61,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vqvae2_jax.models import causal
+from vqvae2_jax.models import causal, prior_decoding
 from vqvae2_jax.models.prior_blocks import (CondStack, GatedLayer, GatedStack, OutputStack,
                                             ResBlock, attention_inputs, one_hot_lookup,
                                             table_init)
@@ -109,7 +109,7 @@ class PixelSNAILPrior(nn.Module):
   label_dropout: float = 0.0
   # Each repeated stack as one nn.scan over stacked parameters (models/prior_blocks.py):
   # compile time and program size independent of depth. False: one module per block,
-  # the layout of runs recorded before the field and of the incremental sampler
+  # the layout of runs recorded before the field and of the decoding step
   # (`decoding_view` converts).
   scan_layers: bool = True
 
@@ -157,7 +157,7 @@ class PixelSNAILPrior(nn.Module):
       self.label_embedding = self.param("label_embedding", table_init(("classes", "mlp")),
                                         (rows, c), jnp.float32)
 
-  # ---- pieces shared by the full forward pass and the incremental sampler ----
+  # ---- pieces shared by the full forward pass and the decoding step ----
 
   def embed(self, codes: jax.Array) -> jax.Array:
     """codes int32 [...] -> float [..., hidden]."""
@@ -205,10 +205,6 @@ class PixelSNAILPrior(nn.Module):
     v = causal.down_shift(self.in_v(x))
     return v, v + causal.right_shift(self.in_h(x))
 
-  def attention_inputs(self, h: jax.Array, x: jax.Array, pos: jax.Array):
-    """Query input [h, pos] and key/value input [h, x, pos] (all [..., *])."""
-    return attention_inputs(h, x, pos)
-
   def output(self, h: jax.Array, *, train: bool) -> jax.Array:
     """Output stack and head: h [..., C] -> float32 logits [..., K]."""
     if self.scan_layers:
@@ -236,7 +232,7 @@ class PixelSNAILPrior(nn.Module):
                  train: bool) -> jax.Array:
     """h + attention block a: h [B, H, W, C], xf [B, H*W, C], pos [B, H*W, P]."""
     b = h.shape[0]
-    q_in, kv_in = self.attention_inputs(h.reshape(b, -1, h.shape[-1]), xf, pos)
+    q_in, kv_in = attention_inputs(h.reshape(b, -1, h.shape[-1]), xf, pos)
     return h + self.attn[a](q_in, kv_in, train=train).reshape(h.shape)
 
   def __call__(self, codes: jax.Array, cond_codes: Sequence[jax.Array] = (),
@@ -276,6 +272,52 @@ class PixelSNAILPrior(nn.Module):
         a += 1
     return self.output(h, train=train)
 
+
+  # ---- decoding one raster position at a time (models/prior_decoding.py) ----
+  # The interface of the sampling loop (sampling/incremental.py): in raster order,
+  #   cache = init_cache(shape, cond_codes, labels)
+  #   per row span s, per row i in it: cache = begin_row(cache, i)
+  #     per column j: logits, cache = decode_step(cache, p, span=s)   (p = i * W + j)
+  #                   cache = feed(cache, p, code, span=s)            (the code chosen at p)
+  # with the one-module-per-layer view of the prior (`decoding_view`). Logits equal the
+  # teacher-forced __call__'s at p to float tolerance.
+
+  @nn.nowrap
+  def decoding_view(self, params: Any) -> tuple[PixelSNAILPrior, Any]:
+    """(prior, plain params) to decode with: a scanned prior's stacked parameters
+    sliced per layer (call once, outside the loop)."""
+    return decoding_view(self, params)
+
+  @nn.nowrap
+  def decode_row_spans(self, shape: tuple[int, int, int]) -> tuple[tuple[int, int], ...]:
+    """Static row spans [(first row, end row)]; `span` of decode_step / feed indexes it."""
+    attention = bool(attention_positions(self.num_layers, self.attention_every))
+    return prior_decoding.row_spans(shape[1], attention)
+
+  def init_cache(self, shape: tuple[int, int, int], cond_codes: Sequence[jax.Array] = (),
+                 labels: jax.Array | None = None,
+                 sharding: jax.sharding.Sharding | None = None) -> prior_decoding.DecodeCache:
+    """Empty decoding cache of a (B, H, W) code map; conditioning as in __call__.
+    sharding: optional batch-axis sharding imposed on the cache's buffers."""
+    if self.scan_layers:
+      raise ValueError("decode with the per-layer view: prior.decoding_view(params)")
+    return prior_decoding.init_cache(self, tuple(shape), tuple(cond_codes), labels, sharding)
+
+  def begin_row(self, cache: prior_decoding.DecodeCache, row: jax.Array
+                ) -> prior_decoding.DecodeCache:
+    """Row `row` starts (codes of all rows above fed): its per-row work, once."""
+    return prior_decoding.begin_row(self, cache, row)
+
+  def decode_step(self, cache: prior_decoding.DecodeCache, position: jax.Array, *,
+                  span: int) -> tuple[jax.Array, prior_decoding.DecodeCache]:
+    """float32 logits [B, K] at raster position `position` (codes before it fed), and the
+    cache. span: the static index of the position's row span."""
+    return prior_decoding.decode_step(self, cache, position, span)
+
+  def feed(self, cache: prior_decoding.DecodeCache, position: jax.Array, code: jax.Array,
+           *, span: int) -> prior_decoding.DecodeCache:
+    """The code int32 [B] at `position` (after decode_step there) enters the cache."""
+    return prior_decoding.feed(self, cache, position, code, span)
 
 # ---- the two parameter layouts (scan_layers True / False) ----
 
@@ -350,8 +392,8 @@ def stack_layer_params(prior: PixelSNAILPrior, params: dict) -> dict:
 
 
 def decoding_view(prior: PixelSNAILPrior, params: dict) -> tuple[PixelSNAILPrior, dict]:
-  """(prior, plain params) in the one-module-per-layer layout that the incremental
-  sampler steps through layer by layer; the same function of the codes."""
+  """(prior, plain params) in the one-module-per-layer layout that the decoding step
+  goes through layer by layer; the same function of the codes."""
   if not prior.scan_layers:
     return prior, params
   return prior.clone(scan_layers=False), unstack_layer_params(prior, params)
