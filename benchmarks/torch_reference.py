@@ -1,9 +1,18 @@
-"""A PyTorch VQ-VAE-2 and PixelSNAIL top prior shaped like the most used public PyTorch port.
+"""The public PyTorch VQ-VAE-2 and PixelSNAIL (rosinality/vq-vae-2-pytorch), written anew.
 
-Written from the public architecture's description (rosinality/vq-vae-2-pytorch), for
-side-by-side timing only: `benchmarks/bench_vqvae.py --torch` and
-`benchmarks/bench_prior.py --torch` build these with the same widths as the JAX model and
-time both in one process. Layout is PyTorch's default NCHW, as in the public code.
+Written from that code's architecture (vqvae.py: VQVAE, Encoder, Decoder, Quantize,
+ResBlock; pixelsnail.py: PixelSNAIL, CausalConv2d, GatedResBlock, CausalAttention,
+PixelBlock, CondResNet, WNConv2d) with its module names, so `state_dict()` has the keys of
+the files its scripts save (weight norm as there, torch.nn.utils.weight_norm: `weight_g` /
+`weight_v`). Layout is PyTorch's default NCHW, as in the public code. Two users:
+
+  * benchmarks: `bench_vqvae.py --torch` and `bench_prior.py --torch` build these with the
+    JAX model's widths and time both in one process;
+  * tests/test_import_torch.py: checkpoints of the public layout, imported by
+    `python -m vqvae2_jax.import_torch` and compared with these models' outputs.
+
+The one difference between the two uses is `TorchPixelSNAIL(public_widths=...)`: the
+benchmark's top prior widens the attention half of each block (see PixelBlock).
 
 Stage 1 (`TorchVQVAE`, two levels, bottom stride 4, top stride 8):
   enc_b:  conv4x4/2 (C/2) - relu - conv4x4/2 (C) - relu - conv3x3 (C) - res blocks - relu
@@ -17,29 +26,32 @@ Stage 1 (`TorchVQVAE`, two levels, bottom stride 4, top stride 8):
   Quantize: EMA codebook (decay 0.99, Laplace-smoothed counts, eps 1e-5), straight-through,
   latent loss mean((sg[q] - z)^2). Training loss: MSE + 0.25 * latent loss, Adam.
 
-Top prior (`TorchPixelSNAIL`, unconditional, 32x32): one-hot input; a down-shifted
-[k//2, k] causal conv plus a right-shifted [(k+1)//2, k//2] down-right conv; `n_block`
-blocks, each `n_res_block` gated residual blocks with masked k x k causal convs
-(x + GLU(conv2(elu(conv1(elu(x)))))), then attention over [input, out, coordinates] keys
-and [out, coordinates] queries (each through a 1x1 gated block, `channel // 2` attention
-width, 8 heads), merged by a 1x1 gated block with the attention output as auxiliary input;
-head: elu - conv1x1 to the K logits. Convolutions are weight-normalised.
+Prior (`TorchPixelSNAIL`): one-hot input; a down-shifted [k//2, k] causal conv plus a
+right-shifted [(k+1)//2, k//2] down-right conv; `n_block` blocks, each `n_res_block` gated
+residual blocks with masked k x k causal convs (x + GLU(conv2(elu(conv1(elu(x)))))), then
+either attention over [input, out, coordinates] keys and [out, coordinates] queries (each
+through a 1x1 gated block, `channel // 2` attention width, 8 heads), merged by a 1x1 gated
+block with the attention output as auxiliary input, or (attention=False) a 1x1 conv of
+[out, coordinates]; optional conditioning on upper codes (a gated CondResNet, upsampled
+x2, added inside every causal gated block); head: `n_out_res_block` 1x1 gated blocks, elu,
+conv1x1 to the K logits. Convolutions and attention projections are weight-normalised.
 """
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.nn.utils import parametrizations
-
 
 # ----------------------------------------------------------------------------- stage 1
 
 
 class QuantizeEMA(nn.Module):
-  """EMA vector quantizer over the last axis: z float [..., D] -> (q, latent loss, codes)."""
+  """EMA vector quantizer over the last axis: z float [..., D] -> (q, latent loss, codes).
+
+  Buffers as the public Quantize: embed [D, K], cluster_size [K], embed_avg [D, K]."""
 
   def __init__(self, dim: int, n_embed: int, decay: float = 0.99, eps: float = 1e-5):
     super().__init__()
@@ -49,16 +61,19 @@ class QuantizeEMA(nn.Module):
     self.register_buffer("cluster_size", torch.zeros(n_embed))
     self.register_buffer("embed_avg", embed.clone())
 
-  def forward(self, z: torch.Tensor):
+  def distances(self, z: torch.Tensor) -> torch.Tensor:
+    """z [..., D] -> squared distances [N, K] as the public code computes them."""
     flat = z.reshape(-1, self.dim)
-    dist = (flat.pow(2).sum(1, keepdim=True) - 2 * flat @ self.embed
+    return (flat.pow(2).sum(1, keepdim=True) - 2 * flat @ self.embed
             + self.embed.pow(2).sum(0, keepdim=True))
-    codes = dist.argmin(1)
-    onehot = F.one_hot(codes, self.n_embed).type(flat.dtype)
-    codes = codes.view(*z.shape[:-1])
-    quantized = self.embed_code(codes)
-    if self.training:
+
+  def forward(self, z: torch.Tensor):
+    codes = self.distances(z).argmin(1).view(*z.shape[:-1])
+    quantized = self.embed_code(codes)  # looked up before this step's update
+    if self.training:  # the EMA step: counts, sums, Laplace-smoothed codebook
       with torch.no_grad():
+        onehot = F.one_hot(codes.reshape(-1), self.n_embed).type(z.dtype)
+        flat = z.reshape(-1, self.dim)
         self.cluster_size.mul_(self.decay).add_(onehot.sum(0), alpha=1 - self.decay)
         self.embed_avg.mul_(self.decay).add_(flat.transpose(0, 1) @ onehot,
                                              alpha=1 - self.decay)
@@ -66,8 +81,7 @@ class QuantizeEMA(nn.Module):
         smoothed = (self.cluster_size + self.eps) / (n + self.n_embed * self.eps) * n
         self.embed.copy_(self.embed_avg / smoothed.unsqueeze(0))
     loss = (quantized.detach() - z).pow(2).mean()
-    quantized = z + (quantized - z).detach()
-    return quantized, loss, codes
+    return z + (quantized - z).detach(), loss, codes
 
   def embed_code(self, codes: torch.Tensor) -> torch.Tensor:
     """int64 [...] -> float [..., D]."""
@@ -150,16 +164,18 @@ class TorchVQVAE(nn.Module):
     quant_t, quant_b, diff, _, _ = self.encode(x)
     return self.decode(quant_t, quant_b), diff
 
-  def encode(self, x):
-    """-> (q_t [B, D, H/8, W/8], q_b [B, D, H/4, W/4], latent loss, codes_t, codes_b)."""
+  def encode(self, x, return_latents: bool = False):
+    """-> (q_t [B, D, H/8, W/8], q_b [B, D, H/4, W/4], latent loss, codes_t, codes_b), as
+    the public code; with return_latents also the quantizers' inputs (z_t [B, H/8, W/8, D],
+    z_b [B, H/4, W/4, D])."""
     enc_b = self.enc_b(x)
-    enc_t = self.enc_t(enc_b)
-    q_t, diff_t, id_t = self.quantize_t(self.quantize_conv_t(enc_t).permute(0, 2, 3, 1))
+    z_t = self.quantize_conv_t(self.enc_t(enc_b)).permute(0, 2, 3, 1)
+    q_t, diff_t, id_t = self.quantize_t(z_t)
     q_t = q_t.permute(0, 3, 1, 2)
-    dec_t = self.dec_t(q_t)
-    q_b, diff_b, id_b = self.quantize_b(
-        self.quantize_conv_b(torch.cat([dec_t, enc_b], 1)).permute(0, 2, 3, 1))
-    return q_t, q_b.permute(0, 3, 1, 2), diff_t + diff_b, id_t, id_b
+    z_b = self.quantize_conv_b(torch.cat([self.dec_t(q_t), enc_b], 1)).permute(0, 2, 3, 1)
+    q_b, diff_b, id_b = self.quantize_b(z_b)
+    out = (q_t, q_b.permute(0, 3, 1, 2), diff_t + diff_b, id_t, id_b)
+    return out + ((z_t, z_b),) if return_latents else out
 
   def decode(self, q_t, q_b):
     return self.dec(torch.cat([self.upsample_t(q_t), q_b], 1))
@@ -185,19 +201,28 @@ def num_params(model: nn.Module) -> int:
 # ----------------------------------------------------------------------------- prior
 
 
-def wn_conv(cin: int, cout: int, kernel, padding=0, bias: bool = True) -> nn.Module:
-  return parametrizations.weight_norm(nn.Conv2d(cin, cout, kernel, padding=padding, bias=bias))
+def weight_normed(module: nn.Module) -> nn.Module:
+  """The public code's weight norm (parameters `weight_g`, `weight_v`), whose state-dict
+  keys its checkpoints have; torch deprecates this form for the parametrized one."""
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", FutureWarning)
+    return nn.utils.weight_norm(module)
 
 
-def wn_linear(cin: int, cout: int) -> nn.Module:
-  return parametrizations.weight_norm(nn.Linear(cin, cout))
+class WNConv2d(nn.Module):
+  def __init__(self, cin: int, cout: int, kernel, padding=0, bias: bool = True):
+    super().__init__()
+    self.conv = weight_normed(nn.Conv2d(cin, cout, kernel, padding=padding, bias=bias))
+
+  def forward(self, x):
+    return self.conv(x)
 
 
-class CausalConv(nn.Module):
+class CausalConv2d(nn.Module):
   """Zero-pad then conv. 'down': [kh, kw] window above (and on) the row; 'downright':
   window above-left; 'causal': k x k window with the current row's right half masked."""
 
-  def __init__(self, cin: int, cout: int, kernel, padding: str):
+  def __init__(self, cin: int, cout: int, kernel, padding: str = "downright"):
     super().__init__()
     kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
     if padding == "downright":
@@ -206,38 +231,42 @@ class CausalConv(nn.Module):
       pad = (kw // 2, kw // 2, kh - 1, 0)
     else:
       raise ValueError(f"unknown causal padding {padding!r}")
-    self.masked_cols = kw // 2 if padding == "causal" else 0
+    self.causal = kw // 2 if padding == "causal" else 0
     self.pad = nn.ZeroPad2d(pad)
-    self.conv = wn_conv(cin, cout, (kh, kw))
+    self.conv = WNConv2d(cin, cout, (kh, kw))
 
   def forward(self, x):
-    if self.masked_cols:
+    if self.causal:
       # The last kernel row may only see columns left of (and at) the centre.
-      with torch.no_grad():
-        self.conv.parametrizations.weight.original1[:, :, -1, self.masked_cols:].zero_()
+      self.conv.conv.weight_v.data[:, :, -1, self.causal:].zero_()
     return self.conv(self.pad(x))
 
 
 class GatedResBlock(nn.Module):
-  """x + GLU(conv2(dropout(elu(conv1(elu(x)) + aux_conv(elu(aux))))) + cond)."""
+  """x + GLU(conv2(dropout(elu(conv1(elu(x)) + aux_conv(elu(aux))))) + condition(c))."""
 
-  def __init__(self, cin: int, ch: int, kernel: int, conv: str = "wn", dropout: float = 0.1,
-               aux_channel: int = 0):
+  def __init__(self, cin: int, ch: int, kernel: int, conv: str = "wnconv2d",
+               dropout: float = 0.1, auxiliary_channel: int = 0, condition_dim: int = 0):
     super().__init__()
-    if conv == "wn":
-      make = lambda a, b: wn_conv(a, b, kernel, padding=kernel // 2)
+    if conv == "wnconv2d":
+      make = lambda a, b: WNConv2d(a, b, kernel, padding=kernel // 2)
     else:
-      make = lambda a, b: CausalConv(a, b, kernel, conv)
+      make = lambda a, b: CausalConv2d(a, b, kernel, padding=conv)
     self.conv1 = make(cin, ch)
-    self.aux_conv = wn_conv(aux_channel, ch, 1) if aux_channel else None
+    if auxiliary_channel:
+      self.aux_conv = WNConv2d(auxiliary_channel, ch, 1)
     self.dropout = nn.Dropout(dropout)
     self.conv2 = make(ch, cin * 2)
+    if condition_dim:
+      self.condition = WNConv2d(condition_dim, cin * 2, 1, bias=False)
 
-  def forward(self, x, aux=None):
+  def forward(self, x, aux=None, condition=None):
     out = self.conv1(F.elu(x))
-    if self.aux_conv is not None:
+    if aux is not None:
       out = out + self.aux_conv(F.elu(aux))
     out = self.conv2(self.dropout(F.elu(out)))
+    if condition is not None:
+      out = out + self.condition(condition)
     return x + F.glu(out, 1)
 
 
@@ -246,76 +275,122 @@ class CausalAttention(nn.Module):
 
   def __init__(self, q_ch: int, k_ch: int, ch: int, n_head: int = 8, dropout: float = 0.1):
     super().__init__()
-    self.query, self.key, self.value = (wn_linear(q_ch, ch), wn_linear(k_ch, ch),
-                                        wn_linear(k_ch, ch))
+    self.query = weight_normed(nn.Linear(q_ch, ch))
+    self.key = weight_normed(nn.Linear(k_ch, ch))
+    self.value = weight_normed(nn.Linear(k_ch, ch))
     self.n_head, self.dim_head = n_head, ch // n_head
     self.dropout = nn.Dropout(dropout)
 
   def forward(self, query, key):
     b, _, h, w = key.shape
     heads = lambda t: t.view(b, -1, self.n_head, self.dim_head).transpose(1, 2)
-    q_flat = query.flatten(2).transpose(1, 2)
     k_flat = key.flatten(2).transpose(1, 2)
-    q, k, v = heads(self.query(q_flat)), heads(self.key(k_flat)), heads(self.value(k_flat))
+    q = heads(self.query(query.flatten(2).transpose(1, 2)))
+    k, v = heads(self.key(k_flat)), heads(self.value(k_flat))
     attn = q @ k.transpose(2, 3) / math.sqrt(self.dim_head)
     n = h * w
-    mask = torch.ones(n, n, dtype=torch.bool, device=key.device).triu(0)  # strict: < p
+    later = torch.ones(n, n, dtype=torch.bool, device=key.device).triu(0)  # keep < p only
     start = torch.ones(n, 1, device=key.device)
     start[0] = 0
-    attn = torch.softmax(attn.masked_fill(mask, -1e4), 3) * start
-    out = self.dropout(attn) @ v
-    return out.transpose(1, 2).reshape(b, h, w, -1).permute(0, 3, 1, 2)
+    attn = self.dropout(torch.softmax(attn.masked_fill(later, -1e4), 3) * start)
+    out = (attn @ v).transpose(1, 2).reshape(b, h, w, self.dim_head * self.n_head)
+    return out.permute(0, 3, 1, 2)
 
 
 class PixelBlock(nn.Module):
-  """`n_res_block` causal gated blocks, then attention merged by a 1x1 gated block."""
+  """`n_res_block` causal gated blocks, then attention merged by a 1x1 gated block (or,
+  without attention, a 1x1 conv of [out, coordinates]).
 
-  def __init__(self, ch: int, res_ch: int, kernel: int, n_res_block: int, dropout: float):
+  public_widths: the key and query gated blocks `ch` wide inside, the merging block `ch`
+  wide, as in the public code. False: the key and query blocks as wide as their inputs
+  (2ch+2, ch+2) and the merging block `res_ch` wide, the widths of the benchmark's top
+  prior (86.5M parameters at TorchPixelSNAIL's defaults, 84.9M with the public widths).
+  """
+
+  def __init__(self, ch: int, res_ch: int, kernel: int, n_res_block: int,
+               attention: bool = True, dropout: float = 0.1, condition_dim: int = 0, *,
+               public_widths: bool):
     super().__init__()
-    self.res = nn.ModuleList([GatedResBlock(ch, res_ch, kernel, "causal", dropout)
-                              for _ in range(n_res_block)])
-    self.key_res = GatedResBlock(ch * 2 + 2, ch * 2 + 2, 1, dropout=dropout)
-    self.query_res = GatedResBlock(ch + 2, ch + 2, 1, dropout=dropout)
-    self.attn = CausalAttention(ch + 2, ch * 2 + 2, ch // 2, dropout=dropout)
-    self.out_res = GatedResBlock(ch, res_ch, 1, dropout=dropout, aux_channel=ch // 2)
+    self.resblocks = nn.ModuleList([
+        GatedResBlock(ch, res_ch, kernel, conv="causal", dropout=dropout,
+                      condition_dim=condition_dim) for _ in range(n_res_block)])
+    self.attention = attention
+    if attention:
+      key_ch, query_ch = ch * 2 + 2, ch + 2
+      key_inner, query_inner, out_inner = ((ch, ch, ch) if public_widths
+                                           else (key_ch, query_ch, res_ch))
+      self.key_resblock = GatedResBlock(key_ch, key_inner, 1, dropout=dropout)
+      self.query_resblock = GatedResBlock(query_ch, query_inner, 1, dropout=dropout)
+      self.causal_attention = CausalAttention(query_ch, key_ch, ch // 2, dropout=dropout)
+      self.out_resblock = GatedResBlock(ch, out_inner, 1, auxiliary_channel=ch // 2,
+                                        dropout=dropout)
+    else:
+      self.out = WNConv2d(ch + 2, ch, 1)
 
-  def forward(self, x, background):
+  def forward(self, x, background, condition=None):
     out = x
-    for block in self.res:
-      out = block(out)
-    key = self.key_res(torch.cat([x, out, background], 1))
-    query = self.query_res(torch.cat([out, background], 1))
-    return self.out_res(out, self.attn(query, key))
+    for block in self.resblocks:
+      out = block(out, condition=condition)
+    if not self.attention:
+      return self.out(torch.cat([out, background], 1))
+    key = self.key_resblock(torch.cat([x, out, background], 1))
+    query = self.query_resblock(torch.cat([out, background], 1))
+    return self.out_resblock(out, self.causal_attention(query, key))
+
+
+class CondResNet(nn.Module):
+  def __init__(self, cin: int, ch: int, kernel: int, n_res_block: int):
+    super().__init__()
+    self.blocks = nn.Sequential(WNConv2d(cin, ch, kernel, padding=kernel // 2),
+                                *[GatedResBlock(ch, ch, kernel) for _ in range(n_res_block)])
+
+  def forward(self, x):
+    return self.blocks(x)
 
 
 class TorchPixelSNAIL(nn.Module):
-  """Unconditional PixelSNAIL top prior: int64 codes [B, H, W] -> logits [B, K, H, W]."""
+  """PixelSNAIL prior: int64 codes [B, H, W] (and upper codes [B, H/2, W/2] when
+  n_cond_res_block > 0) -> logits [B, K, H, W]. The sizes default to the public
+  train_pixelsnail.py top prior's; `public_widths` as in PixelBlock (off: the benchmark's
+  widths; the public checkpoints need it on)."""
 
   def __init__(self, shape=(32, 32), n_class: int = 512, channel: int = 256,
                kernel_size: int = 5, n_block: int = 4, n_res_block: int = 4,
-               res_channel: int = 256, dropout: float = 0.1):
+               res_channel: int = 256, attention: bool = True, dropout: float = 0.1,
+               n_cond_res_block: int = 0, cond_res_channel: int = 0,
+               cond_res_kernel: int = 3, n_out_res_block: int = 0,
+               public_widths: bool = False):
     super().__init__()
     self.n_class = n_class
-    k = kernel_size
-    self.horizontal = CausalConv(n_class, channel, [k // 2, k], "down")
-    self.vertical = CausalConv(n_class, channel, [(k + 1) // 2, k // 2], "downright")
+    k = kernel_size + 1 if kernel_size % 2 == 0 else kernel_size
+    self.horizontal = CausalConv2d(n_class, channel, [k // 2, k], padding="down")
+    self.vertical = CausalConv2d(n_class, channel, [(k + 1) // 2, k // 2], padding="downright")
     h, w = shape
-    ys = (torch.arange(h).float() - h / 2) / h
-    xs = (torch.arange(w).float() - w / 2) / w
-    grid = torch.stack([ys[:, None].expand(h, w), xs[None, :].expand(h, w)])
-    self.register_buffer("background", grid[None])
-    self.blocks = nn.ModuleList([PixelBlock(channel, res_channel, k, n_res_block, dropout)
-                                 for _ in range(n_block)])
-    self.out = nn.Sequential(nn.ELU(), wn_conv(channel, n_class, 1))
+    rows = ((torch.arange(h).float() - h / 2) / h).view(1, 1, h, 1).expand(1, 1, h, w)
+    cols = ((torch.arange(w).float() - w / 2) / w).view(1, 1, 1, w).expand(1, 1, h, w)
+    self.register_buffer("background", torch.cat([rows, cols], 1))
+    self.blocks = nn.ModuleList([
+        PixelBlock(channel, res_channel, kernel_size, n_res_block, attention=attention,
+                   dropout=dropout, condition_dim=cond_res_channel,
+                   public_widths=public_widths) for _ in range(n_block)])
+    if n_cond_res_block:
+      self.cond_resnet = CondResNet(n_class, cond_res_channel, cond_res_kernel,
+                                    n_cond_res_block)
+    self.out = nn.Sequential(*[GatedResBlock(channel, res_channel, 1)
+                               for _ in range(n_out_res_block)],
+                             nn.ELU(), WNConv2d(channel, n_class, 1))
 
-  def forward(self, codes):
-    x = F.one_hot(codes, self.n_class).permute(0, 3, 1, 2).float()
-    down = F.pad(self.horizontal(x), (0, 0, 1, 0))[:, :, :-1]   # rows < i
-    right = F.pad(self.vertical(x), (1, 0, 0, 0))[:, :, :, :-1]  # row i, columns < j
-    out = down + right
-    bg = self.background.expand(codes.shape[0], -1, -1, -1)
+  def forward(self, codes, condition=None):
+    b, h, w = codes.shape
+    x = F.one_hot(codes, self.n_class).permute(0, 3, 1, 2).type_as(self.background)
+    out = (F.pad(self.horizontal(x), [0, 0, 1, 0])[:, :, :h]     # rows < i
+           + F.pad(self.vertical(x), [1, 0, 0, 0])[:, :, :, :w])  # row i, columns < j
+    background = self.background[:, :, :h].expand(b, 2, h, w)
+    if condition is not None:
+      c = F.one_hot(condition, self.n_class).permute(0, 3, 1, 2).type_as(self.background)
+      condition = F.interpolate(self.cond_resnet(c), scale_factor=2)[:, :, :h]
     for block in self.blocks:
-      out = block(out, bg)
+      out = block(out, background, condition=condition)
     return self.out(out)
 
 

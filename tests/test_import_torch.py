@@ -1,18 +1,21 @@
 """Round trip of `python -m vqvae2_jax.import_torch` against the public PyTorch models.
 
 Tiny public VQ-VAE and PixelSNAILs are built in torch from the public architecture
-(tests/public_torch_modules.py), every weight and buffer randomised, saved with torch.save
-as the public scripts save them (a bare state dict; {'model': ..., 'args': Namespace} in
-both serialization layouts), imported with the CLI's function, and compared: codes of the
-demo photographs equal to torch's `encode` (ties aside), reconstructions and prior logits
-within float tolerance; then the extract and prior stages run on the imported workdir.
+(benchmarks/torch_reference.py, public widths), every weight and buffer randomised, saved
+with torch.save as the public scripts save them (a bare state dict; {'model': ...,
+'args': Namespace} in both serialization layouts), imported with the CLI's function, and
+compared: codes of the demo photographs equal to torch's `encode` (ties aside),
+reconstructions and prior logits within float tolerance; then the extract and prior stages
+run on the imported workdir.
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import json
+import math
 import os
+import sys
 
 import jax
 import numpy as np
@@ -20,24 +23,55 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="the reference models are PyTorch modules")
 
-import public_torch_modules as pub  # pylint: disable=g-import-not-at-top
 import vqvae2_jax  # pylint: disable=g-import-not-at-top
-from helpers import load_config  # pylint: disable=g-import-not-at-top
+from helpers import ROOT, load_config  # pylint: disable=g-import-not-at-top
 from vqvae2_jax import images as image_lib  # pylint: disable=g-import-not-at-top
 from vqvae2_jax import import_torch  # pylint: disable=g-import-not-at-top
 from vqvae2_jax import main  # pylint: disable=g-import-not-at-top
 from vqvae2_jax.data import demo  # pylint: disable=g-import-not-at-top
 
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import torch_reference  # noqa: E402  pylint: disable=g-import-not-at-top
+
 # One worker runs the module, so its tests share the imported workdir and its Run.
-pytestmark = [pytest.mark.filterwarnings("ignore:.*weight_norm.*:FutureWarning"),
-              pytest.mark.xdist_group("import_torch")]
+pytestmark = pytest.mark.xdist_group("import_torch")
 SIZE = 64             # demo image side: top codes 8x8, bottom 16x16
 K, D, C = 32, 8, 16   # codes, code dim, hidden channels
 TOP = dict(shape=(8, 8), n_class=K, channel=16, kernel_size=5, n_block=2, n_res_block=1,
-           res_channel=8, dropout=0.1, n_out_res_block=1)
+           res_channel=8, dropout=0.1, n_out_res_block=1, public_widths=True)
 BOTTOM = dict(shape=(16, 16), n_class=K, channel=16, kernel_size=5, n_block=2, n_res_block=2,
               res_channel=8, attention=False, dropout=0.1, n_cond_res_block=2,
-              cond_res_channel=8)
+              cond_res_channel=8, public_widths=True)
+
+
+def _randomize(module: torch.nn.Module, seed: int) -> None:
+  """Every parameter and buffer (the coordinate background aside) drawn at random, at a
+  scale that keeps activations O(1); cluster sizes positive as after training."""
+  g = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for name, p in list(module.named_parameters()) + list(module.named_buffers()):
+      if name.endswith("background"):
+        continue
+      if name.endswith("cluster_size"):
+        p.copy_(torch.rand(p.shape, generator=g) * 5 + 0.1)
+      elif name.endswith("weight_g"):
+        p.copy_(torch.rand(p.shape, generator=g) + 0.5)
+      else:
+        fan_in = max(1, p[0].numel()) if p.dim() > 1 else 4
+        p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(fan_in))
+
+
+def _spread_codebooks(vq, images, seed: int) -> None:
+  """Each codebook set to encoder outputs of `images` [B, 3, H, W] (plus noise), so real
+  images use many codes as after training; embed_avg stays random (a buffer of its own)."""
+  g = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    latents = vq.encode(images, return_latents=True)[-1]
+    for quantize, z in zip((vq.quantize_t, vq.quantize_b), latents):
+      z = z.reshape(-1, quantize.dim)
+      rows = torch.randperm(len(z), generator=g)[:quantize.n_embed]
+      noise = 0.1 * z.std() * torch.randn(quantize.n_embed, quantize.dim, generator=g)
+      quantize.embed.copy_((z[rows] + noise).T)
 
 
 def _photos(n: int = 8) -> np.ndarray:
@@ -55,12 +89,14 @@ def _photos(n: int = 8) -> np.ndarray:
 def imported(tmp_path_factory):
   """(workdir, torch vqvae, top prior, bottom prior), imported through the CLI function."""
   folder = tmp_path_factory.mktemp("public")
-  vq = pub.VQVAE(channel=C, n_res_block=2, n_res_channel=8, embed_dim=D, n_embed=K)
-  top, bottom = pub.PixelSNAIL(**TOP), pub.PixelSNAIL(**BOTTOM)
+  vq = torch_reference.TorchVQVAE(channel=C, n_res_block=2, n_res_channel=8, embed_dim=D,
+                                  n_embed=K)
+  top = torch_reference.TorchPixelSNAIL(**TOP)
+  bottom = torch_reference.TorchPixelSNAIL(**BOTTOM)
   for seed, m in enumerate((vq, top, bottom)):
-    pub.randomize(m, seed)
+    _randomize(m, seed)
     m.eval()
-  pub.spread_codebooks(vq, _torch_images(_photos()), seed=3)
+  _spread_codebooks(vq, _torch_images(_photos()), seed=3)
   paths = {name: str(folder / f"{name}.pt") for name in ("vqvae", "top", "bottom")}
   torch.save(vq.state_dict(), paths["vqvae"])  # as vqvae_560.pt: a bare state dict
   for name, model, zip_layout in (("top", top, False), ("bottom", bottom, True)):
@@ -102,7 +138,7 @@ def test_encode_decode_and_reconstruct_equal_torch(imported, run):
   images = _photos()
   codes = run.encode(images)
   with torch.no_grad():
-    _, _, _, id_t, id_b, (z_t, z_b) = vq.encode(_torch_images(images))
+    *_, id_t, id_b, (z_t, z_b) = vq.encode(_torch_images(images), return_latents=True)
     want = vq.decode_code(id_t, id_b).permute(0, 2, 3, 1).numpy()
   ties = (_assert_codes_equal_but_ties(codes[0], id_t.numpy(), z_t, vq.quantize_t)
           + _assert_codes_equal_but_ties(codes[1], id_b.numpy(), z_b, vq.quantize_b))
@@ -135,7 +171,7 @@ def test_a_codebook_ema_step_equals_the_public_quantizers(imported, run):
 def test_prior_logits_equal_torch(imported, run):
   _, vq, top, bottom = imported
   with torch.no_grad():
-    *_, id_t, id_b, _ = vq.encode(_torch_images(_photos()))
+    *_, id_t, id_b = vq.encode(_torch_images(_photos()))
     want_top = top(id_t).permute(0, 2, 3, 1).numpy()
     want_bottom = bottom(id_b, condition=id_t).permute(0, 2, 3, 1).numpy()
   for level, codes, cond, want in (("top", id_t, (), want_top),
@@ -175,14 +211,15 @@ def test_extract_and_a_prior_step_run_on_the_imported_workdir(imported):
 
 
 def test_files_of_another_architecture_are_refused_naming_the_file(tmp_path):
-  vq = pub.VQVAE(channel=C, n_res_block=1, n_res_channel=8, embed_dim=D, n_embed=K)
+  vq = torch_reference.TorchVQVAE(channel=C, n_res_block=1, n_res_channel=8, embed_dim=D,
+                                  n_embed=K)
   sd = vq.state_dict()
   del sd["dec.blocks.0.weight"]
   path = tmp_path / "broken.pt"
   torch.save(sd, path)
   with pytest.raises(import_torch.TorchImportError, match=r"broken\.pt.*dec\.blocks\.0"):
     import_torch.import_checkpoints(str(tmp_path / "w"), str(path), image_size=SIZE)
-  top = pub.PixelSNAIL(**TOP)
+  top = torch_reference.TorchPixelSNAIL(**TOP)
   torch.save({"model": top.state_dict(), "args": argparse.Namespace(hier="bottom")},
              tmp_path / "top.pt")
   torch.save(vq.state_dict(), tmp_path / "vq.pt")
