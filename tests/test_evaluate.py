@@ -112,7 +112,7 @@ def test_too_few_images_for_a_covariance_is_a_clear_error(evaluated):
   one = distances.SetStats(1, 0, seed=0)
   one.update({"fid": np.ones((1, 4))})
   with pytest.raises(ValueError, match="covariance needs at least 2 images"):  # eval.metrics
-    distances.fid_between(one, (np.zeros(4), np.eye(4)), [], "one image")
+    distances.fid_between(one, (np.zeros(4), np.eye(4)), "one image")
 
 
 def test_evaluate_without_stage1_checkpoint_is_a_clear_error(tmp_path):
@@ -140,7 +140,7 @@ def test_fast_frechet_distance_matches_pytorch_fid_formula(n1, dim):
     np.testing.assert_allclose(factor.T @ factor, s1, atol=1e-12)
     assert metrics.frechet_distance(mu1, s1, mu2, s2, method="eigh",
                                     factor1=factor) == pytest.approx(ref, rel=1e-6)
-    assert distances.fid_between(s, (mu2, s2), [], "set") == pytest.approx(ref, rel=1e-6)
+    assert distances.fid_between(s, (mu2, s2), "set") == (pytest.approx(ref, rel=1e-6), [])
 
 
 def test_precision_recall_subsample_is_fixed_and_independent_of_blocks():

@@ -44,35 +44,37 @@ class Network:
     return f"{self.name} (NOT comparable with published numbers)"
 
 
-def load_network(name: str, path: str, mesh, notes: list[str], log=print) -> Network | None:
-  """Network `name` from `path` (must load: errors propagate) or, for path '', from the
-  default search (None plus a note when absent or unreadable)."""
+def load_network(name: str, path: str, mesh, log=print) -> tuple[Network | None, list[str]]:
+  """(network `name` from `path`, notes). From `path` it must load (errors propagate);
+  for path '' it comes from the default search, None plus a note when absent or
+  unreadable."""
   try:
     apply_fn, variables, info = features_lib.load_feature_network(name, path or None)
   except (FileNotFoundError, ImportError, ValueError) as e:
     if path:
       raise
-    notes.append(f"{name} feature network unavailable: {str(e).splitlines()[0][:240]}")
-    return None
+    return None, [f"{name} feature network unavailable: {str(e).splitlines()[0][:240]}"]
   # Replicated once: extract_features would otherwise copy the weights for every block.
   variables = jax.device_put(variables, NamedSharding(mesh, P()))
   log(f"loaded {name} weights from {info['weights_path']}")
-  return Network(name, apply_fn, variables, info)
+  return Network(name, apply_fn, variables, info), []
 
 
-def resolve_networks(opts: EvalOptions, mesh, notes: list[str], log=print
-                     ) -> tuple[Network | None, Network | None]:
-  """(network for FID / IS / FID*, network for precision/recall).
+def resolve_networks(opts: EvalOptions, mesh, log=print
+                     ) -> tuple[Network | None, Network | None, list[str]]:
+  """(network for FID / IS / FID*, network for precision/recall, notes).
 
   Inception and VGG-16 when their weights are found; otherwise opts.fallback_network
   ('efficientnet_lite0' or 'none') stands in, with a note that the numbers are not
   comparable with published ones.
   """
-  fid = load_network("inception", opts.inception_weights, mesh, notes, log)
-  pr = load_network("vgg16", opts.vgg16_weights, mesh, notes, log)
+  fid, notes = load_network("inception", opts.inception_weights, mesh, log)
+  pr, more = load_network("vgg16", opts.vgg16_weights, mesh, log)
+  notes += more
   fallback = None
   if (fid is None or pr is None) and opts.fallback_network == "efficientnet_lite0":
-    fallback = load_network("efficientnet_lite0", opts.efficientnet_weights, mesh, notes, log)
+    fallback, more = load_network("efficientnet_lite0", opts.efficientnet_weights, mesh, log)
+    notes += more
   if fid is None and fallback is not None:
     fid = fallback
     notes.append("FID / IS / FID* use EfficientNet-Lite0 features (1280-d) and its ImageNet "
@@ -82,7 +84,7 @@ def resolve_networks(opts: EvalOptions, mesh, notes: list[str], log=print
     if pr is not None:
       notes.append(f"precision/recall use {pr.name} features in place of VGG-16 fc2: NOT "
                    "comparable with published precision/recall.")
-  return fid, pr
+  return fid, pr, notes
 
 
 def net_outputs(fid: Network | None, pr: Network | None, images: np.ndarray, batch: int,
@@ -151,26 +153,29 @@ class SetStats:
     return (x - x.mean(axis=0)) / np.sqrt(len(x) - 1)
 
 
-def fid_between(a: SetStats, b_stats, notes: list[str], what: str, method: str = "eigh"):
-  """FID of set `a` against (mu, sigma) `b_stats`; None (+ a note) when not computable."""
+def fid_between(a: SetStats, b_stats, what: str, method: str = "eigh"
+                ) -> tuple[float | None, list[str]]:
+  """(FID of set `a` against (mu, sigma) `b_stats`, notes): None and a note naming `what`
+  when not computable."""
   if a.moments is None or b_stats is None:
-    return None
+    return None, []
   stats = a.moments.stats()  # raises eval.metrics' error for a set of < 2 images
   try:
     return metrics.frechet_distance(*stats, *b_stats, method=method,
-                                    factor1=a.covariance_factor() if method == "eigh" else None)
+                                    factor1=a.covariance_factor() if method == "eigh" else None
+                                    ), []
   except (ValueError, np.linalg.LinAlgError) as err:
-    notes.append(f"{what}: not computable ({err})")
-    return None
+    return None, [f"{what}: not computable ({err})"]
 
 
-def set_metrics(s: SetStats, ref, recon_ref, real_pr, opts: EvalOptions, notes: list[str],
-                what: str) -> dict:
-  """FID (vs `ref`), FID* (vs `recon_ref`), Inception Score and precision/recall (vs the
-  real feature rows `real_pr`) of one sample set."""
-  row = {"num_images": s.count,
-         "fid": fid_between(s, ref, notes, f"FID of {what}", opts.fid_method),
-         "fid_star": fid_between(s, recon_ref, notes, f"FID* of {what}", opts.fid_method)}
+def set_metrics(s: SetStats, ref, recon_ref, real_pr, opts: EvalOptions, what: str
+                ) -> tuple[dict, list[str]]:
+  """(row, notes): FID (vs `ref`), FID* (vs `recon_ref`), Inception Score and
+  precision/recall (vs the real feature rows `real_pr`) of one sample set."""
+  fid, notes = fid_between(s, ref, f"FID of {what}", opts.fid_method)
+  fid_star, more = fid_between(s, recon_ref, f"FID* of {what}", opts.fid_method)
+  notes += more
+  row = {"num_images": s.count, "fid": fid, "fid_star": fid_star}
   if s.logits:
     logits = np.concatenate(s.logits)
     row["is_splits"] = min(opts.is_splits, len(logits))
@@ -182,7 +187,7 @@ def set_metrics(s: SetStats, ref, recon_ref, real_pr, opts: EvalOptions, notes: 
       row["pr_num_real"], row["pr_num_fake"] = len(real_pr), len(fake)
     else:
       notes.append(f"precision/recall of {what}: needs more than k={opts.pr_k} images per set")
-  return row
+  return row, notes
 
 
 def selection_stats(images: np.ndarray, masks: dict[float, np.ndarray], fid: Network | None,
@@ -290,7 +295,8 @@ class RealReference:
     if self.recon.moments is not None:
       self.recon_ref = self.recon.moments.stats()
 
-  def reconstruction_metrics(self, notes: list[str]) -> dict:
-    """{'fid': FID of the reconstructions against the originals, 'num_images'}."""
-    return {"fid": fid_between(self.recon, self.ref, notes, "FID of reconstructions",
-                               self.opts.fid_method), "num_images": self.recon.count}
+  def reconstruction_metrics(self) -> tuple[dict, list[str]]:
+    """({'fid': FID of the reconstructions against the originals, 'num_images'}, notes)."""
+    fid, notes = fid_between(self.recon, self.ref, "FID of reconstructions",
+                             self.opts.fid_method)
+    return {"fid": fid, "num_images": self.recon.count}, notes

@@ -22,6 +22,8 @@ class EvalOptions:
   cas: whether to compute the Classification Accuracy Score.
   cas_per_point: also train one CAS classifier per trade-off point (each keep fraction
     below 1 and each guidance scale), costing one classifier training each.
+  guidance_scales: classifier-free guidance scales whose samples are evaluated beside
+    the keep fractions (no rejection; the sampler's own scale is the keep-1 row).
   inception_weights / vgg16_weights / efficientnet_weights: weights files ('' = search
     the default places); fallback_network: 'efficientnet_lite0' or 'none', standing in
     for missing Inception / VGG-16 weights.
@@ -39,6 +41,7 @@ class EvalOptions:
   fid_method: str = "eigh"
   cas: bool = True
   cas_per_point: bool = False
+  guidance_scales: tuple[float, ...] = ()
   inception_weights: str = ""
   vgg16_weights: str = ""
   efficientnet_weights: str = ""
@@ -46,6 +49,8 @@ class EvalOptions:
 
   def __post_init__(self):
     object.__setattr__(self, "keep_fractions", tuple(float(f) for f in self.keep_fractions))
+    object.__setattr__(self, "guidance_scales",
+                       tuple(float(w) for w in self.guidance_scales))
     for key, n in (("num_images", self.num_images),
                    ("max_real_images", self.max_real_images or 2)):
       if n < 2:

@@ -23,6 +23,8 @@ from skimage.metrics import structural_similarity
 
 from vqvae2_jax import storage
 
+PLOT_NAME = "rate_distortion.png"  # the evaluate stage's picture of `plot`
+
 
 @dataclasses.dataclass(frozen=True)
 class RateDistortionOptions:

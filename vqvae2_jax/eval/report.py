@@ -1,7 +1,7 @@
 """The evaluate stage's outputs: report.json, a readable report.md and the trade-off plot.
 
-`write(report, out_dir)` takes the dict the stage assembled (see
-vqvae2_jax.stages.evaluate_stage) and writes:
+`write(report, out_dir)` takes the dict the evaluators filled (`eval.evaluators`) and
+writes:
   report.json    every figure, NaN/inf as null
   report.md      Table 1 (NLL / MSE), sample quality, CAS, the rejection trade-off (headed
                  by a warning when it is self-judged: report['self_judged']), notes
@@ -175,7 +175,7 @@ def render_markdown(report: dict, plot_name: str | None = None) -> str:
       lines += part + [""]
   if report.get("rate_distortion"):
     lines += [rate_distortion.render_markdown(report["rate_distortion"],
-                                              "rate_distortion.png")]
+                                              rate_distortion.PLOT_NAME)]
   notes = report.get("notes") or []
   if notes:
     lines += ["## Notes and skipped sections", ""] + [f"- {n}" for n in notes] + [""]

@@ -250,23 +250,24 @@ def cas_name(keep_fraction: float, guidance: float, base_guidance: float) -> str
 
 def tradeoff_rows(stats: dict[float, distances.SetStats], mean_scores: dict[float, float],
                   num: int, ref, recon_ref, real_pr, opts: EvalOptions,
-                  notes: list[str], guidance: float = 1.0,
+                  guidance: float = 1.0,
                   seconds: tuple[float | None, float | None] = (None, None)
-                  ) -> list[dict]:
-  """One row per keep fraction (descending as given): keep_fraction, candidates,
-  guidance (the scale the candidates were drawn at), sampling_cost (counted),
+                  ) -> tuple[list[dict], list[str]]:
+  """(rows, notes): one row per keep fraction (descending as given): keep_fraction,
+  candidates, guidance (the scale the candidates were drawn at), sampling_cost (counted),
   seconds_per_image (timed, from seconds = (generation, scoring) per candidate),
   mean_class_score and `distances.set_metrics` (FID, FID*, IS, precision/recall)."""
-  rows = []
+  rows, notes = [], []
   for f, s in stats.items():
     cand = rejection.num_candidates(num, f)
     what = f"samples (keep {f:g})" if guidance == 1.0 else f"samples (keep {f:g}, w {guidance:g})"
+    metrics, more = distances.set_metrics(s, ref, recon_ref, real_pr, opts, what)
+    notes += more
     rows.append({"keep_fraction": f, "candidates": cand, "guidance": guidance,
                  "sampling_cost": sampling_cost(cand, s.count, guidance),
                  "seconds_per_image": sampling_seconds(cand, s.count, f, *seconds),
-                 "mean_class_score": mean_scores[f],
-                 **distances.set_metrics(s, ref, recon_ref, real_pr, opts, notes, what)})
-  return rows
+                 "mean_class_score": mean_scores[f], **metrics})
+  return rows, notes
 
 
 def attach_cas(rows: list[dict], cas: dict | None, base_guidance: float) -> None:
