@@ -160,3 +160,59 @@ def test_cli_pipeline_runs_every_stage(tmp_path):
                   "evaluate/report.md"):
     assert (tmp_path / picture).exists(), picture
   assert "pipeline done" in result.stdout
+
+
+def _copy_stages(tiny_pipeline, workdir, stages):
+  import shutil  # pylint: disable=g-import-not-at-top
+  for stage in stages:
+    shutil.copytree(os.path.join(tiny_pipeline, stage), os.path.join(workdir, stage))
+
+
+def test_sample_without_rejection_needs_no_classifier(tiny_pipeline, tmp_path):
+  """keep_fraction=1 asks for no rejection: the demo's 'trained' rejection classifier is
+  not needed, and a workdir without one samples every file."""
+  _copy_stages(tiny_pipeline, tmp_path, ("vqvae", "extract", "prior_top", "prior_bottom"))
+  config = load_config("demo", "sample,tiny", **{"sample.rejection.keep_fraction": 1.0})
+  assert config.sample.rejection.classifier == "trained"
+  main.run_stage(config, str(tmp_path))
+  out = tmp_path / "sample"
+  data = np.load(out / "samples.npz")
+  assert len(data["image"]) == config.sample.num_images and np.isnan(data["scores"]).all()
+  assert (out / "samples.png").exists() and not (out / "rejection.json").exists()
+
+
+def test_sample_with_rejection_and_no_classifier_fails_before_drawing(tiny_pipeline, tmp_path):
+  _copy_stages(tiny_pipeline, tmp_path, ("vqvae", "extract", "prior_top", "prior_bottom"))
+  with pytest.raises(StageMissingError, match="classifier"):
+    main.run_stage(load_config("demo", "sample,tiny"), str(tmp_path))
+  assert not (tmp_path / "sample" / "samples.png").exists()
+
+
+def test_sample_keeps_what_it_drew_when_rejection_fails(tiny_pipeline, tmp_path, monkeypatch):
+  """A failure after the draw (here the classifier's scoring) loses none of the samples."""
+  _copy_stages(tiny_pipeline, tmp_path, ("vqvae", "extract", "prior_top", "prior_bottom",
+                                         "classifier"))
+
+  def failing_scorer(self, kind, batch_size=32):
+    del self, kind, batch_size
+    def score(images):
+      raise RuntimeError("scoring failed")
+    return score
+  monkeypatch.setattr(vqvae2_jax.api.Run, "scorer", failing_scorer)
+  config = load_config("demo", "sample,tiny")
+  with pytest.raises(RuntimeError, match="scoring failed"):
+    main.run_stage(config, str(tmp_path))
+  data = np.load(tmp_path / "sample" / "samples.npz")
+  assert len(data["image"]) == 16 and data["image"].dtype == np.uint8  # 4 / 0.25 drawn
+  assert set(data) >= {"top", "bottom", "label", "scores"}
+
+
+def test_cli_misspelt_stage_or_preset_is_one_line_naming_the_choices(tmp_path):
+  for arg, wrong in (("nosuchstage", "stage 'nosuchstage'"), ("vqvae,tinyy", "preset 'tinyy'")):
+    result = run_cli(f"--config=configs/demo.py:{arg}", f"--workdir={tmp_path}", timeout=120)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ") and wrong in lines[0], lines[0]
+    assert "Traceback" not in lines[0] and "File " not in lines[0]
+    for choice in ("vqvae", "prior_top", "evaluate", "pipeline", "tiny", "bf16"):
+      assert choice in lines[0], (choice, lines[0])

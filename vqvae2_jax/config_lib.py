@@ -140,27 +140,35 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+class ConfigArgError(ValueError):
+  """The config string after ':' names an unknown stage or preset."""
+
+
 def parse_arg(arg: str | None, default_stage: str = registry.VQVAE) -> tuple[str, list[str]]:
   """'vqvae,tiny' -> ('vqvae', ['tiny'])."""
   parts = [p.strip() for p in (arg or default_stage).split(",") if p.strip()]
-  stage, presets = (parts[0], parts[1:]) if parts else (default_stage, [])
-  if stage not in registry.STAGES:
-    raise ValueError(f"unknown stage {stage!r}; choose one of {', '.join(registry.STAGES)}")
-  return stage, presets
+  return (parts[0], parts[1:]) if parts else (default_stage, [])
 
 
 def build(experiment: str, arg: str | None,
           make: Callable[[], ml_collections.ConfigDict],
           presets: dict[str, Callable[[ml_collections.ConfigDict], None]]
           ) -> ml_collections.ConfigDict:
-  """Builds the locked config of `experiment` for `arg` = 'stage[,preset...]'."""
+  """Builds the locked config of `experiment` for `arg` = 'stage[,preset...]'.
+
+  An unknown stage or preset raises ConfigArgError, one line naming every stage and
+  every preset of the experiment."""
   stage, names = parse_arg(arg)
+  unknown = ([f"stage {stage!r}"] if stage not in registry.STAGES else []) + [
+      f"preset {name!r}" for name in names if name not in presets]
+  if unknown:
+    raise ConfigArgError(
+        f"unknown {' and '.join(unknown)} in {experiment}'s config string {arg!r} "
+        f"('<stage>[,<preset>...]'); stages: {', '.join(registry.STAGES)}; presets: "
+        f"{', '.join(sorted(presets)) or 'none'}")
   config = make()
   config.experiment, config.stage = experiment, stage
   for name in names:
-    if name not in presets:
-      raise ValueError(f"unknown preset {name!r} for {experiment}; choose from "
-                       f"{', '.join(sorted(presets))}")
     presets[name](config)
   config.lock()
   return config

@@ -42,6 +42,7 @@ import ml_collections
 from ml_collections import config_flags
 
 from vqvae2_jax import checkpoint as ckpt_lib
+from vqvae2_jax import config_lib
 from vqvae2_jax import storage
 from vqvae2_jax import workdir as workdir_lib
 from vqvae2_jax.data.errors import DataError
@@ -115,8 +116,23 @@ def parse_flags(argv: list[str]) -> list[str]:
           _fail(unknown_key_message(config, key))
     _fail(f"bad --config override: {e}")
   except flags.Error as e:
-    _fail(f"{e} (see --helpfull)")
+    arg_error = _config_arg_error(e)
+    _fail(str(arg_error) if arg_error else f"{e} (see --helpfull)")
   return []
+
+
+def _config_arg_error(error: BaseException) -> config_lib.ConfigArgError | None:
+  """The unknown stage / preset error behind a flag error, as the config file raised it.
+
+  ml_collections re-raises an error of a config file as the same type with the whole
+  traceback as its message, and absl wraps that in a flag error; the first one raised
+  (the end of the chain) has the one-line message."""
+  found = None
+  while error is not None:
+    if isinstance(error, config_lib.ConfigArgError):
+      found = error
+    error = error.__cause__ or error.__context__
+  return found
 
 
 def _show_tracebacks() -> bool:
