@@ -40,7 +40,7 @@ import bench_vqvae as bv  # noqa: E402  pylint: disable=g-import-not-at-top
 
 from vqvae2_jax import parallel  # noqa: E402
 from vqvae2_jax.models.prior import PixelSNAILPrior  # noqa: E402
-from vqvae2_jax.models.vqvae import level_names, level_strides  # noqa: E402
+from vqvae2_jax.aot.programs import manifest_from_config  # noqa: E402
 from vqvae2_jax import builders  # noqa: E402
 from vqvae2_jax.train import losses  # noqa: E402
 from vqvae2_jax.train import loop  # noqa: E402
@@ -51,13 +51,7 @@ PRIORS = ("demo_top", "demo_bottom", "top85m", "imagenet_top")
 
 def manifest_for(config, num_classes: int) -> dict[str, Any]:
   """The code-shard manifest fields build_prior reads, for config's image size."""
-  v = config.vqvae
-  levels = level_names(v.num_levels)
-  size = config.data.image_size
-  shapes = {n: [size // s, size // s] for n, s in zip(levels, level_strides(v.num_levels,
-                                                                             v.bottom_down))}
-  return dict(levels=list(levels), shapes=shapes, num_codes=v.num_codes,
-              num_classes=num_classes)
+  return manifest_from_config(config, num_classes)
 
 
 class JaxPriorBench:

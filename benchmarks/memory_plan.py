@@ -25,15 +25,18 @@ import time
 
 import jax
 import jax.numpy as jnp
-import optax
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from vqvae2_jax import builders  # noqa: E402
+from vqvae2_jax import config_lib  # noqa: E402
 from vqvae2_jax import parallel  # noqa: E402
+from vqvae2_jax import registry  # noqa: E402
+from vqvae2_jax.aot.programs import manifest_from_config  # noqa: E402
 from vqvae2_jax.models import fast_conv  # noqa: E402
 from vqvae2_jax.models import vqvae as vqvae_lib  # noqa: E402
-from vqvae2_jax.models.prior import PixelSNAILPrior  # noqa: E402
+from vqvae2_jax.train import losses  # noqa: E402
 from vqvae2_jax.train import state as state_lib  # noqa: E402
 from vqvae2_jax.train import step as step_lib  # noqa: E402
 
@@ -54,6 +57,7 @@ PAPER_STEPS = (("imagenet256", "vqvae", None), ("imagenet256", "prior", "top"),
                ("imagenet256", "prior", "bottom"), ("ffhq1024", "vqvae", None),
                ("ffhq1024", "prior", "top"), ("ffhq1024", "prior", "mid"),
                ("ffhq1024", "prior", "bottom"))
+PLANNED_CLASSES = 1000  # class-conditional priors are planned with ImageNet's label count
 
 
 def plan_accelerator_programs() -> None:
@@ -85,72 +89,37 @@ class Step:
 
 
 def vqvae_step(config, remat: str) -> Step:
-  """Stage 1 of `config`: MSE + beta * commitment, EMA codebooks deferred to 'vq_batch'."""
-  v, t, size = config.vqvae, config.vqvae_train, config.data.image_size
-  model = vqvae_lib.VQVAE2(
-      num_levels=v.num_levels, bottom_down=v.bottom_down, hidden=v.hidden,
-      res_hidden=v.res_hidden, num_res_layers=v.num_res_layers, num_codes=v.num_codes,
-      code_dim=v.code_dim, decay=v.decay, epsilon=v.epsilon,
-      dead_code_threshold=v.dead_code_threshold, upsample=v.upsample,
-      dtype=parallel.to_dtype(t.dtype), remat=remat)
-
-  def loss_fn(params, model_state, batch, rng):
-    x = batch["image"].astype(jnp.float32) / 127.5 - 1.0
-    out, updates = model.apply({"params": params, **model_state}, x, train=True,
-                               mutable=["vq_batch"], rngs={"reseed": rng})
-    mse = jnp.mean((out.reconstruction - x)**2)
-    return mse + v.beta * out.commitment_loss, ({"mse": mse}, {**model_state, **updates})
-
-  def init(rng):
-    return model.init({"params": rng}, jnp.zeros((1, size, size, 3)), train=False)
-  return Step("vqvae", t.batch_size, t, init, loss_fn, {"image": ((size, size, 3), jnp.uint8)},
-              vqvae_lib.finalize_codebooks(model))
+  """Stage 1 of `config` (built by `builders`, the stage's loss): MSE + beta * commitment,
+  EMA codebooks deferred to 'vq_batch' and applied once per step."""
+  config = config_lib.with_fields(config, {"vqvae_train.remat": remat})
+  t, size = config.vqvae_train, config.data.image_size
+  model = builders.build_vqvae(config)
+  return Step(registry.VQVAE, t.batch_size, t, builders.vqvae_init_fn(model, size),
+              losses.vqvae_loss_fn(model, config.vqvae.beta, deferred_codebooks=True),
+              {"image": ((size, size, 3), jnp.uint8)}, vqvae_lib.finalize_codebooks(model))
 
 
 def prior_step(config, level: str, remat: str) -> Step:
-  """The prior of `level`: cross-entropy over the codes, inputs shaped like extracted
-  codes. Its repeated stacks run under nn.scan (models/layer_scan.py), so the full depth
-  compiles in about the time of one layer."""
-  v, p = config.vqvae, config.priors[level]
-  names = vqvae_lib.level_names(v.num_levels)
-  strides = vqvae_lib.level_strides(v.num_levels, v.bottom_down)
-  shapes = {n: (config.data.image_size // s,) * 2 for n, s in zip(names, strides)}
-  upper = names[:names.index(level)]
-  num_classes = 1000 if p.class_conditional else 0
-  prior = PixelSNAILPrior(
-      num_codes=v.num_codes, hidden=p.hidden, res_hidden=p.res_hidden,
-      num_layers=p.num_layers, attention_every=p.attention_every, num_heads=p.num_heads,
-      kernel_size=p.kernel_size, dropout=p.dropout, attn_dropout=p.attn_dropout,
-      num_output_layers=p.num_output_layers, num_cond_layers=p.num_cond_layers,
-      num_cond_levels=len(upper), cond_scales=tuple(shapes[level][0] // shapes[u][0]
-                                                    for u in upper),
-      num_classes=num_classes, dtype=parallel.to_dtype(p.train.dtype), remat=remat,
-      scan_layers=p.scan_layers)
-
-  def inputs(batch):
-    return (batch[level], tuple(batch[u] for u in upper),
-            batch["label"] if num_classes else None)
-
-  def loss_fn(params, model_state, batch, rng):
-    codes, cond, labels = inputs(batch)
-    logits = prior.apply({"params": params}, codes, cond, labels, train=True,
-                         rngs={"dropout": rng})
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, codes).mean()
-    return loss, ({"nll": loss}, model_state)
-
-  batch_shapes = {n: (shapes[n], jnp.int32) for n in upper + (level,)}
-  if num_classes:
+  """The prior of `level` (built by `builders`, the stage's loss): cross-entropy over
+  codes shaped like extracted ones, PLANNED_CLASSES labels when class-conditional. Its
+  repeated stacks run under nn.scan (models/layer_scan.py) when the config scans them,
+  so the full depth compiles in about the time of one layer."""
+  config = config_lib.with_fields(config, {f"priors.{level}.train.remat": remat})
+  manifest = manifest_from_config(config, PLANNED_CLASSES)
+  prior = builders.build_prior(config, level, manifest)
+  _, upper, _ = builders.prior_level_info(manifest, level)
+  batch_shapes = {n: (tuple(manifest["shapes"][n]), jnp.int32) for n in upper + (level,)}
+  if prior.num_classes:
     batch_shapes["label"] = ((), jnp.int32)
-
-  def init(rng):
-    one = {n: jnp.zeros((1,) + s, d) for n, (s, d) in batch_shapes.items()}
-    return prior.init({"params": rng}, *inputs(one), train=False)
-  return Step(f"prior_{level}", p.train.batch_size, p.train, init, loss_fn, batch_shapes)
+  t = config.priors[level].train
+  return Step(registry.prior_stage(level), t.batch_size, t,
+              builders.prior_init_fn(prior, manifest, level),
+              losses.prior_loss_fn(prior, level, upper), batch_shapes)
 
 
 def make_step(config, stage: str, level, remat: str) -> Step:
   """vqvae_step or prior_step."""
-  if stage == "vqvae":
+  if stage == registry.VQVAE:
     return vqvae_step(config, remat)
   return prior_step(config, level, remat)
 
@@ -298,7 +267,7 @@ def paper_steps(which: str = "all", preset: str = ""):
     name = stage if level is None else f"{stage}_{level}"
     if which != "all" and name not in which.split(",") and experiment not in which.split(","):
       continue
-    arg = "vqvae" if stage == "vqvae" else f"prior_{level}"
+    arg = registry.VQVAE if stage == registry.VQVAE else registry.prior_stage(level)
     out.append((experiment, load_config(experiment, arg + preset), stage, level))
   return out
 
