@@ -32,8 +32,15 @@ from jax import lax
 from vqvae2_jax.sampling import draw as draw_lib
 
 Choose = Callable[[jax.Array, jax.Array], jax.Array]
+# The methods a model needs for this loop (`decoding_view` is optional).
+DECODING_INTERFACE = ("decode_row_spans", "init_cache", "begin_row", "decode_step", "feed")
 # Named scopes of the loop's own work (benchmarks/profile_sampling.py groups by them).
 PROFILE_SCOPES = ("choose",)
+
+
+def has_decoding_interface(model: Any) -> bool:
+  """Whether `decode_loop` can drive `model` (all of DECODING_INTERFACE)."""
+  return all(callable(getattr(model, name, None)) for name in DECODING_INTERFACE)
 
 
 @struct.dataclass
@@ -69,7 +76,7 @@ def decode_loop(model, params, cond_codes, labels, *, shape, choose, sharding,
   state = LoopState(cache, constrain(jnp.zeros((b, hgt * wid), jnp.int32)), logits)
 
   def position(span, i, j, st):
-    p = (i * wid + j).astype(jnp.int32)
+    p = jnp.asarray(i * wid + j, jnp.int32)  # lax loop indices are Python ints eagerly
     logits, cache = call("decode_step", st.cache, p, span=span)
     with jax.named_scope("choose"):
       code = choose(p, logits).astype(jnp.int32)
