@@ -1,0 +1,75 @@
+"""vqvae2_jax.registry: the names the package shares, and the modules that still state
+them beside it agreeing with it."""
+import pytest
+
+from vqvae2_jax import config_lib
+from vqvae2_jax import registry
+from vqvae2_jax import runner
+
+from helpers import load_config
+
+
+def test_prior_stage_names_round_trip():
+  for level in ("top", "mid", "bottom", "level3"):
+    assert registry.prior_level(registry.prior_stage(level)) == level
+  for stage in (registry.VQVAE, registry.EXTRACT, registry.CLASSIFIER, registry.SAMPLE,
+                registry.EVALUATE, registry.PIPELINE):
+    assert registry.prior_level(stage) is None
+  assert registry.PRIOR_STAGES == ("prior_top", "prior_mid", "prior_bottom")
+
+
+def test_every_stage_has_a_module_and_a_config():
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  for stage in registry.STAGES:
+    if stage != registry.PIPELINE:
+      assert importlib.util.find_spec(f"vqvae2_jax.stages.{runner.stage_module(stage)}")
+    config = load_config("ffhq1024", stage)  # three levels: every prior stage exists
+    assert config.stage == stage
+
+
+def test_config_level_names_match_the_model():
+  from vqvae2_jax.models import vqvae  # pylint: disable=g-import-not-at-top
+  for n in (1, 2, 3, 4):
+    config = config_lib.base_config()
+    config.vqvae.num_levels = n
+    assert config_lib.prior_levels(config) == vqvae.level_names(n) == registry.level_names(n)
+
+
+def test_the_pipeline_asks_for_the_classifier_only_for_trained_rejection():
+  config = load_config("demo", "pipeline,tiny")
+  assert registry.CLASSIFIER in runner.pipeline_stages(config)
+  with config.unlocked():
+    config.sample.rejection.classifier = registry.REJECT_NONE
+  assert runner.pipeline_stages(config) == [
+      "vqvae", "extract", "prior_top", "prior_bottom", "sample", "evaluate"]
+
+
+@pytest.mark.parametrize("key, values", [
+    ("vqvae.upsample", registry.UPSAMPLE_MODES), ("vqvae.architecture", registry.ARCHITECTURES),
+    ("data.source", registry.DATA_SOURCES), ("data.on_bad_image", registry.ON_BAD_IMAGE),
+    ("vqvae_train.dtype", registry.DTYPES), ("vqvae_train.remat", registry.REMAT_MODES),
+    ("sample.sampler", registry.SAMPLERS),
+    ("sample.rejection.classifier", registry.REJECTION_KINDS)])
+def test_validate_accepts_each_registry_value_and_names_them_for_another(key, values):
+  for value in values:
+    overrides = {key: value, "data.root": "/images"}
+    config_lib.validate(load_config("demo", "vqvae", **overrides))
+  with pytest.raises(ValueError, match=f"config.{key}='bogus'.*{values[-1]}"):
+    config_lib.validate(load_config("demo", "vqvae", **{key: "bogus"}))
+
+
+def test_evaluate_defaults_are_the_configs():
+  assert config_lib.base_config().evaluate.to_dict() == registry.EVALUATE_DEFAULTS
+
+
+def test_library_copies_agree_with_the_registry():
+  """Modules that still spell a registry tuple themselves state the same values."""
+  # pylint: disable=g-import-not-at-top
+  from vqvae2_jax.data import errors, sources
+  from vqvae2_jax.models import layers, remat
+  from vqvae2_jax.sampling import hierarchical
+  assert layers.UPSAMPLE_MODES == registry.UPSAMPLE_MODES
+  assert remat.REMAT_MODES == registry.REMAT_MODES
+  assert hierarchical.SAMPLERS == registry.SAMPLERS
+  assert errors.ON_BAD_IMAGE_CHOICES == registry.ON_BAD_IMAGE
+  assert sources.SPLITS == registry.SPLITS
