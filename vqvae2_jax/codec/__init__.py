@@ -4,7 +4,7 @@
   images = run.decompress(streams)        # == run.reconstruct(images), bit for bit
   bits = run.log_prob(images)["bits"]     # the code length of the latents, in bits
 
-`coder` runs the coder inside the incremental sampler's loop, `frequencies` is the one
+`coder` runs the coder inside the sampler's loop over the prior's decoding step, `frequencies` is the one
 logits -> integer frequencies rule, `stream` the byte format, `likelihood` the
 teacher-forced code length. `python -m vqvae2_jax.codec` is the command line.
 """

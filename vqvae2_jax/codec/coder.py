@@ -1,9 +1,10 @@
 """Range coding of code maps under the priors, inside the incremental sampling loop.
 
-Compression and decompression run the *same* compiled program: the incremental sampler's
-loop (`run_incremental`) with one per-position choice, `HOST_CHOICE`, that hands the
-float32 logits [B, K] of raster position p to the host through an ordered `io_callback`
-and feeds back the code the host returns. On the host, whichever session is active
+Compression and decompression run the *same* compiled program: the sampler's generic
+loop (`sampling.incremental.run_incremental`) over the prior's own decoding step
+(`PixelSNAILPrior.decode_step`, the step sampling uses) with one per-position choice,
+`HOST_CHOICE`, that hands the float32 logits [B, K] of raster position p to the host
+through an ordered `io_callback` and feeds back the code the host returns. On the host, whichever session is active
 answers:
 
 * compressing: quantize the logits (`frequencies.quantize`), range-encode the known code
@@ -39,7 +40,7 @@ from jax.experimental import io_callback
 
 from vqvae2_jax.codec import frequencies
 from vqvae2_jax.codec import stream as stream_lib
-from vqvae2_jax.sampling import reference
+from vqvae2_jax.sampling import incremental, reference
 
 _FAMILY = constriction.stream.model.Categorical(perfect=False)
 
@@ -123,17 +124,6 @@ class _DecodeSession(_Session):
     return out
 
 
-def default_loop() -> Callable:
-  """The incremental sampler's loop with a pluggable choice (`run_incremental`)."""
-  from vqvae2_jax.sampling import incremental  # pylint: disable=g-import-not-at-top
-  loop = getattr(incremental, "run_incremental", None)
-  if loop is None:
-    raise NotImplementedError(
-        "vqvae2_jax.sampling.incremental has no run_incremental(prior, params, *, shape, "
-        "cond_codes, labels, choose) yet; the codec runs inside that loop")
-  return loop
-
-
 @dataclasses.dataclass
 class CodecModels:
   """What coding needs: every level's prior, the code shapes, the model fingerprint.
@@ -145,7 +135,8 @@ class CodecModels:
     num_codes: K.
     fingerprint: `stream.fingerprint` of the models (8 bytes).
     batch_size: images per device call (a stream records the batch size it used).
-    loop: `run_incremental`-compatible loop; None = the incremental sampler's.
+    loop: `run_incremental`-compatible loop; None = `run_incremental` for priors with
+      the decoding interface, else the reference loop (one full pass per position).
   """
   priors: Mapping[str, tuple[Any, Any]]
   shapes: Mapping[str, tuple[int, int]]
@@ -180,7 +171,8 @@ class CodecModels:
                  labels: np.ndarray | None, session: _Session) -> np.ndarray:
     """One level of one batch through the loop; int32 [batch, H, W] codes it returns."""
     prior, params = self.priors[level]
-    loop = self.loop or (default_loop() if reference.has_incremental_loop(prior)
+    loop = self.loop or (incremental.run_incremental
+                         if incremental.has_decoding_interface(prior)
                          else reference.run_reference)
     put = lambda x: jax.device_put(jnp.asarray(x), self.device)
     with _active(session):

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from vqvae2_jax.models.prior import PixelSNAILPrior
-from vqvae2_jax.sampling import draw as draw_lib
+from vqvae2_jax.sampling import draw as draw_lib, incremental
 
 
 @functools.partial(jax.jit,
@@ -74,9 +74,10 @@ def sample_reference(prior: PixelSNAILPrior, params: Any, rng: jax.Array, *,
 
 
 def has_incremental_loop(prior: Any) -> bool:
-  """Whether the incremental sampler's cached loop runs `prior` (PixelSNAILPrior). Other
-  priors with its call signature (models/public_pixelsnail.py) run the reference loops."""
-  return isinstance(prior, PixelSNAILPrior)
+  """Whether the incremental sampler's cached loop runs `prior` (it has the decoding
+  interface, as PixelSNAILPrior). Other priors with its call signature
+  (models/public_pixelsnail.py) run the reference loops."""
+  return incremental.has_decoding_interface(prior)
 
 
 @functools.partial(jax.jit, static_argnames=("prior", "shape", "choose", "return_logits"))
