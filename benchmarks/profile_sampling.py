@@ -28,6 +28,7 @@ from jax.profiler import ProfileData
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_sampling as bs  # noqa: E402  pylint: disable=g-import-not-at-top
 
+from vqvae2_jax.models import prior_decoding  # noqa: E402
 from vqvae2_jax.sampling import draw as draw_lib  # noqa: E402
 from vqvae2_jax.sampling import incremental  # noqa: E402
 
@@ -35,6 +36,8 @@ _INSTR = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*?op_name=\"([^\"]*)\"")
 
 
 _OFTEN = ("once", "per row", "per position")  # loop nesting depth of the op
+# Named scopes of the decoding step (the prior's) and of the loop around it.
+_SCOPES = prior_decoding.PROFILE_SCOPES + incremental.PROFILE_SCOPES
 
 
 def op_groups(hlo_text: str) -> dict[str, tuple[str, str]]:
@@ -51,7 +54,7 @@ def op_groups(hlo_text: str) -> dict[str, tuple[str, str]]:
     path = [p for p in op_name.split("/") if p not in ("while", "body", "closed_call",
                                                          "cond", "branch")]
     path = [re.sub(r"_\d+", "", p) for p in path[1:]]  # drop jit(...)
-    scoped = [p for p in path if "." in p or p in incremental.PROFILE_SCOPES]
+    scoped = [p for p in path if "." in p or p in _SCOPES]
     group = " ".join(scoped[-2:]) if scoped else (path[-1] if path else "?")
     groups[m.group(1)] = (group, _OFTEN[depth])
   return groups

@@ -9,7 +9,7 @@ a loop, whatever the depth (maxtext's `scan_layers`).
 
 Parameters of a scanned stack carry a leading [length] axis (logical name 'layers',
 never sharded); `models/prior.py` maps between this layout and the unrolled one that the
-incremental sampler reads one layer at a time.
+decoding step (`models/prior_decoding.py`) goes through one layer at a time.
 """
 from __future__ import annotations
 
