@@ -3,9 +3,9 @@ r"""Command-line entry for every stage.
   python -m vqvae2_jax.main --config=configs/<experiment>.py:<stage>[,<preset>...] \
       --workdir=<dir> [--config.<key>=<value> ...]
 
-Stages: vqvae, extract, prior_top | prior_mid | prior_bottom, classifier, sample,
-evaluate, and pipeline (all of them in order). Each reads what earlier stages wrote under
-the same workdir.
+Stages (`registry.STAGES`): vqvae, extract, prior_<level>, classifier, sample, evaluate,
+and pipeline (all of them in order). Each reads what earlier stages wrote under the same
+workdir. A misspelt stage or preset fails in one line naming every stage and preset.
 
 Known errors (bad config values or keys, missing or corrupt checkpoints, data problems,
 a diverged run) print one line `error: <message>` on stderr and exit 1; `--debug` or
@@ -43,6 +43,7 @@ from ml_collections import config_flags
 
 from vqvae2_jax import checkpoint as ckpt_lib
 from vqvae2_jax import config_lib
+from vqvae2_jax import registry
 from vqvae2_jax import storage
 from vqvae2_jax import workdir as workdir_lib
 from vqvae2_jax.data.errors import DataError
@@ -52,7 +53,8 @@ from vqvae2_jax.train.guard import NonFiniteLossError
 __all__ = ["run_stage"]
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "configs/<experiment>.py:<stage>[,<preset>...]", lock_config=True)
+    "config", None, f"configs/<experiment>.py:<stage>[,<preset>...]; stages: "
+    f"{', '.join(registry.STAGES)}", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for this experiment's stages.")
 _DEBUG = flags.DEFINE_bool("debug", False, "Show the traceback of known errors.")
 
