@@ -253,7 +253,7 @@ def parse_mesh(text: str) -> int:
   total = 1
   for part in filter(None, text.split(",")):
     name, _, value = part.partition("=")
-    if name not in ("data", "fsdp") or not value.isdigit() or int(value) < 1:
+    if name not in registry.MESH_AXES or not value.isdigit() or int(value) < 1:
       raise SystemExit(f"--mesh {text!r}: use axis=size pairs of 'data' and 'fsdp', "
                        "e.g. --mesh data=8")
     total *= int(value)

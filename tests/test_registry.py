@@ -73,3 +73,9 @@ def test_library_copies_agree_with_the_registry():
   assert hierarchical.SAMPLERS == registry.SAMPLERS
   assert errors.ON_BAD_IMAGE_CHOICES == registry.ON_BAD_IMAGE
   assert sources.SPLITS == registry.SPLITS
+
+
+def test_mesh_axes_are_the_parallel_layouts():
+  from vqvae2_jax import parallel  # pylint: disable=g-import-not-at-top
+  assert parallel.BATCH_AXES == registry.MESH_AXES
+  assert dict(config_lib.DEFAULT_AXIS_RULES)["batch"] == registry.MESH_AXES

@@ -13,9 +13,9 @@ import ml_collections
 
 from vqvae2_jax import registry
 
-DEFAULT_AXIS_RULES = (("batch", ("data", "fsdp")), ("mlp", "fsdp"), ("embed", None),
-                      ("vocab", None), ("heads", None), ("classes", None), ("kh", None),
-                      ("kw", None), ("layers", None), ("sublayers", None))
+DEFAULT_AXIS_RULES = (("batch", registry.MESH_AXES), ("mlp", registry.FSDP_AXIS),
+                      ("embed", None), ("vocab", None), ("heads", None), ("classes", None),
+                      ("kh", None), ("kw", None), ("layers", None), ("sublayers", None))
 # Model fields whose value before they existed differs from today's default: a record
 # written before the field keeps the behaviour it was trained with (Workdir.resolve_recorded).
 LEGACY_RECORD_VALUES = {"scan_layers": False}

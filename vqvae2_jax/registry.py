@@ -33,6 +33,12 @@ def prior_level(stage: str) -> str | None:
 PRIOR_STAGES = tuple(prior_stage(l) for l in LEVEL_NAMES[max(LEVEL_NAMES)])
 STAGES = (VQVAE, EXTRACT, *PRIOR_STAGES, CLASSIFIER, SAMPLE, EVALUATE, PIPELINE)
 
+# ------------------------------------------------------------------- mesh
+# The device mesh's axes (config.mesh.data, config.mesh.fsdp): the batch is split over
+# both, parameters and optimizer state over 'fsdp' (parallel.py, config.axis_rules).
+DATA_AXIS, FSDP_AXIS = "data", "fsdp"
+MESH_AXES = (DATA_AXIS, FSDP_AXIS)
+
 # --------------------------------------------------------------------- data
 TRAIN, VAL = "train", "val"
 SPLITS = (TRAIN, VAL)
