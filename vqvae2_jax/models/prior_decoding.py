@@ -172,8 +172,14 @@ def begin_row(m, cache: DecodeCache, row: jax.Array) -> DecodeCache:
 
 def _span_start(cache: DecodeCache, span: int) -> int:
   """Raster position of the first entry of span `span`'s attention chunk."""
-  b, hgt, wid = cache.shape
+  _, hgt, wid = cache.shape
   return row_spans(hgt, bool(cache.keys))[span][0] * wid
+
+
+def _position_features(cache: DecodeCache, p: jax.Array) -> jax.Array:
+  """The attention blocks' positional features at raster position p, [B, P]."""
+  pos = causal.positional_features(*cache.shape[1:])
+  return jnp.broadcast_to(pos[p], (cache.shape[0], pos.shape[-1]))
 
 
 def decode_step(m, cache: DecodeCache, p: jax.Array, span: int
@@ -185,8 +191,7 @@ def decode_step(m, cache: DecodeCache, p: jax.Array, span: int
   b, _, wid = cache.shape
   p = jnp.asarray(p, jnp.int32)
   j = p % wid
-  pos = causal.positional_features(*cache.shape[1:])
-  pos_p = jnp.broadcast_to(pos[p], (b, pos.shape[-1]))
+  pos_p = _position_features(cache, p)
   # in_h at (i, j-1) reads x(i, j-kx .. j-1) = xrow padded columns j-1 .. j+kx-2.
   hx = m.in_h(lax.dynamic_slice_in_dim(cache.xrow, jnp.maximum(j - 1, 0), kx, 1)[:, None],
               True)
@@ -218,11 +223,9 @@ def feed(m, cache: DecodeCache, p: jax.Array, code: jax.Array, span: int) -> Dec
   """The code int32 [B] chosen at raster position p enters the current row's buffer and
   the attention caches."""
   kx, dt = m.kernel_size // 2, m.dtype
-  b, _, wid = cache.shape
   p = jnp.asarray(p, jnp.int32)
-  j = p % wid
-  pos = causal.positional_features(*cache.shape[1:])
-  pos_p = jnp.broadcast_to(pos[p], (b, pos.shape[-1]))
+  j = p % cache.shape[2]
+  pos_p = _position_features(cache, p)
   x_p = m.embed(code)
   xrow = lax.dynamic_update_slice_in_dim(cache.xrow, x_p[:, None].astype(dt), j + kx - 1, 1)
   start = _span_start(cache, span)
