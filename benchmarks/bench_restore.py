@@ -81,7 +81,7 @@ def _status_mb(field: str) -> float:
 def restore_once(args) -> dict:
   """One mode in this process: {'mode', 'seconds', 'rss_before_mb', 'rss_after_mb',
   'peak_rss_mb'} (resident memory before / after the restore, the arrays held)."""
-  from vqvae2_jax import restore  # pylint: disable=g-import-not-at-top
+  from vqvae2_jax import parallel, restore  # pylint: disable=g-import-not-at-top
   from vqvae2_jax.workdir import Workdir  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   config, _, init, mesh = _build(args)
@@ -90,14 +90,13 @@ def restore_once(args) -> dict:
   before = _status_mb("VmRSS")
   start = time.perf_counter()
   held = None
-  if args.mode == "full":
-    state, _ = restore.restore_train_state(w, "prior_top", init, config.priors.top.train,
-                                           mesh, config.axis_rules)
-    held = jax.block_until_ready(state)
-  elif args.mode == "inference":
-    variables, _ = restore.restore_inference_variables(w, "prior_top", init, mesh,
-                                                       config.axis_rules)
-    held = jax.block_until_ready(variables)
+  with parallel.use_mesh(mesh, config.axis_rules):
+    if args.mode == "full":
+      state, _ = restore.restore_train_state(w, "prior_top", init, config.priors.top.train)
+      held = jax.block_until_ready(state)
+    elif args.mode == "inference":
+      variables, _ = restore.restore_inference_variables(w, "prior_top", init)
+      held = jax.block_until_ready(variables)
   seconds = time.perf_counter() - start
   after = _status_mb("VmRSS")
   del held

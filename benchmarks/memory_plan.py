@@ -130,10 +130,10 @@ def make_mesh(devices, fsdp: int):
                             devices)
 
 
-def divisible_shardings(abstract, shardings, mesh):
+def divisible_shardings(abstract, shardings):
   """Replicates the leaves whose sharded axis does not divide (e.g. a 3-channel RGB output
-  kernel over fsdp=8), which the logical rules alone would reject."""
-  replicated = parallel.replicated(mesh)
+  kernel over fsdp=8), which the logical rules alone would reject (ambient mesh)."""
+  replicated = parallel.replicated()
 
   def fix(leaf, sharding):
     try:
@@ -147,23 +147,27 @@ def divisible_shardings(abstract, shardings, mesh):
 def compile_step(step: Step, mesh, accum: int, axis_rules, batch_size: int | None = None,
                  compiler_options=COMPILE_OPTIONS):
   """(compiled train step, (make_state, shardings), abstract batch) for `mesh`; nothing is
-  allocated. compiler_options: COMPILE_OPTIONS for XLA:CPU plans, None on accelerators."""
-  batch_size = batch_size or step.batch_size
+  allocated. compiler_options: COMPILE_OPTIONS for XLA:CPU plans, None on accelerators.
+  Planned and traced inside `parallel.use_mesh(mesh, axis_rules)`, as a stage runs it."""
+  with parallel.use_mesh(mesh, axis_rules):
+    return _compile_step(step, accum, batch_size or step.batch_size, compiler_options)
+
+
+def _compile_step(step: Step, accum: int, batch_size: int, compiler_options):
+  """`compile_step` on the ambient mesh."""
   tx = state_lib.make_optimizer(step.train)
   use_ema = step.train.param_ema_decay > 0
-  make_state, abstract, shardings = state_lib.plan_state(step.init_variables, tx, mesh,
-                                                         axis_rules, use_ema)
-  shardings = divisible_shardings(abstract, shardings, mesh)
+  make_state, abstract, shardings = state_lib.plan_state(step.init_variables, tx, use_ema)
+  shardings = divisible_shardings(abstract, shardings)
   state = state_lib.abstract_with_shardings(abstract, shardings)
-  batch_sharding = parallel.batch_sharding(mesh)
+  batch_sharding = parallel.batch_sharding()
   batch = {k: jax.ShapeDtypeStruct((batch_size,) + s, d, sharding=batch_sharding)
            for k, (s, d) in step.batch_shapes.items()}
   fn = step_lib.make_train_step(step.loss_fn, tx, step.train.param_ema_decay, accum,
                                 step.finalize_state)
   jitted = jax.jit(fn, in_shardings=(shardings, batch_sharding),
                    out_shardings=(shardings, None), donate_argnums=0)
-  with parallel.activation_sharding(mesh, axis_rules):  # as train/loop.py traces it
-    compiled = jitted.lower(state, batch).compile(compiler_options=compiler_options)
+  compiled = jitted.lower(state, batch).compile(compiler_options=compiler_options)
   return compiled, (make_state, shardings), batch
 
 

@@ -14,6 +14,10 @@ Every model is rebuilt from the model fields the workdir recorded (`Workdir`), a
 parameters are restored (`restore`). Each component loads on first use; a method whose
 stage has not run says which stage to run. Images are uint8 NumPy arrays [B, H, W, 3];
 codes are tuples of int32 arrays, top level first.
+
+A Run keeps its device mesh: each public method that runs device work enters it with the
+config's logical axis rules (`parallel.use_mesh`, via `_on_mesh`), so a notebook calls
+them without any context and the library below reads the ambient mesh.
 """
 from __future__ import annotations
 
@@ -74,12 +78,25 @@ def load(workdir: str, *, config: ml_collections.ConfigDict | None = None,
     workdir: the experiment directory the stages wrote.
     config: optional config of the caller (e.g. a stage's); its model fields are
       replaced by the recorded ones. Default: the recorded config itself.
-    mesh: device mesh for every call (default: all local devices on the 'data' axis).
+    mesh: device mesh for every call (default: the ambient one, e.g. a stage's, else a
+      new one from config.mesh: all devices on the 'data' axis by default).
   """
   w = Workdir(workdir)
   config = recorded_run_config(w) if config is None else w.resolve_recorded(config)
-  mesh = mesh if mesh is not None else parallel.make_mesh(config.mesh)
+  if mesh is None:
+    mesh = (parallel.current_mesh() if parallel.mesh_is_set()
+            else parallel.make_mesh(config.mesh))
   return Run(w, config, mesh)
+
+
+def _on_mesh(method):
+  """`method` of a Run, run inside the Run's mesh and axis rules (`parallel.use_mesh`);
+  entering them again from a method it calls changes nothing."""
+  @functools.wraps(method)
+  def on_mesh(self, *args, **kwargs):
+    with parallel.use_mesh(self.mesh, self.config.axis_rules):
+      return method(self, *args, **kwargs)
+  return on_mesh
 
 
 class Run:
@@ -87,7 +104,7 @@ class Run:
 
   Attributes:
     workdir: the Workdir. config: the resolved config (recorded model fields).
-    mesh: the device mesh every call shards its batch over.
+    mesh: the device mesh every call shards its batch over (entered by each method).
   """
 
   def __init__(self, workdir: Workdir, config: ml_collections.ConfigDict, mesh: Mesh):
@@ -106,11 +123,11 @@ class Run:
     return config_lib.prior_levels(self.config)
 
   @functools.cached_property
+  @_on_mesh
   def _vqvae(self) -> tuple[Any, dict, int]:
     model = builders.build_vqvae(self.config)
     variables, step = restore.restore_inference_variables(
-        self.workdir, VQVAE, builders.vqvae_init_fn(model, self.config.data.image_size),
-        self.mesh, self.config.axis_rules)
+        self.workdir, VQVAE, builders.vqvae_init_fn(model, self.config.data.image_size))
     return model, variables, step
 
   @property
@@ -141,6 +158,7 @@ class Run:
     """Whether `stage` ('vqvae', 'prior_top', 'classifier', ...) has a checkpoint."""
     return self.workdir.has_checkpoint(stage)
 
+  @_on_mesh
   def prior(self, level: str) -> tuple[Any, Any]:
     """(PixelSNAILPrior, params) of a level's prior: its parameter EMA when kept."""
     if level in self._priors:
@@ -150,8 +168,7 @@ class Run:
                        f"not {level!r}")
     prior = builders.build_prior(self.config, level, self.manifest)
     variables, _ = restore.restore_inference_variables(
-        self.workdir, prior_stage(level), builders.prior_init_fn(prior, self.manifest, level),
-        self.mesh, self.config.axis_rules)
+        self.workdir, prior_stage(level), builders.prior_init_fn(prior, self.manifest, level))
     self._priors[level] = prior, variables["params"]
     return self._priors[level]
 
@@ -161,18 +178,20 @@ class Run:
     return {level: self.prior(level) for level in self.manifest["levels"]}
 
   @functools.cached_property
+  @_on_mesh
   def classifier(self) -> tuple[Any, Any]:
     """(ResNetClassifier, params) of the classifier stage."""
     classes = self.workdir.recorded_classes(CLASSIFIER)
     model = builders.build_classifier(self.config, classes["num_classes"])
     variables, _ = restore.restore_inference_variables(
         self.workdir, CLASSIFIER,
-        builders.classifier_init_fn(model, self.config.data.image_size), self.mesh,
-        self.config.axis_rules)
+        builders.classifier_init_fn(model, self.config.data.image_size))
     return model, variables["params"]
 
+  @_on_mesh
   def sampler(self, options: SampleOptions | None = None) -> HierarchicalSampler:
-    """An ancestral sampler over stage 1 and every prior (options from config.sample)."""
+    """An ancestral sampler over stage 1 and every prior (options from config.sample);
+    it splits its batches over this Run's mesh."""
     s = self.config.sample
     options = options or SampleOptions(temperature=s.temperature, top_k=s.top_k,
                                        top_p=s.top_p, sampler=s.sampler,
@@ -180,19 +199,20 @@ class Run:
                                        guidance=s.get("guidance", 1.0))
     model, variables = self.vqvae
     shapes = {l: tuple(self.manifest["shapes"][l]) for l in self.manifest["levels"]}
-    return HierarchicalSampler(model, variables, self.priors, shapes, options, self.mesh)
+    return HierarchicalSampler(model, variables, self.priors, shapes, options)
 
+  @_on_mesh
   def scorer(self, kind: str = REJECT_TRAINED, batch_size: int = 32) -> scorers.Scorer:
     """Class probabilities of images for rejection sampling: 'trained' (the classifier
     stage) or 'efficientnet_lite0' (ImageNet classes)."""
     batch_size = _round_up(batch_size, self.mesh.size)
     if kind == REJECT_TRAINED:
       model, params = self.classifier
-      return scorers.classifier_scorer(model, params, self.mesh, batch_size)
+      return scorers.classifier_scorer(model, params, batch_size)
     if kind == EFFICIENTNET_LITE0:
       apply_fn, variables, info = load_feature_network(
           EFFICIENTNET_LITE0, self.config.evaluate.efficientnet_weights or None)
-      return scorers.network_scorer(apply_fn, variables, info["logits_key"], self.mesh,
+      return scorers.network_scorer(apply_fn, variables, info["logits_key"],
                                     batch_size)
     raise ValueError(f"unknown scorer {kind!r}: use {REJECT_TRAINED!r} or "
                      f"{EFFICIENTNET_LITE0!r}")
@@ -209,7 +229,7 @@ class Run:
       pad = batch - len(chunk[0])
       chunk = [np.concatenate([c, np.zeros((pad,) + c.shape[1:], c.dtype)]) for c in chunk]
       # Every process holds the whole chunk (on many processes each feeds its devices' rows).
-      sharding = parallel.batch_sharding(self.mesh)
+      sharding = parallel.batch_sharding()
       out = fn(*(parallel.shared_to_global(c, sharding) for c in chunk))
       outs.append(jax.tree.map(lambda x: parallel.global_to_host(x)[:batch - pad], out))
     return jax.tree.map(lambda *xs: np.concatenate(xs), *outs)
@@ -235,10 +255,12 @@ class Run:
                                                   method=model.decode_codes),
                    static_argnums=1)
 
+  @_on_mesh
   def encode(self, images: np.ndarray) -> tuple[np.ndarray, ...]:
     """uint8 [B, S, S, 3] -> codes, top first: int32 [B, H_l, W_l] per level."""
     return tuple(self._batched(self._encode_fn, [self._check_images(images)]))
 
+  @_on_mesh
   def decode(self, codes: Sequence[np.ndarray], levels: Iterable[str] | None = None
              ) -> np.ndarray:
     """Codes (top first) -> uint8 [B, S, S, 3]; `levels` keeps only those levels' codes
@@ -254,11 +276,13 @@ class Run:
     pixels = self._batched(lambda *c: self._decode_fn(tuple(c), use), codes)
     return image_lib.to_uint8(pixels)
 
+  @_on_mesh
   def reconstruct(self, images: np.ndarray, levels: Iterable[str] | None = None
                   ) -> np.ndarray:
     """uint8 [B, S, S, 3] -> their reconstructions from all (or the given) levels."""
     return self.decode(self.encode(images), levels)
 
+  @_on_mesh
   def sample(self, num: int, labels: Sequence[int] | int | None = None, *,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
              batch_size: int | None = None, return_codes: bool = False,
@@ -291,6 +315,7 @@ class Run:
       raise ValueError(f"labels {bad} are not classes of this model (0..{num_classes - 1})")
     return np.resize(np.asarray(chosen, np.int32), num)
 
+  @_on_mesh
   def classify(self, images: np.ndarray) -> np.ndarray:
     """float32 [B, C] class probabilities from the classifier stage's model."""
     if not self.has(CLASSIFIER):
@@ -312,6 +337,7 @@ class Run:
             "num_classes": m.get("num_classes", 0)}
 
   @functools.cached_property
+  @_on_mesh
   def codec(self) -> codec_lib.CodecModels:
     """The entropy codec's models: every prior, code shapes, and the models' fingerprint
     (recorded model config + checksum of the stage-1 variables and prior params)."""
@@ -325,7 +351,7 @@ class Run:
 
   @functools.cached_property
   def _level_bits_fn(self):
-    return codec_lib.make_level_bits_fn(self.priors, self.mesh)
+    return codec_lib.make_level_bits_fn(self.priors)
 
   def _code_length(self, codes: Sequence[np.ndarray], labels) -> dict:
     num_classes = max(p.num_classes for p, _ in self.priors.values())
@@ -334,6 +360,7 @@ class Run:
                                  labels=labels, num_classes=num_classes,
                                  image_size=self.config.data.image_size)
 
+  @_on_mesh
   def log_prob(self, images: np.ndarray, labels: Sequence[int] | int | None = None) -> dict:
     """Code length in bits of the images' latents under the priors (vqvae2_jax.codec).
 
@@ -349,6 +376,7 @@ class Run:
     """
     return self._code_length(self.encode(images), labels)
 
+  @_on_mesh
   def compress(self, images: np.ndarray, labels: Sequence[int] | int | None = None, *,
                batch_size: int | None = None) -> list[bytes]:
     """uint8 [B, S, S, 3] -> B streams (bytes): every level's codes range-coded under its
@@ -360,6 +388,7 @@ class Run:
     streams, _ = codec_lib.compress_codes(self.codec, codes, labels, batch_size=batch_size)
     return streams
 
+  @_on_mesh
   def decompress(self, streams: Sequence[bytes], *, names: Sequence[str] | None = None,
                  return_codes: bool = False):
     """Streams of `compress` -> uint8 [B, S, S, 3], identical to `reconstruct` of the

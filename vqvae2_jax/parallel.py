@@ -3,12 +3,17 @@
 One 2-D mesh ('data', 'fsdp') serves every stage. The batch is split over both axes;
 parameters are replicated unless the logical axis rules (config.axis_rules) map one of
 their logical axes to 'fsdp', which shards them ZeRO-3 style.
+
+The mesh and the rules are ambient: `use_mesh(mesh, rules)` enters both once (around a
+stage's run in `runner.run_stage`, around each public method of `api.Run`), and the
+helpers below (`batch_sharding()`, `host_to_global(batch)`, `logical_shardings(...)`)
+and the models' activation constraints (`models/sharding.py`) read them from there.
 """
 from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from absl import logging
 import jax
@@ -64,7 +69,8 @@ def maybe_initialize_distributed(dist_config) -> None:
 
 
 def setup_runtime(config) -> Mesh:
-  """Initialises multi-host JAX if the config asks and builds its mesh (every stage)."""
+  """Initialises multi-host JAX if the config asks and builds its mesh (every stage;
+  `runner.run_stage` enters it with `use_mesh`)."""
   maybe_initialize_distributed(config.distributed)
   return make_mesh(config.mesh)
 
@@ -95,26 +101,64 @@ def make_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> Mesh:
   return Mesh(grid, BATCH_AXES, axis_types=auto)
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Leading (batch) axis split over every device of the mesh."""
-  return NamedSharding(mesh, P(BATCH_AXES))
+# What `current_mesh` raises outside `use_mesh` (one line: what to do).
+NO_MESH_MESSAGE = ("no device mesh is set: call this inside `with parallel.use_mesh(mesh, "
+                   "config.axis_rules):` (stages and vqvae2_jax.load(...) methods enter it)")
 
 
-def replicated(mesh: Mesh) -> NamedSharding:
-  """Fully replicated placement on `mesh`."""
-  return NamedSharding(mesh, P())
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh, rules) -> Iterator[Mesh]:
+  """The ambient device mesh and logical axis rules for everything inside.
+
+  Enters `jax.set_mesh(mesh)` and flax's `nn.logical_axis_rules(rules)`: the helpers of
+  this module read the mesh (`current_mesh`) and the rules from here, and the models'
+  block outputs traced inside are constrained to the batch-sharded layout
+  (`models/sharding.py`; outside, those constraints are no-ops). Entering the mesh that
+  is already ambient again (a `Run` method calling another) changes nothing.
+
+  Args:
+    mesh: the concrete device mesh (`make_mesh`).
+    rules: logical axis rules, e.g. config.axis_rules ((logical name, mesh axes), ...).
+  """
+  with jax.set_mesh(mesh), nn.logical_axis_rules(_plain_rules(rules)):
+    yield mesh
 
 
-def check_batch_size(global_batch: int, mesh: Mesh, what: str = "batch_size") -> None:
-  """Raises unless the global batch splits evenly over the mesh's devices."""
-  if global_batch % mesh.size:
-    raise ValueError(f"{what}={global_batch} must be divisible by the {mesh.size} devices "
+def mesh_is_set() -> bool:
+  """Whether a concrete mesh is ambient (for code that also runs on one device without
+  one, e.g. feature extraction in a notebook)."""
+  return not jax.sharding.get_mesh().empty
+
+
+def current_mesh() -> Mesh:
+  """The ambient concrete mesh (entered by `use_mesh`); raises when there is none."""
+  if not mesh_is_set():
+    raise RuntimeError(NO_MESH_MESSAGE)
+  return jax.sharding.get_mesh()
+
+
+def batch_sharding() -> NamedSharding:
+  """Leading (batch) axis split over every device of the ambient mesh."""
+  return NamedSharding(current_mesh(), P(BATCH_AXES))
+
+
+def replicated() -> NamedSharding:
+  """Fully replicated placement on the ambient mesh."""
+  return NamedSharding(current_mesh(), P())
+
+
+def check_batch_size(global_batch: int, what: str = "batch_size") -> None:
+  """Raises unless the global batch splits evenly over the ambient mesh's devices."""
+  size = current_mesh().size
+  if global_batch % size:
+    raise ValueError(f"{what}={global_batch} must be divisible by the {size} devices "
                      "of the mesh")
 
 
-def host_to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-  """Host-local arrays (this process's slice of the global batch) -> global jax.Arrays."""
-  sharding = batch_sharding(mesh)
+def host_to_global(batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+  """Host-local arrays (this process's slice of the global batch) -> global jax.Arrays
+  split over the ambient mesh."""
+  sharding = batch_sharding()
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
           for k, v in batch.items()}
 
@@ -176,24 +220,17 @@ def _plain_rules(rules) -> tuple:
                for name, axes in rules)
 
 
-@contextlib.contextmanager
-def activation_sharding(mesh: Mesh, rules):
-  """Trace (and call) a train step inside this: the models' block outputs are then
-  constrained to the batch-sharded layout (`models/sharding.py`) on `mesh` under the
-  logical axis `rules`. Outside it those constraints are no-ops."""
-  with jax.set_mesh(mesh), nn.logical_axis_rules(_plain_rules(rules)):
-    yield
-
-
-def logical_shardings(abstract_boxed: Any, mesh: Mesh, rules) -> Any:
-  """NamedShardings for a tree of (possibly nn.Partitioned-boxed) abstract values.
+def logical_shardings(abstract_boxed: Any) -> Any:
+  """NamedShardings on the ambient mesh, under the ambient logical axis rules, for a tree
+  of (possibly nn.Partitioned-boxed) abstract values.
 
   Leaves without logical names are replicated, and so is any dimension the mesh axes it
   maps to do not divide (e.g. a 3-channel RGB kernel under fsdp=8): such a parameter is
   small, and splitting it unevenly would fail at placement.
   """
+  mesh = current_mesh()
   specs = nn.get_partition_spec(abstract_boxed)
-  shardings = nn.logical_to_mesh_sharding(specs, mesh, _plain_rules(rules))
+  shardings = nn.logical_to_mesh_sharding(specs, mesh, nn.get_logical_axis_rules())
   shapes = nn.unbox(abstract_boxed)
 
   def divisible(sharding: NamedSharding, leaf) -> NamedSharding:

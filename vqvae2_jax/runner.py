@@ -2,7 +2,9 @@
 
 Before a stage runs, its config's model fields are resolved against what the workdir
 recorded (`Workdir.resolve_recorded`): a later stage needs no repeated override, and an
-explicit override that contradicts a trained model fails here, before any work.
+explicit override that contradicts a trained model fails here, before any work. Every
+stage runs inside its config's device mesh and logical axis rules (`parallel.use_mesh`),
+entered here once: the library below reads them from the context.
 """
 from __future__ import annotations
 
@@ -49,7 +51,8 @@ def run_stage(config, workdir: str, explicit: Iterable[str] = ()) -> None:
   resolved = Workdir(workdir).resolve_recorded(config, explicit)
   config_lib.validate(resolved)
   module = importlib.import_module(f"vqvae2_jax.stages.{stage_module(config.stage)}")
-  module.run(resolved, workdir)
+  with parallel.use_mesh(parallel.setup_runtime(resolved), resolved.axis_rules):
+    module.run(resolved, workdir)
 
 
 def _run_pipeline(config, workdir: str, explicit: tuple[str, ...]) -> None:

@@ -19,7 +19,6 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, NamedSharding
 
 from vqvae2_jax import builders
 from vqvae2_jax import config_lib
@@ -49,7 +48,8 @@ class Program:
     levers: the train step's remat / grad_accum_steps / fsdp (empty for other programs).
     model_fn: the same computation without rematerialisation (model FLOPs), or None when
       the program recomputes nothing.
-    context: entered around tracing (activation-sharding rules of the train step).
+    context: entered around tracing: the program's mesh and logical axis rules
+      (`parallel.use_mesh`), as the stage running it enters them.
   """
   name: str
   jitted: Any
@@ -100,16 +100,28 @@ def _train_parts(config, stage: str, manifest: dict, remat: str):
           "latents")
 
 
+def _mesh_context(config, devices) -> Callable[[], Any]:
+  """A context factory entering the config's mesh over `devices` and its logical axis
+  rules (`parallel.use_mesh`): each program is built and traced inside it, as the stage
+  that runs the program enters it (`runner.run_stage`)."""
+  mesh = parallel.make_mesh(config.mesh, devices)
+  return lambda: parallel.use_mesh(mesh, config.axis_rules)
+
+
 def train_program(config, stage: str, devices, manifest: dict) -> Program:
   """The train step of `stage` ('vqvae' or 'prior_<level>') with the config's levers."""
+  on_mesh = _mesh_context(config, devices)
+  with on_mesh():
+    return _train_program(config, stage, manifest, on_mesh)
+
+
+def _train_program(config, stage: str, manifest: dict, on_mesh) -> Program:
   t = config.vqvae_train if stage == "vqvae" else config.priors[stage[len("prior_"):]].train
-  mesh = parallel.make_mesh(config.mesh, devices)
   init, loss, finalize, shapes, t, examples, unit = _train_parts(config, stage, manifest,
                                                                  t.remat)
   tx = state_lib.make_optimizer(t)
-  _, abstract, shardings = state_lib.plan_state(init, tx, mesh, config.axis_rules,
-                                                t.param_ema_decay > 0)
-  batch_sharding = parallel.batch_sharding(mesh)
+  _, abstract, shardings = state_lib.plan_state(init, tx, t.param_ema_decay > 0)
+  batch_sharding = parallel.batch_sharding()
   state = _abstract(abstract, shardings)
   batch = {k: jax.ShapeDtypeStruct((t.batch_size,) + s, d, sharding=batch_sharding)
            for k, (s, d) in shapes.items()}
@@ -122,71 +134,75 @@ def train_program(config, stage: str, devices, manifest: dict) -> Program:
   return Program(f"train {stage}", jitted, (state, batch), examples, unit,
                  levers={"remat": t.remat, "grad_accum_steps": t.grad_accum_steps,
                          "fsdp": int(config.mesh.fsdp)},
-                 model_fn=model_fn,
-                 context=lambda: parallel.activation_sharding(mesh, config.axis_rules))
+                 model_fn=model_fn, context=on_mesh)
 
 
-def _replicated_params(init, mesh: Mesh):
-  """Abstract variables of init(rng), replicated on `mesh` (inference programs)."""
+def _replicated_params(init):
+  """Abstract variables of init(rng), replicated on the ambient mesh (inference
+  programs)."""
   plain = nn.unbox(jax.eval_shape(init, jax.random.key(0)))
-  return _abstract(plain, jax.tree.map(lambda _: parallel.replicated(mesh), plain))
+  return _abstract(plain, jax.tree.map(lambda _: parallel.replicated(), plain))
 
 
 def encoder_program(config, devices) -> Program:
   """Extract's encoder: uint8 images [extract.batch_size, S, S, 3] -> codes per level."""
-  mesh = parallel.make_mesh(config.mesh, devices)
-  model = builders.build_vqvae(config)
-  size, batch = config.data.image_size, config.extract.batch_size
-  variables = _replicated_params(builders.vqvae_init_fn(model, size), mesh)
-  images = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.uint8,
-                                sharding=parallel.batch_sharding(mesh))
+  on_mesh = _mesh_context(config, devices)
+  with on_mesh():
+    model = builders.build_vqvae(config)
+    size, batch = config.data.image_size, config.extract.batch_size
+    variables = _replicated_params(builders.vqvae_init_fn(model, size))
+    images = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.uint8,
+                                  sharding=parallel.batch_sharding())
 
-  def encode(v, x):
-    return model.apply(v, image_lib.to_model(x), method=model.encode)
-  jitted = jax.jit(encode, out_shardings=parallel.batch_sharding(mesh))
-  return Program("encoder", jitted, (variables, images), batch, "images")
+    def encode(v, x):
+      return model.apply(v, image_lib.to_model(x), method=model.encode)
+    jitted = jax.jit(encode, out_shardings=parallel.batch_sharding())
+    return Program("encoder", jitted, (variables, images), batch, "images", context=on_mesh)
 
 
 def sampler_program(config, level: str, devices, manifest: dict) -> Program:
   """The incremental sampler's loop for `level` at sample.batch_size (one call draws the
   whole [B, H, W] map, conditioned on the levels above and a class)."""
-  mesh = parallel.make_mesh(config.mesh, devices)
+  on_mesh = _mesh_context(config, devices)
+  with on_mesh():
+    return _sampler_program(config, level, manifest, on_mesh)
+
+
+def _sampler_program(config, level: str, manifest: dict, on_mesh) -> Program:
   prior = builders.build_prior(config, level, manifest)
-  params = _replicated_params(builders.prior_init_fn(prior, manifest, level), mesh)
-  params = params["params"]
+  params = _replicated_params(builders.prior_init_fn(prior, manifest, level))["params"]
   b = config.sample.batch_size
   _, upper, _ = builders.prior_level_info(manifest, level)
-  batch_sharding = parallel.batch_sharding(mesh)
+  batch_sharding = parallel.batch_sharding()
   cond = tuple(jax.ShapeDtypeStruct((b, *manifest["shapes"][u]), jnp.int32,
                                     sharding=batch_sharding) for u in upper)
   labels = (jax.ShapeDtypeStruct((b,), jnp.int32, sharding=batch_sharding)
             if prior.num_classes else None)
   h, w = manifest["shapes"][level]
-  sharding = NamedSharding(mesh, batch_sharding.spec)
 
   def sample(p, rng, cond_codes, labels_):
     return incremental.sample_incremental(
         prior, p, rng, shape=(b, h, w), cond_codes=cond_codes, labels=labels_,
         temperature=config.sample.temperature, top_k=config.sample.top_k,
-        top_p=config.sample.top_p, guidance=config.sample.guidance, sharding=sharding)
-  rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype,
-                             sharding=parallel.replicated(mesh))
+        top_p=config.sample.top_p, guidance=config.sample.guidance, sharding=batch_sharding)
+  rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=parallel.replicated())
   return Program(f"sampler {level}", jax.jit(sample), (params, rng, cond, labels),
-                 b * h * w, "latents")
+                 b * h * w, "latents", context=on_mesh)
 
 
 def feature_program(config, devices, name: str = "inception") -> Program:
   """Evaluate's feature network `name` on uint8 images [evaluate.batch_size, S, S, 3]."""
-  mesh = parallel.make_mesh(config.mesh, devices)
-  spec = convert.get_spec(name)
-  model = spec.make_model()
-  size, batch = config.data.image_size, config.evaluate.batch_size
-  example = jnp.zeros((1, size, size, 3), jnp.uint8)
-  variables = _replicated_params(lambda rng: model.init(rng, example), mesh)
-  images = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.uint8,
-                                sharding=parallel.batch_sharding(mesh))
-  return Program(f"features {name}", jax.jit(model.apply), (variables, images), batch,
-                 "images")
+  on_mesh = _mesh_context(config, devices)
+  with on_mesh():
+    spec = convert.get_spec(name)
+    model = spec.make_model()
+    size, batch = config.data.image_size, config.evaluate.batch_size
+    example = jnp.zeros((1, size, size, 3), jnp.uint8)
+    variables = _replicated_params(lambda rng: model.init(rng, example))
+    images = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.uint8,
+                                  sharding=parallel.batch_sharding())
+    return Program(f"features {name}", jax.jit(model.apply), (variables, images), batch,
+                   "images", context=on_mesh)
 
 
 def stage_programs(config, stage: str, devices, num_classes: int) -> list[Program]:

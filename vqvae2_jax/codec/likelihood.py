@@ -10,19 +10,18 @@ import math
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
-from jax.sharding import Mesh
 
 from vqvae2_jax.eval import likelihood as likelihood_lib
 
 
-def make_level_bits_fn(priors: Mapping[str, tuple[Any, Any]], mesh: Mesh) -> Callable:
+def make_level_bits_fn(priors: Mapping[str, tuple[Any, Any]]) -> Callable:
   """fn(*codes, labels) -> tuple of float32 [B] bits per image, one per level (top first).
 
   codes: int32 [B, H_l, W_l] per level, top first; labels: int32 [B] (ignored by
   unconditional priors). One teacher-forced prior pass per level (eval/likelihood.py).
   """
   levels = tuple(priors)
-  fns = {l: likelihood_lib.make_nll_fn(priors[l][0], l, levels[:i], mesh)
+  fns = {l: likelihood_lib.make_nll_fn(priors[l][0], l, levels[:i])
          for i, l in enumerate(levels)}
 
   def bits(*arrays):

@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-from jax.sharding import Mesh
 
 from vqvae2_jax.eval import classifier_training
 from vqvae2_jax.eval.classifier import ResNetClassifier
@@ -76,10 +75,10 @@ class ClassifierAccuracy:
   and on their reconstructions."""
 
   def __init__(self, classifiers: Mapping[str, tuple[ResNetClassifier, Any]],
-               batch_size: int, mesh: Mesh):
+               batch_size: int):
     """classifiers: name -> (model, params); batch_size a multiple of the mesh size."""
-    self.batch_size, self.mesh = batch_size, mesh
-    self.fns = {name: (classifier_training.make_logits_fn(model, mesh), params)
+    self.batch_size = batch_size
+    self.fns = {name: (classifier_training.make_logits_fn(model), params)
                 for name, (model, params) in classifiers.items()}
     self.counters = {(name, kind): TopKCounter() for name in classifiers
                      for kind in ("real", "recon")}
@@ -90,7 +89,7 @@ class ClassifierAccuracy:
     for name, (fn, params) in self.fns.items():
       for kind, images in (("real", originals), ("recon", reconstructions)):
         logits = scorers.batched(lambda x, fn=fn, params=params: fn(params, x), images,
-                                 self.batch_size, self.mesh)
+                                 self.batch_size)
         self.counters[name, kind].update(logits, labels)
 
   def result(self) -> dict[str, dict[str, float]]:
@@ -98,10 +97,9 @@ class ClassifierAccuracy:
     return {f"{name}_on_{kind}": c.result() for (name, kind), c in self.counters.items()}
 
 
-def train_classifier(model: ResNetClassifier, train_source, val_source, train_config,
-                     mesh: Mesh, *, name: str, directory: str, checkpoint_dir: str,
-                     image_size: int, axis_rules, seed: int, data_seed: int,
-                     num_threads: int = 4) -> Any:
+def train_classifier(model: ResNetClassifier, train_source, val_source, train_config, *,
+                     name: str, directory: str, checkpoint_dir: str, image_size: int,
+                     seed: int, data_seed: int, num_threads: int = 4) -> Any:
   """Trains (or resumes, or just restores when finished) `model` on `train_source`.
 
   Args:
@@ -116,8 +114,8 @@ def train_classifier(model: ResNetClassifier, train_source, val_source, train_co
     The parameters that serve inference (the parameter EMA when kept).
   """
   task = classifier_training.classifier_task(
-      model, train_source, val_source, train_config, mesh, name=name, image_size=image_size,
+      model, train_source, val_source, train_config, name=name, image_size=image_size,
       seed=data_seed, num_threads=num_threads)
   state = loop.train(task, train_config, directory=directory, checkpoint_dir=checkpoint_dir,
-                     mesh=mesh, axis_rules=axis_rules, seed=seed)
+                     seed=seed)
   return state.ema_params if train_config.param_ema_decay > 0 else state.params

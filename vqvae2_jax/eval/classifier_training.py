@@ -11,7 +11,6 @@ import functools
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh
 
 from vqvae2_jax import images as image_lib
 from vqvae2_jax import parallel
@@ -32,21 +31,21 @@ def make_loss_fn(model: ResNetClassifier):
   return loss_fn
 
 
-def make_logits_fn(model: ResNetClassifier, mesh: Mesh):
+def make_logits_fn(model: ResNetClassifier):
   """Jitted (params, uint8 images [B, S, S, 3]) -> float32 logits [B, C]."""
-  @functools.partial(jax.jit, out_shardings=parallel.batch_sharding(mesh))
+  @functools.partial(jax.jit, out_shardings=parallel.batch_sharding())
   def logits_fn(params, images):
     return model.apply({"params": params}, image_lib.to_model(images), train=False)
   return logits_fn
 
 
-def accuracy_on(logits_fn, params, source, batch_size: int, mesh: Mesh,
+def accuracy_on(logits_fn, params, source, batch_size: int,
                 max_batches: int = 0) -> dict[str, float]:
   """Top-1 / top-5 accuracy over an image source (max_batches 0 = all of it)."""
   top1 = top5 = count = 0.0
   for batch in iterate_once(spread_subset(source, max_batches * batch_size), batch_size):
     arrays = parallel.host_to_global(
-        {"image": batch["image"], "label": batch["label"], "valid": batch["valid"]}, mesh)
+        {"image": batch["image"], "label": batch["label"], "valid": batch["valid"]})
     logits = logits_fn(params, arrays["image"])
     labels = arrays["label"]
     k = min(5, logits.shape[-1])
@@ -59,8 +58,8 @@ def accuracy_on(logits_fn, params, source, batch_size: int, mesh: Mesh,
   return {"top1": top1 / count, "top5": top5 / count, "num_images": int(count)}
 
 
-def classifier_task(model: ResNetClassifier, train_source, val_source, train_config,
-                    mesh: Mesh, *, name: str, image_size: int, seed: int,
+def classifier_task(model: ResNetClassifier, train_source, val_source, train_config, *,
+                    name: str, image_size: int, seed: int,
                     num_threads: int = 4, worker_count: int = 0) -> loop.TrainTask:
   """A TrainTask for `model` on `train_source`, validated on `val_source` (or None).
 
@@ -71,12 +70,12 @@ def classifier_task(model: ResNetClassifier, train_source, val_source, train_con
     raise ValueError(f"the {name} classifier needs labelled data with >= 2 classes; this "
                      f"data has {train_source.num_classes}")
   t = train_config
-  logits_fn = make_logits_fn(model, mesh)
+  logits_fn = make_logits_fn(model)
   loader = BatchLoader(train_source, t.batch_size, seed=seed, num_threads=num_threads,
                        worker_count=worker_count)
 
   def evaluate(state):
-    return accuracy_on(logits_fn, state.params, val_source, t.batch_size, mesh,
+    return accuracy_on(logits_fn, state.params, val_source, t.batch_size,
                        t.eval_batches)
 
   return loop.TrainTask(

@@ -16,7 +16,6 @@ from typing import Any, Callable
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from vqvae2_jax import parallel
 from vqvae2_jax import storage
@@ -44,7 +43,7 @@ class Network:
     return f"{self.name} (NOT comparable with published numbers)"
 
 
-def load_network(name: str, path: str, mesh, log=print) -> tuple[Network | None, list[str]]:
+def load_network(name: str, path: str, log=print) -> tuple[Network | None, list[str]]:
   """(network `name` from `path`, notes). From `path` it must load (errors propagate);
   for path '' it comes from the default search, None plus a note when absent or
   unreadable."""
@@ -55,12 +54,12 @@ def load_network(name: str, path: str, mesh, log=print) -> tuple[Network | None,
       raise
     return None, [f"{name} feature network unavailable: {str(e).splitlines()[0][:240]}"]
   # Replicated once: extract_features would otherwise copy the weights for every block.
-  variables = jax.device_put(variables, NamedSharding(mesh, P()))
+  variables = jax.device_put(variables, parallel.replicated())
   log(f"loaded {name} weights from {info['weights_path']}")
   return Network(name, apply_fn, variables, info), []
 
 
-def resolve_networks(opts: EvalOptions, mesh, log=print
+def resolve_networks(opts: EvalOptions, log=print
                      ) -> tuple[Network | None, Network | None, list[str]]:
   """(network for FID / IS / FID*, network for precision/recall, notes).
 
@@ -68,12 +67,12 @@ def resolve_networks(opts: EvalOptions, mesh, log=print
   ('efficientnet_lite0' or 'none') stands in, with a note that the numbers are not
   comparable with published ones.
   """
-  fid, notes = load_network("inception", opts.inception_weights, mesh, log)
-  pr, more = load_network("vgg16", opts.vgg16_weights, mesh, log)
+  fid, notes = load_network("inception", opts.inception_weights, log)
+  pr, more = load_network("vgg16", opts.vgg16_weights, log)
   notes += more
   fallback = None
   if (fid is None or pr is None) and opts.fallback_network == "efficientnet_lite0":
-    fallback, more = load_network("efficientnet_lite0", opts.efficientnet_weights, mesh, log)
+    fallback, more = load_network("efficientnet_lite0", opts.efficientnet_weights, log)
     notes += more
   if fid is None and fallback is not None:
     fid = fallback
@@ -87,8 +86,8 @@ def resolve_networks(opts: EvalOptions, mesh, log=print
   return fid, pr, notes
 
 
-def net_outputs(fid: Network | None, pr: Network | None, images: np.ndarray, batch: int,
-                mesh) -> dict[str, np.ndarray]:
+def net_outputs(fid: Network | None, pr: Network | None, images: np.ndarray, batch: int
+                ) -> dict[str, np.ndarray]:
   """{'fid': [n, D], 'logits': [n, C], 'pr': [n, D']} of uint8 images [n, H, W, 3]."""
   out = {}
   for net, role in ((fid, "fid"), (pr, "pr")):
@@ -100,7 +99,7 @@ def net_outputs(fid: Network | None, pr: Network | None, images: np.ndarray, bat
     keys = [net.info["feature_key"]] + (
         [net.info["logits_key"]] if role == "fid" and net.info["logits_key"] else [])
     r = features_lib.extract_features(net.apply_fn, net.variables, [images], batch_size=batch,
-                                      mesh=mesh, keep=keys)
+                                      keep=keys)
     out[role] = r.features[keys[0]].reshape(len(images), -1)
     if len(keys) > 1:
       out["logits"] = r.features[keys[1]].reshape(len(images), -1)
@@ -191,7 +190,7 @@ def set_metrics(s: SetStats, ref, recon_ref, real_pr, opts: EvalOptions, what: s
 
 
 def selection_stats(images: np.ndarray, masks: dict[float, np.ndarray], fid: Network | None,
-                    pr: Network | None, opts: EvalOptions, mesh, log=print
+                    pr: Network | None, opts: EvalOptions, log=print
                     ) -> dict[float, SetStats]:
   """SetStats of each selection: images uint8 [M, S, S, 3] (a memmap is read in blocks),
   masks keep fraction -> bool [M]. Each image's features are computed once."""
@@ -203,7 +202,7 @@ def selection_stats(images: np.ndarray, masks: dict[float, np.ndarray], fid: Net
     sel = any_mask[lo:lo + block]
     if not sel.any():
       continue
-    out = net_outputs(fid, pr, np.asarray(images[lo:lo + block])[sel], opts.batch_size, mesh)
+    out = net_outputs(fid, pr, np.asarray(images[lo:lo + block])[sel], opts.batch_size)
     for f, m in masks.items():
       rows = m[lo:lo + block][sel]
       if rows.any():
@@ -261,10 +260,10 @@ class RealReference:
   """
 
   def __init__(self, fid: Network | None, pr: Network | None, expected: int,
-               opts: EvalOptions, mesh, cache_dir: str, data_key: dict):
+               opts: EvalOptions, cache_dir: str, data_key: dict):
     """expected: images the pass will feed; data_key: what identifies those images
     (source, split, size, count) in the cache key, beside the weights and pr_max."""
-    self.fid, self.pr, self.opts, self.mesh = fid, pr, opts, mesh
+    self.fid, self.pr, self.opts = fid, pr, opts
     self.caches = {role: ReferenceCache(cache_dir, net, role, dict(
         data_key, weights=net.info["source_sha256"], pr_max=opts.pr_max_images))
                    for net, role in ((fid, "fid"), (pr, "pr")) if net is not None}
@@ -280,8 +279,8 @@ class RealReference:
     del labels
     b = self.opts.batch_size
     if self.need_real:
-      self.real.update(net_outputs(self.fid, self.pr, originals, b, self.mesh))
-    self.recon.update(net_outputs(self.fid, None, reconstructions, b, self.mesh))
+      self.real.update(net_outputs(self.fid, self.pr, originals, b))
+    self.recon.update(net_outputs(self.fid, None, reconstructions, b))
 
   def finish(self, log=print) -> None:
     """After the pass: the statistics computed, the caches written."""

@@ -2,7 +2,7 @@
 
 `extract_features` re-batches any iterable of image arrays into fixed-size
 batches (the last one padded, the padding dropped), runs a jitted network on
-them (sharded over the 'data' axis of a mesh when given) and keeps the
+them (sharded over the 'data' axis of the ambient mesh, if any) and keeps the
 features and/or streams them into float64 mean/covariance accumulators.
 
 `load_feature_network(name, weights_path)` returns `(apply_fn, variables,
@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from vqvae2_jax import parallel
 from vqvae2_jax.eval import convert
@@ -103,7 +103,7 @@ def _rebatch(images_iter: Iterable[np.ndarray], batch_size: int):
 
 
 def extract_features(apply_fn: ApplyFn, params: Any, images_iter: Iterable[np.ndarray], *,
-                     batch_size: int, mesh: Mesh | None = None,
+                     batch_size: int,
                      keep: Sequence[str] | None = None,
                      moments: Sequence[str] = ()) -> FeatureResult:
   """Runs a feature network over a stream of images.
@@ -115,11 +115,13 @@ def extract_features(apply_fn: ApplyFn, params: Any, images_iter: Iterable[np.nd
     images_iter: iterable of arrays [b, H, W, 3] (any b; uint8 for the
       registry networks), e.g. a generator over sample files.
     batch_size: global batch per step (a multiple of the mesh's 'data' size).
-    mesh: if given, batches are sharded over its 'data' axis and params are
-      replicated. On many processes every process passes the same images; each
-      featurises its own devices' rows and every process gets all the features.
     keep: output names to keep as arrays (None: all; () to keep none).
     moments: output names to accumulate mean/covariance of in float64.
+
+  Under an ambient mesh (`parallel.use_mesh`) batches are sharded over its 'data' axis
+  and params are replicated: on many processes every process passes the same images,
+  each featurises its own devices' rows and every process gets all the features.
+  Without one everything runs on the default device.
 
   Returns:
     FeatureResult.
@@ -127,7 +129,9 @@ def extract_features(apply_fn: ApplyFn, params: Any, images_iter: Iterable[np.nd
   if batch_size < 1:
     raise ValueError(f"batch_size must be positive, got {batch_size}")
   fn = jax.jit(apply_fn)
-  if mesh is not None:
+  sharded = parallel.mesh_is_set()
+  if sharded:
+    mesh = parallel.current_mesh()
     if "data" not in mesh.axis_names:
       raise ValueError(f"mesh has axes {mesh.axis_names}; extraction shards over 'data'")
     n_data = mesh.shape["data"]
@@ -135,12 +139,12 @@ def extract_features(apply_fn: ApplyFn, params: Any, images_iter: Iterable[np.nd
       raise ValueError(f"batch_size {batch_size} is not a multiple of the mesh's "
                        f"'data' axis size {n_data}")
     data_sharding = NamedSharding(mesh, P("data"))
-    params = jax.device_put(params, NamedSharding(mesh, P()))
+    params = jax.device_put(params, parallel.replicated())
   kept: dict[str, list[np.ndarray]] = {}
   accs: dict[str, StreamingMoments] = {}
   total = 0
   for batch, n_valid in _rebatch(images_iter, batch_size):
-    x = (parallel.shared_to_global(batch, data_sharding) if mesh is not None
+    x = (parallel.shared_to_global(batch, data_sharding) if sharded
          else jnp.asarray(batch))
     out = fn(params, x)
     if not isinstance(out, dict):

@@ -12,7 +12,6 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh
 
 from vqvae2_jax import parallel
 from vqvae2_jax.data import codes as codes_lib
@@ -35,12 +34,12 @@ def nll_terms(logits: jax.Array, codes: jax.Array) -> tuple[jax.Array, jax.Array
   return ce.mean(axis=(1, 2)), correct.mean(axis=(1, 2))
 
 
-def make_nll_fn(prior, level: str, upper: tuple[str, ...], mesh: Mesh
+def make_nll_fn(prior, level: str, upper: tuple[str, ...]
                 ) -> Callable[[Any, dict], tuple[jax.Array, jax.Array]]:
   """Jitted (params, code batch) -> per-example NLL and accuracy, float32 [B] each."""
   conditional = prior.num_classes > 0
 
-  @functools.partial(jax.jit, out_shardings=parallel.batch_sharding(mesh))
+  @functools.partial(jax.jit, out_shardings=parallel.batch_sharding())
   def nll(params, batch):
     codes, cond, labels = prior_inputs(batch, level, upper, conditional)
     logits = prior.apply({"params": params}, codes, cond, labels, train=False)
@@ -49,12 +48,12 @@ def make_nll_fn(prior, level: str, upper: tuple[str, ...], mesh: Mesh
 
 
 def dataset_nll(nll_fn, params: Any, codes: codes_lib.CodeShards, batch_size: int,
-                mesh: Mesh, max_batches: int = 0) -> dict[str, float]:
+                max_batches: int = 0) -> dict[str, float]:
   """Mean NLL per latent (nats, bits) and accuracy over a split (max_batches 0 = all)."""
   total_nll = total_acc = count = 0.0
   rows = spread_indices(len(codes), max_batches * batch_size)
   for batch in codes_lib.iterate_codes_once(codes, batch_size, indices=rows):
-    arrays = parallel.host_to_global(batch, mesh)
+    arrays = parallel.host_to_global(batch)
     nll, acc = nll_fn(params, arrays)
     valid = arrays["valid"]
     total_nll += float(jnp.sum(jnp.where(valid, nll, 0.0)))

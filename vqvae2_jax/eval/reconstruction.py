@@ -10,7 +10,6 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh
 
 from vqvae2_jax import images as image_lib
 from vqvae2_jax import parallel
@@ -21,23 +20,23 @@ from vqvae2_jax.data.sources import spread_subset
 ReconstructFn = Callable[[Any, jax.Array], jax.Array]
 
 
-def make_reconstruct_fn(model, mesh: Mesh) -> ReconstructFn:
+def make_reconstruct_fn(model) -> ReconstructFn:
   """Jitted (variables, uint8 images [B, S, S, 3]) -> float32 reconstructions."""
-  @functools.partial(jax.jit, out_shardings=parallel.batch_sharding(mesh))
+  @functools.partial(jax.jit, out_shardings=parallel.batch_sharding())
   def reconstruct(variables, images):
     return model.apply(variables, image_lib.to_model(images), method=model.reconstruct)
   return reconstruct
 
 
 def reconstruction_mse(reconstruct: ReconstructFn, variables: Any, source, batch_size: int,
-                       mesh: Mesh, max_batches: int = 0) -> dict[str, float]:
+                       max_batches: int = 0) -> dict[str, float]:
   """Mean MSE over up to max_batches batches of an image source (0 = all of it).
 
   Returns {'mse', 'mse_01', 'psnr', 'num_images'}; padded rows are excluded.
   """
   total, count = 0.0, 0
   for batch in iterate_once(spread_subset(source, max_batches * batch_size), batch_size):
-    arrays = parallel.host_to_global({"image": batch["image"], "valid": batch["valid"]}, mesh)
+    arrays = parallel.host_to_global({"image": batch["image"], "valid": batch["valid"]})
     recon = reconstruct(variables, arrays["image"])
     err = jnp.mean((recon - image_lib.to_model(arrays["image"]))**2, axis=(1, 2, 3))
     total += float(jnp.sum(jnp.where(arrays["valid"], err, 0.0)))

@@ -9,8 +9,6 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping, NamedTuple
 
-from jax.sharding import Mesh
-
 from vqvae2_jax.data import codes as codes_lib
 from vqvae2_jax.data.sources import spread_subset
 from vqvae2_jax.eval import likelihood
@@ -27,39 +25,39 @@ class LevelPrior(NamedTuple):
   params_kind: str
 
 
-def vqvae_mse(vqvae, variables, sources: Mapping[str, Any], opts: EvalOptions, mesh: Mesh,
+def vqvae_mse(vqvae, variables, sources: Mapping[str, Any], opts: EvalOptions,
               log=print) -> dict[str, dict[str, float]]:
   """split -> {'mse', 'mse_01', 'psnr', 'num_images'} on up to opts.mse_max_images
   images of each source (spread evenly over it)."""
-  reconstruct = reconstruction.make_reconstruct_fn(vqvae, mesh)
+  reconstruct = reconstruction.make_reconstruct_fn(vqvae)
   out = {}
   for split, source in sources.items():
     subset = spread_subset(source, opts.mse_max_images)
     log(f"VQ-VAE MSE on {len(subset)} {split} images")
     out[split] = reconstruction.reconstruction_mse(
-        reconstruct, variables, subset, opts.batch_size, mesh,
+        reconstruct, variables, subset, opts.batch_size,
         math.ceil(len(subset) / opts.batch_size))
   return out
 
 
 def prior_nll(level: str, prior: LevelPrior, shards: Mapping[str, codes_lib.CodeShards],
-              opts: EvalOptions, mesh: Mesh, log=print) -> dict[str, Any]:
+              opts: EvalOptions, log=print) -> dict[str, Any]:
   """{'params': 'ema'|'raw', <split>: {'nll_nats', 'nll_bits', 'accuracy', 'num_examples'}}
   of one level's prior on up to opts.nll_max_batches batches of each split's codes."""
-  nll_fn = likelihood.make_nll_fn(prior.module, level, prior.upper, mesh)
+  nll_fn = likelihood.make_nll_fn(prior.module, level, prior.upper)
   row: dict[str, Any] = {"params": prior.params_kind}
   for split, codes in shards.items():
     log(f"prior_{level} NLL on the {split} codes")
-    row[split] = likelihood.dataset_nll(nll_fn, prior.params, codes, opts.batch_size, mesh,
+    row[split] = likelihood.dataset_nll(nll_fn, prior.params, codes, opts.batch_size,
                                         opts.nll_max_batches)
   return row
 
 
 def table1(vqvae, variables, image_sources: Mapping[str, Any],
            priors: Mapping[str, LevelPrior], shards: Mapping[str, codes_lib.CodeShards],
-           opts: EvalOptions, mesh: Mesh, log=print) -> dict[str, dict]:
+           opts: EvalOptions, log=print) -> dict[str, dict]:
   """{'vqvae': split -> MSE row, 'priors': level -> NLL row} (see `vqvae_mse`,
   `prior_nll`); `priors` may be empty (no codes or no trained prior)."""
-  mse = vqvae_mse(vqvae, variables, image_sources, opts, mesh, log)
-  return {"priors": {level: prior_nll(level, p, shards, opts, mesh, log)
+  mse = vqvae_mse(vqvae, variables, image_sources, opts, log)
+  return {"priors": {level: prior_nll(level, p, shards, opts, log)
                      for level, p in priors.items()}, "vqvae": mse}

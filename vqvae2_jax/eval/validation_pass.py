@@ -12,7 +12,6 @@ import time
 from typing import Any, Protocol, Sequence
 
 import numpy as np
-from jax.sharding import Mesh
 
 from vqvae2_jax import images as image_lib
 from vqvae2_jax import parallel
@@ -29,7 +28,7 @@ class ImageConsumer(Protocol):
 
 
 def validation_pass(source, reconstruct: ReconstructFn, variables: Any,
-                    consumers: Sequence[ImageConsumer], batch_size: int, mesh: Mesh,
+                    consumers: Sequence[ImageConsumer], batch_size: int,
                     log=print) -> int:
   """Feeds every image of `source` and its reconstruction to each consumer.
 
@@ -45,7 +44,7 @@ def validation_pass(source, reconstruct: ReconstructFn, variables: Any,
   n, done, start = len(source), 0, time.time()
   for batch in iterate_once(source, batch_size):
     arrays = parallel.host_to_global(
-        {k: batch[k] for k in ("image", "label", "valid")}, mesh)
+        {k: batch[k] for k in ("image", "label", "valid")})
     rec = image_lib.to_uint8(parallel.global_to_host(reconstruct(variables, arrays["image"])))
     whole = {k: parallel.global_to_host(v) for k, v in arrays.items()}
     valid = whole["valid"]

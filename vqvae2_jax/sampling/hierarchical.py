@@ -1,7 +1,9 @@
 """Ancestral generation over the whole hierarchy (paper Algorithm 2, lines 10-14).
 
 e_top ~ p_top(. | class), then each lower level e_l ~ p_l(. | e_above, class), then the
-feed-forward decoder maps all levels to pixels. Batches are sharded over the mesh: on
+feed-forward decoder maps all levels to pixels. Batches are sharded over the mesh that
+is ambient (`parallel.use_mesh`) when the sampler is made, so `generate` may be called
+later without one: on
 many processes every process makes the same calls, each process's devices draw their rows
 of every batch, and `generate` returns the whole batch on every process.
 Takes built modules and parameters (see `vqvae2_jax.api.Run.sampler`), never configs.
@@ -14,7 +16,6 @@ from typing import Any, Mapping
 
 import jax
 import numpy as np
-from jax.sharding import Mesh
 
 from vqvae2_jax import images as image_lib
 from vqvae2_jax import parallel
@@ -56,13 +57,12 @@ class HierarchicalSampler:
   """
 
   def __init__(self, vqvae, vqvae_variables, priors: Mapping[str, tuple[Any, Any]],
-               shapes: Mapping[str, tuple[int, int]], options: SampleOptions, mesh: Mesh):
+               shapes: Mapping[str, tuple[int, int]], options: SampleOptions):
     """Args:
       vqvae, vqvae_variables: the stage-1 module and its variables.
       priors: level -> (PixelSNAILPrior, params), one per level of `shapes`.
       shapes: level -> (H_l, W_l), top first.
       options: SampleOptions.
-      mesh: batches are split over its devices.
     """
     self.levels = tuple(shapes)
     missing = [l for l in self.levels if l not in priors]
@@ -70,9 +70,11 @@ class HierarchicalSampler:
       raise ValueError(f"no prior for levels {missing}")
     self.shapes = {k: tuple(v) for k, v in shapes.items()}
     self.vqvae, self.vqvae_variables = vqvae, vqvae_variables
-    self.priors, self.options, self.mesh = dict(priors), options, mesh
+    self.priors, self.options = dict(priors), options
     self.num_classes = max(p.num_classes for p, _ in self.priors.values())
-    parallel.check_batch_size(options.batch_size, mesh, "sample.batch_size")
+    parallel.check_batch_size(options.batch_size, "sample.batch_size")
+    # Batches are split over the devices of the mesh ambient now.
+    self.batch_sharding = parallel.batch_sharding()
     if options.guidance != 1.0:
       if not self.num_classes:
         raise ValueError(f"guidance={options.guidance} needs class-conditional priors; "
@@ -89,7 +91,7 @@ class HierarchicalSampler:
                    ) -> dict[str, jax.Array]:
     """One batch of codes for every level, top first, each int32 [batch, H_l, W_l]."""
     o = self.options
-    sharding = parallel.batch_sharding(self.mesh)
+    sharding = self.batch_sharding
     # Every process passes the same labels; the draw is one SPMD computation over all
     # devices of all processes, whose random bits do not depend on how it is split.
     labels_arr = (parallel.shared_to_global(np.asarray(labels, np.int32), sharding)

@@ -21,17 +21,15 @@ NAME = CLASSIFIER
 def run(config, workdir: str) -> None:
   """Trains the classifier stage into <workdir>/classifier."""
   w = Workdir(workdir)
-  mesh = parallel.setup_runtime(config)
   train_source = make_source(config.data, "train")
   model = builders.build_classifier(config, train_source.num_classes)
   task = classifier_task(model, train_source, make_source(config.data, "val"),
-                         config.classifier.train, mesh, name=NAME,
+                         config.classifier.train, name=NAME,
                          image_size=config.data.image_size, seed=config.data.seed,
                          num_threads=config.data.num_threads,
                          worker_count=config.data.worker_count)
   w.write_config(NAME, config)
   w.write_classes(NAME, list(train_source.class_names))
   loop.train(task, config.classifier.train, directory=w.stage_dir(NAME),
-             checkpoint_dir=w.checkpoint_dir(NAME), mesh=mesh, axis_rules=config.axis_rules,
-             seed=config.seed)
+             checkpoint_dir=w.checkpoint_dir(NAME), seed=config.seed)
   parallel.print0(f"[{NAME}] done.")

@@ -45,15 +45,14 @@ def open_inputs(config, workdir: str) -> evaluators.EvalInputs:
   """The run of `workdir` loaded, with the evaluators' shared inputs, after checking the
   settings (every process)."""
   log = evaluators.EvalLog(NAME)  # its clock starts with the stage
-  mesh = parallel.setup_runtime(config)
   e = config.evaluate
   opts = EvalOptions.from_mapping(e.to_dict())
-  parallel.check_batch_size(opts.batch_size, mesh, "evaluate.batch_size")
+  parallel.check_batch_size(opts.batch_size, "evaluate.batch_size")
   kind = e.rejection_classifier or config.sample.rejection.classifier
   if kind not in REJECTION_KINDS:
     raise ValueError(f"config.evaluate.rejection_classifier={kind!r}: use one of "
                      f"{REJECTION_KINDS} ('' follows sample.rejection.classifier)")
-  run = api.load(workdir, config=config, mesh=mesh)
+  run = api.load(workdir, config=config)
   if not run.has(VQVAE):
     raise ckpt_lib.CheckpointError(
         f"no stage-1 (vqvae) checkpoint in {run.workdir.checkpoint_dir(VQVAE)}: run the "

@@ -32,9 +32,9 @@ NAME = EXTRACT
 IMAGES_PER_SHARD_BATCHES = 16  # global batches per shard file
 
 
-def make_encode_fn(model, mesh):
+def make_encode_fn(model):
   """Jitted (variables, uint8 images [B, S, S, 3]) -> int32 codes per level."""
-  @functools.partial(jax.jit, out_shardings=parallel.batch_sharding(mesh))
+  @functools.partial(jax.jit, out_shardings=parallel.batch_sharding())
   def encode(variables, images):
     return model.apply(variables, image_lib.to_model(images), method=model.encode)
   return encode
@@ -42,12 +42,11 @@ def make_encode_fn(model, mesh):
 
 def run(config, workdir: str) -> None:
   """Encodes config.extract.splits into code shards under <workdir>/extract."""
-  mesh = parallel.setup_runtime(config)
   batch_size = config.extract.batch_size
-  parallel.check_batch_size(batch_size, mesh, "extract.batch_size")
-  run = api.load(workdir, config=config, mesh=mesh)
+  parallel.check_batch_size(batch_size, "extract.batch_size")
+  run = api.load(workdir, config=config)
   (model, variables), vqvae_step = run.vqvae, run.vqvae_step
-  encode = make_encode_fn(model, mesh)
+  encode = make_encode_fn(model)
   names = level_names(config.vqvae.num_levels)
   size = config.data.image_size
   shapes = {n: list(hw) for n, hw in builders.code_shapes(config).items()}
@@ -88,7 +87,7 @@ def run(config, workdir: str) -> None:
       arrays = {k: [] for k in keys}
       for batch in itertools.islice(batches, -(-(hi - lo) // batch_size)):
         global_batch = parallel.host_to_global(
-            {"image": batch["image"], "label": batch["label"], "valid": batch["valid"]}, mesh)
+            {"image": batch["image"], "label": batch["label"], "valid": batch["valid"]})
         level_codes = encode(variables, global_batch["image"])
         valid = parallel.global_to_host(global_batch["valid"])
         for name, c in zip(names, level_codes):

@@ -16,7 +16,7 @@ from vqvae2_jax.registry import prior_level, prior_stage
 from vqvae2_jax.workdir import Workdir
 
 
-def build_task(config, level: str, mesh, workdir: Workdir) -> loop.TrainTask:
+def build_task(config, level: str, workdir: Workdir) -> loop.TrainTask:
   """The TrainTask of prior_<level> on the code shards in <workdir>/extract."""
   manifest = workdir.manifest()
   train_codes = codes_lib.CodeShards(workdir.extract_dir, "train")
@@ -24,13 +24,13 @@ def build_task(config, level: str, mesh, workdir: Workdir) -> loop.TrainTask:
   prior = builders.build_prior(config, level, manifest)
   t = config.priors[level].train
   loader = codes_lib.CodeLoader(train_codes, t.batch_size, seed=config.data.seed)
-  nll_fn = likelihood.make_nll_fn(prior, level, upper, mesh)
+  nll_fn = likelihood.make_nll_fn(prior, level, upper)
   has_val = "val" in manifest["splits"]
   val_codes = codes_lib.CodeShards(workdir.extract_dir, "val") if has_val else None
 
   def evaluate(state):
     params = state.ema_params if t.param_ema_decay > 0 else state.params
-    return likelihood.dataset_nll(nll_fn, params, val_codes, t.batch_size, mesh,
+    return likelihood.dataset_nll(nll_fn, params, val_codes, t.batch_size,
                                   t.eval_batches)
 
   h, w = manifest["shapes"][level]
@@ -46,11 +46,9 @@ def run(config, workdir: str) -> None:
   """Trains the prior named by config.stage (prior_top / prior_mid / prior_bottom)."""
   level = prior_level(config.stage)
   w = Workdir(workdir)
-  mesh = parallel.setup_runtime(config)
   name = prior_stage(level)
   w.write_config(name, config)
-  task = build_task(config, level, mesh, w)
+  task = build_task(config, level, w)
   loop.train(task, config.priors[level].train, directory=w.stage_dir(name),
-             checkpoint_dir=w.checkpoint_dir(name), mesh=mesh, axis_rules=config.axis_rules,
-             seed=config.seed)
+             checkpoint_dir=w.checkpoint_dir(name), seed=config.seed)
   parallel.print0(f"[{name}] done.")

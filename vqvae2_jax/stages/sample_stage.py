@@ -71,9 +71,8 @@ def write_samples(out_dir: str, result: dict, scores: np.ndarray) -> str:
 
 def run(config, workdir: str) -> None:
   """Generates config.sample.num_images images and writes them under <workdir>/sample."""
-  mesh = parallel.setup_runtime(config)
   s, r = config.sample, config.sample.rejection
-  run = api.load(workdir, config=config, mesh=mesh)
+  run = api.load(workdir, config=config)
   w = run.workdir
   out_dir = w.stage_dir(NAME)
   w.write_config(NAME, config)

@@ -13,7 +13,6 @@ from typing import Any, Callable, Iterator
 
 import jax
 import numpy as np
-from jax.sharding import Mesh
 
 from vqvae2_jax import checkpoint as ckpt_lib
 from vqvae2_jax import parallel
@@ -55,19 +54,22 @@ class TrainTask:
   on_log: Callable[[int, dict], None] | None = None
 
 
-def train(task: TrainTask, train_config, *, directory: str, checkpoint_dir: str, mesh: Mesh,
-          axis_rules, seed: int) -> state_lib.TrainState:
+def train(task: TrainTask, train_config, *, directory: str, checkpoint_dir: str,
+          seed: int) -> state_lib.TrainState:
   """Trains `task` to train_config.steps, resuming from `checkpoint_dir` if it holds a step.
+
+  Runs inside `parallel.use_mesh`: the state is sharded on the ambient mesh under the
+  ambient logical axis rules, and the step is traced with the models' activations pinned
+  batch-sharded (models/sharding.py).
 
   Args:
     task: the stage's TrainTask.
     train_config: the stage's train section (batch_size, steps, optimiser, cadences).
     directory: the stage folder (metrics.jsonl, curves.png, tensorboard/).
     checkpoint_dir: the stage's checkpoint folder (`Workdir.checkpoint_dir`).
-    mesh, axis_rules: device mesh and logical-axis rules for the state's shardings.
     seed: initialisation and step-key seed.
   """
-  parallel.check_batch_size(train_config.batch_size, mesh, f"{task.name} batch_size")
+  parallel.check_batch_size(train_config.batch_size, f"{task.name} batch_size")
   tx = state_lib.make_optimizer(train_config)
   use_ema = train_config.param_ema_decay > 0
   checkpointer = ckpt_lib.Checkpointer(checkpoint_dir, keep=train_config.keep_checkpoints)
@@ -79,7 +81,7 @@ def train(task: TrainTask, train_config, *, directory: str, checkpoint_dir: str,
   writer = None
   try:
     state, shardings = state_lib.init_sharded_state(
-        task.init_variables, tx, jax.random.PRNGKey(seed), mesh, axis_rules, use_ema)
+        task.init_variables, tx, jax.random.PRNGKey(seed), use_ema)
     writer = MetricWriter(directory, total_steps=train_config.steps, name=task.name)
     start, pending = 0, []
     resumed = guard.resume(state_lib.abstract_with_shardings(state, shardings))
@@ -95,15 +97,10 @@ def train(task: TrainTask, train_config, *, directory: str, checkpoint_dir: str,
     checkpointer.close()
     raise
 
-  jitted_step = jit_train_step(task.loss_fn, tx, train_config, shardings,
-                               parallel.batch_sharding(mesh), task.finalize_state)
+  step_fn = jit_train_step(task.loss_fn, tx, train_config, shardings,
+                           parallel.batch_sharding(), task.finalize_state)
 
-  def step_fn(state, batch):
-    # Traced with the models' activations pinned batch-sharded (models/sharding.py).
-    with parallel.activation_sharding(mesh, axis_rules):
-      return jitted_step(state, batch)
-
-  next_batch = lambda: parallel.host_to_global(next(task.loader), mesh)
+  next_batch = lambda: parallel.host_to_global(next(task.loader))
 
   def due_work(step: int) -> list[str]:
     """Evaluation and pictures due after step `step`, in the order they run."""

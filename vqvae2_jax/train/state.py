@@ -8,7 +8,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh
 
 from vqvae2_jax import parallel
 
@@ -47,13 +46,14 @@ def make_optimizer(train_config) -> optax.GradientTransformation:
   return optax.chain(*steps)
 
 
-def plan_state(init_variables: Callable[[jax.Array], dict], tx, mesh: Mesh, axis_rules,
-               use_param_ema: bool) -> tuple[Callable[[jax.Array], TrainState], Any, Any]:
+def plan_state(init_variables: Callable[[jax.Array], dict], tx, use_param_ema: bool
+               ) -> tuple[Callable[[jax.Array], TrainState], Any, Any]:
   """Plans a TrainState by shape only (nothing is allocated).
 
   init_variables(rng) returns Flax variables {'params': ..., other collections}, params
   possibly boxed with logical axis names. Returns (make_state, abstract_state, shardings)
-  where make_state(rng) builds the state and shardings place it on `mesh`.
+  where make_state(rng) builds the state and shardings place it on the ambient mesh
+  (`parallel.use_mesh`) under the ambient logical axis rules.
   """
   def make_state(key):
     init_key, state_key = jax.random.split(key)
@@ -68,8 +68,8 @@ def plan_state(init_variables: Callable[[jax.Array], dict], tx, mesh: Mesh, axis
   # the same structure, so each inherits its parameter's sharding.
   key = jax.random.PRNGKey(0)
   boxed = jax.eval_shape(init_variables, key)
-  param_shardings = parallel.logical_shardings(boxed["params"], mesh, axis_rules)
-  replicated = parallel.replicated(mesh)
+  param_shardings = parallel.logical_shardings(boxed["params"])
+  replicated = parallel.replicated()
   abstract = jax.eval_shape(make_state, key)
   opt_shardings = optax.tree_map_params(
       tx, lambda _, s: s, abstract.opt_state, param_shardings,
@@ -82,10 +82,9 @@ def plan_state(init_variables: Callable[[jax.Array], dict], tx, mesh: Mesh, axis
 
 
 def init_sharded_state(init_variables: Callable[[jax.Array], dict], tx, rng: jax.Array,
-                       mesh: Mesh, axis_rules, use_param_ema: bool
-                       ) -> tuple[TrainState, Any]:
+                       use_param_ema: bool) -> tuple[TrainState, Any]:
   """Initialises a TrainState directly into its shardings (no host-side full copy)."""
-  make_state, _, shardings = plan_state(init_variables, tx, mesh, axis_rules, use_param_ema)
+  make_state, _, shardings = plan_state(init_variables, tx, use_param_ema)
   # Initialisation runs once: compiling it without backend optimisation is ~10x faster
   # on CPU (threefry-heavy programs) and costs nothing that matters.
   compiled = jax.jit(make_state, out_shardings=shardings).lower(rng).compile(

@@ -129,7 +129,7 @@ def jit_train_step(loss_fn, tx, train_config, shardings, batch_sharding,
                    finalize_state: FinalizeState | None = None):
   """The jitted update as the training loop runs it: `make_train_step` with the train
   config's EMA decay and grad_accum_steps, state in/out in `shardings` (donated), the
-  batch in `batch_sharding`. Trace it inside `parallel.activation_sharding`."""
+  batch in `batch_sharding`. Trace it inside `parallel.use_mesh`."""
   return jax.jit(make_train_step(loss_fn, tx, train_config.param_ema_decay,
                                  train_config.grad_accum_steps, finalize_state),
                  in_shardings=(shardings, batch_sharding),

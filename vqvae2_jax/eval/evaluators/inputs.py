@@ -79,10 +79,6 @@ class EvalInputs:
     return self.run.config
 
   @property
-  def mesh(self):
-    return self.run.mesh
-
-  @property
   def base_guidance(self) -> float:
     """The sampler's own guidance scale."""
     return self.sampler.options.guidance if self.sampler is not None else 1.0
@@ -91,7 +87,7 @@ class EvalInputs:
   @functools.cached_property
   def networks(self) -> tuple[distances.Network | None, distances.Network | None]:
     """(network of FID / IS / FID*, network of precision/recall) (`distances`)."""
-    fid, pr, notes = distances.resolve_networks(self.opts, self.mesh, self.log)
+    fid, pr, notes = distances.resolve_networks(self.opts, self.log)
     self.log.note(*notes)
     return fid, pr
 
@@ -115,9 +111,9 @@ class EvalInputs:
     """Params of `model` trained (or resumed) on `source` into the folder of `stage`."""
     c, w = self.config, self.run.workdir
     return cas.train_classifier(
-        model, source, make_source(c.data, "val"), c.classifier.train, self.mesh, name=stage,
+        model, source, make_source(c.data, "val"), c.classifier.train, name=stage,
         directory=w.stage_dir(stage), checkpoint_dir=w.checkpoint_dir(stage),
-        image_size=c.data.image_size, axis_rules=c.axis_rules, seed=c.seed,
+        image_size=c.data.image_size, seed=c.seed,
         data_seed=c.data.seed, num_threads=c.data.num_threads)
 
   @functools.cached_property
@@ -149,8 +145,7 @@ class EvalInputs:
       fid = self.networks[0]
       net = fid if fid is not None and fid.name == kind else None
       if net is None:
-        net, notes = distances.load_network(kind, opts.efficientnet_weights, self.mesh,
-                                            self.log)
+        net, notes = distances.load_network(kind, opts.efficientnet_weights, self.log)
         self.log.note(*notes)
       if net is not None:
         class_map = self.config.sample.rejection.class_map
@@ -158,7 +153,7 @@ class EvalInputs:
           self.log.note("rejection with efficientnet_lite0 but sample.rejection.class_map "
                         "is empty: labels are taken as ImageNet-1k indices")
         score = scorers.network_scorer(net.apply_fn, net.variables, net.info["logits_key"],
-                                       self.mesh, opts.batch_size)
+                                       opts.batch_size)
         return tradeoff.Selector("efficientnet_lite0 (ImageNet)", score,
                                  rejection.class_map_for(kind, class_map), kind)
       self.log.note("rejection classifier efficientnet_lite0 unavailable (needs its "
@@ -168,8 +163,7 @@ class EvalInputs:
     if kind == registry.REJECT_TRAINED and self.real_classifier is not None:
       model, params, where = self.real_classifier
       return tradeoff.Selector(f"trained ({where})",
-                               scorers.classifier_scorer(model, params, self.mesh,
-                                                         opts.batch_size),
+                               scorers.classifier_scorer(model, params, opts.batch_size),
                                None, None)  # its classes are the data's: no class map
     return None
 
@@ -300,17 +294,17 @@ class EvalInputs:
       return None, None
     d, opts, n = self.config.data, self.opts, len(self.val_source)
     real = distances.RealReference(
-        fid, pr, n, opts, self.mesh, self.run.workdir.stage_dir(registry.EVALUATE),
+        fid, pr, n, opts, self.run.workdir.stage_dir(registry.EVALUATE),
         dict(source=d.source, root=d.root, tfds=d.tfds_name, split=d.val_split,
              size=d.image_size, n=n))
-    accuracy = (cas.ClassifierAccuracy(classifiers, opts.batch_size, self.mesh)
+    accuracy = (cas.ClassifierAccuracy(classifiers, opts.batch_size)
                 if classifiers else None)
     self.log(f"validation pass over {n} images"
              + ("" if real.need_real else " (reference statistics cached)"))
     vqvae, variables = self.run.vqvae
-    validation_pass(self.val_source, make_reconstruct_fn(vqvae, self.mesh), variables,
+    validation_pass(self.val_source, make_reconstruct_fn(vqvae), variables,
                     [c for c in (real, accuracy) if c is not None], opts.batch_size,
-                    self.mesh, self.log)
+                    self.log)
     real.finish(self.log)
     return real, (accuracy.result() if accuracy is not None else None)
 
@@ -328,7 +322,7 @@ class EvalInputs:
     """`tradeoff.tradeoff_rows` of one scale's samples, with their CAS columns."""
     fid, pr = self.networks
     stats = distances.selection_stats(drawn.candidates.images, drawn.masks, fid, pr,
-                                      self.opts, self.mesh, self.log)
+                                      self.opts, self.log)
     self.log("computing FID / IS / precision / recall")
     real = self.real_reference
     rows, notes = tradeoff.tradeoff_rows(

@@ -54,4 +54,4 @@ class Table1:
               for split in splits}
     sources = {split: make_source(inputs.config.data, split) for split in registry.SPLITS}
     yield "table1", table1.table1(*inputs.run.vqvae, sources, priors, shards, inputs.opts,
-                                  inputs.mesh, inputs.log)
+                                  inputs.log)
