@@ -1,6 +1,7 @@
-"""Codebook options beyond the paper (models/quantizer.py): cosine distance, k-means++ init,
-factorised (low-dimensional) lookup. Each is checked against a NumPy reference or by its
-gradients; the defaults keep the paper's quantizer and its variable layout."""
+"""Codebook options beyond the paper (models/quantizer.py, CodebookOptions): k-means++ init
+and factorised (low-dimensional) lookup, each checked against a NumPy reference or by its
+gradients; the defaults keep the paper's quantizer and its variable layout; the removed
+cosine distance still loads at its only value and fails clearly at any other."""
 import chex
 import jax
 import jax.numpy as jnp
@@ -8,54 +9,10 @@ import numpy as np
 import pytest
 
 from test_memory_levers import images, one_step, tiny_vqvae, vqvae_loss
-from vqvae2_jax import config_lib
+from vqvae2_jax import builders, config_lib
 from vqvae2_jax.models import quantizer as q
+from vqvae2_jax.models.quantizer import CodebookOptions
 from vqvae2_jax.models import vqvae as vqvae_lib
-
-
-def _stats(codebook, count=None):
-  k = codebook.shape[0]
-  count = np.ones(k, np.float32) if count is None else count
-  return {"codebook": jnp.asarray(codebook), "ema_count": jnp.asarray(count),
-          "ema_sum": jnp.asarray(codebook * count[:, None])}
-
-
-def _unit(x):
-  return x / np.linalg.norm(x, axis=-1, keepdims=True)
-
-
-# ---------------------------------------------------------------- cosine distance
-
-def test_cosine_assignments_quantized_and_ema_match_numpy():
-  rng = np.random.default_rng(0)
-  k, d, decay = 9, 5, 0.8
-  # Different norms per row: an l2 search would pick other codes than the cosine one.
-  codebook = (rng.normal(size=(k, d)) * rng.uniform(0.1, 5, (k, 1))).astype(np.float32)
-  z = (rng.normal(size=(3, 4, 4, d)) * rng.uniform(0.1, 5, (3, 4, 4, 1))).astype(np.float32)
-  module = q.VectorQuantizerEMA(k, d, decay=decay, distance="cosine")
-  out, updates = module.apply({"vq_stats": _stats(codebook)}, jnp.asarray(z), train=True,
-                              mutable=["vq_stats"])
-  flat = z.reshape(-1, d).astype(np.float64)
-  similarity = _unit(flat) @ _unit(codebook.astype(np.float64)).T
-  codes = np.argmax(similarity, -1)
-  np.testing.assert_array_equal(np.asarray(out.codes).reshape(-1), codes)
-  l2_codes = np.argmin(((flat[:, None] - codebook[None])**2).sum(-1), -1)
-  assert np.mean(l2_codes != codes) > 0.1  # the two distances really differ on this batch
-  # The quantized vector is the normalised code; the commitment is taken on the sphere.
-  np.testing.assert_allclose(np.asarray(out.quantized).reshape(-1, d),
-                             _unit(codebook.astype(np.float64))[codes], rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(out.commitment_loss,
-                             np.mean((_unit(codebook)[codes] - _unit(flat))**2), rtol=1e-5)
-  # EMA sums are of the normalised encoder outputs.
-  sums = np.zeros((k, d))
-  np.add.at(sums, codes, _unit(flat))
-  np.testing.assert_allclose(updates["vq_stats"]["ema_sum"],
-                             decay * codebook + (1 - decay) * sums, rtol=1e-5, atol=1e-6)
-  # lookup() gives what the forward pass gave.
-  looked_up = module.apply(updates, out.codes, method=module.lookup)
-  np.testing.assert_allclose(looked_up, _unit(np.asarray(updates["vq_stats"]["codebook"],
-                                                         np.float64))[np.asarray(out.codes)],
-                             rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------- k-means++ init
@@ -105,7 +62,8 @@ def clustered_batch(k=8, d=4, per=6, seed=2):
 def test_kmeans_init_replaces_the_codebook_then_the_ema_starts_from_it():
   k, d, decay = 8, 4, 0.9
   z, cluster_means = clustered_batch(k, d)
-  module = q.VectorQuantizerEMA(k, d, decay=decay, codebook_init="kmeans")
+  module = q.VectorQuantizerEMA(k, d, decay=decay,
+                               options=CodebookOptions(codebook_init="kmeans"))
   variables = module.init(jax.random.PRNGKey(0), jnp.asarray(z), train=False)
   assert int(variables["vq_stats"]["initialized"]) == 0
   rngs = {"reseed": jax.random.PRNGKey(1)}
@@ -140,7 +98,7 @@ def test_kmeans_init_is_mesh_global_under_a_sharded_batch():
   k, d = 8, 4
   z, _ = clustered_batch(k, d, per=8)
   z = jnp.asarray(z.reshape(8, 1, 8, d))  # 8 rows, one per device
-  module = q.VectorQuantizerEMA(k, d, codebook_init="kmeans")
+  module = q.VectorQuantizerEMA(k, d, options=CodebookOptions(codebook_init="kmeans"))
   variables = module.init(jax.random.PRNGKey(0), z, train=False)
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ("data",))
   sharded = jax.device_put(z, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
@@ -153,7 +111,7 @@ def test_kmeans_init_is_mesh_global_under_a_sharded_batch():
 def test_kmeans_init_deferred_equals_immediate_over_vqvae_steps():
   """Through the train step: the deferred path (vq_batch + finalize_codebooks) gives the
   same k-means-initialised codebooks and EMA as the immediate one."""
-  model = tiny_vqvae(decay=0.9, codebook_init="kmeans")
+  model = tiny_vqvae(decay=0.9, codebook_options=CodebookOptions(codebook_init="kmeans"))
   batch = {"image": images(8)}
   variables = model.init(jax.random.PRNGKey(0), batch["image"], train=False)
   finalize = vqvae_lib.finalize_codebooks(model)
@@ -175,7 +133,7 @@ def test_kmeans_init_deferred_equals_immediate_over_vqvae_steps():
 
 def test_lookup_dim_shapes_and_gradients_reach_both_projections():
   k, d_model, d_low = 16, 8, 3
-  module = q.VectorQuantizerEMA(k, d_model, lookup_dim=d_low)
+  module = q.VectorQuantizerEMA(k, d_model, options=CodebookOptions(lookup_dim=d_low))
   rng = np.random.default_rng(3)
   z = jnp.asarray(rng.normal(size=(2, 4, 4, d_model)), jnp.float32)
   variables = module.init(jax.random.PRNGKey(0), z, train=False)
@@ -200,7 +158,7 @@ def test_lookup_dim_shapes_and_gradients_reach_both_projections():
 
 
 def test_vqvae_with_all_options_trains_a_step():
-  model = tiny_vqvae(code_distance="cosine", codebook_init="kmeans", lookup_dim=4)
+  model = tiny_vqvae(codebook_options=CodebookOptions(codebook_init="kmeans", lookup_dim=4))
   batch = {"image": images(4)}
   variables = model.init(jax.random.PRNGKey(0), batch["image"], train=False)
   chex.assert_shape(variables["vq_stats"]["quantizers_0"]["codebook"], (16, 4))
@@ -221,17 +179,45 @@ def test_defaults_keep_the_paper_layout():
   assert not any(name.startswith("quantizers") for name in variables["params"])
 
 
-@pytest.mark.parametrize("field,value", [("code_distance", "dot"),
-                                         ("codebook_init", "uniform"), ("lookup_dim", -1)])
+@pytest.mark.parametrize("field,value", [("codebook_init", "uniform"), ("lookup_dim", -1)])
 def test_bad_codebook_options_are_clear_errors(field, value):
   config = config_lib.base_config()
   config.vqvae[field] = value
   with pytest.raises(ValueError, match=f"vqvae.{field}"):
     config_lib.validate(config)
-  with pytest.raises(ValueError, match="quantizer"):
-    kw = {"code_distance": "distance"}.get(field, field)
-    q.VectorQuantizerEMA(4, 2, **{kw: value}).init(jax.random.PRNGKey(0),
-                                                   jnp.zeros((1, 2, 2, 2)), train=False)
+  with pytest.raises(ValueError, match=f"quantizer {field}"):
+    q.VectorQuantizerEMA(4, 2, options=CodebookOptions(**{field: value})).init(
+        jax.random.PRNGKey(0), jnp.zeros((1, 2, 2, 2)), train=False)
+
+
+def test_options_are_declared_once_and_reach_the_model_from_the_config():
+  """The config's codebook fields are CodebookOptions' (plus the retired ones at their only
+  value), and the builder hands the model exactly the options the config names."""
+  config = config_lib.base_config()
+  assert CodebookOptions.config_defaults() == {
+      "codebook_init": "random", "lookup_dim": 0, "code_distance": "l2"}
+  for key, value in CodebookOptions.config_defaults().items():
+    assert config.vqvae[key] == value
+  config.vqvae.lookup_dim, config.vqvae.codebook_init = 3, "kmeans"
+  assert builders.build_vqvae(config).codebook_options == CodebookOptions("kmeans", 3)
+  # A record written before the options existed gets the paper's quantizer.
+  record = {k: v for k, v in config.vqvae.to_dict().items()
+            if k not in CodebookOptions.config_defaults()}
+  assert CodebookOptions.from_config(record) == CodebookOptions()
+
+
+def test_removed_cosine_distance_loads_at_l2_and_fails_in_one_line_otherwise():
+  config = config_lib.base_config()
+  config.vqvae.code_distance = "l2"  # what every recorded stage-1 config holds
+  config_lib.validate(config)
+  assert builders.build_vqvae(config).codebook_options == CodebookOptions()
+  config.vqvae.code_distance = "cosine"  # a workdir trained with the removed option
+  for fails in (lambda: config_lib.validate(config), lambda: builders.build_vqvae(config)):
+    with pytest.raises(ValueError) as error:
+      fails()
+    message = str(error.value)
+    assert "\n" not in message and "vqvae.code_distance='cosine'" in message
+    assert "removed" in message and "'l2'" in message and "version from before" in message
 
 
 # ---------------------------------------------------------------- low-usage warning
@@ -245,8 +231,8 @@ def test_usage_warning_after_consecutive_low_logs_names_level_and_options(capsys
   assert [len(f) for f in fired] == [0, 0, 1, 0, 0, 1]
   assert "level 'top'" in fired[2][0] and "step 150" in fired[2][0]
   assert "level 'bottom'" in fired[5][0]
-  for option in ("codebook_init", "code_distance", "lookup_dim"):
-    assert option in fired[2][0]
+  assert "dead_code_threshold" in fired[2][0]
+  assert "code_distance" not in fired[2][0]  # removed: it collapsed
   assert "level 'top'" in capsys.readouterr().out
   assert not watch(350, {"code_usage": [0.5, 0.01]})  # still low: no repeat
   assert not UsageWarning(("top",), threshold=0.0)(1, {"code_usage": [0.0]})

@@ -19,6 +19,7 @@ from vqvae2_jax.eval.classifier import ResNetClassifier, classifier_init_fn
 from vqvae2_jax.models.prior import PixelSNAILPrior
 from vqvae2_jax.models.public_pixelsnail import PublicPixelSNAIL
 from vqvae2_jax.models.public_vqvae import PublicVQVAE
+from vqvae2_jax.models.quantizer import CodebookOptions
 from vqvae2_jax.models.vqvae import VQVAE2, level_names, level_strides
 
 InitFn = Callable[[jax.Array], dict]  # rng -> Flax variables (params possibly boxed)
@@ -35,10 +36,7 @@ def build_vqvae(config, dtype=None) -> VQVAE2:
              epsilon=v.epsilon, dead_code_threshold=v.dead_code_threshold,
              upsample=v.upsample, remat=config.vqvae_train.remat,
              dtype=dtype or parallel.to_dtype(config.vqvae_train.dtype),
-             # Configs recorded before the codebook options lack them: the paper's.
-             code_distance=v.get("code_distance", "l2"),
-             codebook_init=v.get("codebook_init", "random"),
-             lookup_dim=int(v.get("lookup_dim", 0)))
+             codebook_options=CodebookOptions.from_config(v))
 
 
 def vqvae_init_fn(model: VQVAE2, image_size: int) -> InitFn:

@@ -12,6 +12,7 @@ from typing import Any, Callable
 import ml_collections
 
 from vqvae2_jax import registry
+from vqvae2_jax.models.quantizer import CodebookOptions
 
 DEFAULT_AXIS_RULES = (("batch", registry.MESH_AXES), ("mlp", registry.FSDP_AXIS),
                       ("embed", None), ("vocab", None), ("heads", None), ("classes", None),
@@ -92,10 +93,9 @@ def base_config() -> ml_collections.ConfigDict:
       num_levels=2, bottom_down=2, hidden=128, res_hidden=64, num_res_layers=2, num_codes=512,
       code_dim=64, beta=0.25, decay=0.99, epsilon=1e-5, dead_code_threshold=0.0,
       upsample="transpose",
-      # Codebook options beyond the paper (models/quantizer.py); these values are the paper's:
-      # code_distance 'l2' | 'cosine', codebook_init 'random' | 'kmeans' (k-means++ on the
-      # first batch), lookup_dim 0 | d (search in a learned d-dim projection).
-      code_distance="l2", codebook_init="random", lookup_dim=0,
+      # Codebook options beyond the paper, at the paper's values (models/quantizer.py,
+      # CodebookOptions: codebook_init 'random' | 'kmeans', lookup_dim 0 | d).
+      **CodebookOptions.config_defaults(),
       # 'paper' | 'public': the public PyTorch code's VQ-VAE (models/public_vqvae.py; its top
       # encoder's first conv is half as wide), written by `python -m vqvae2_jax.import_torch`.
       architecture=registry.PAPER))
@@ -219,12 +219,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
       bad(f"vqvae.{key}", v[key], "must be positive")
   if v.bottom_down < 1:
     bad("vqvae.bottom_down", v.bottom_down, "must be >= 1")
-  if v.code_distance not in ("l2", "cosine"):
-    bad("vqvae.code_distance", v.code_distance, "must be 'l2' or 'cosine'")
-  if v.codebook_init not in ("random", "kmeans"):
-    bad("vqvae.codebook_init", v.codebook_init, "must be 'random' or 'kmeans'")
-  if v.lookup_dim < 0:
-    bad("vqvae.lookup_dim", v.lookup_dim, "must be 0 (off) or a positive projection size")
+  for key, value, why in CodebookOptions.config_problems(v):
+    bad(f"vqvae.{key}", value, why)
   if v.get("architecture", registry.PAPER) not in registry.ARCHITECTURES:
     bad("vqvae.architecture", v.architecture, f"must be one of {registry.ARCHITECTURES}")
   stride = 2**v.bottom_down * 2**(v.num_levels - 1)

@@ -51,9 +51,10 @@ class PublicVQVAE(VQVAE2):
   bottom stride 4, transposed-conv upsampling and the paper's quantizer only."""
 
   def setup(self):
-    wanted = dict(num_levels=2, bottom_down=2, upsample="transpose", code_distance="l2",
-                  lookup_dim=0)
-    wrong = {k: getattr(self, k) for k, v in wanted.items() if getattr(self, k) != v}
+    wanted = dict(num_levels=2, bottom_down=2, upsample="transpose", lookup_dim=0)
+    have = dict(num_levels=self.num_levels, bottom_down=self.bottom_down,
+                upsample=self.upsample, lookup_dim=self.codebook_options.lookup_dim)
+    wrong = {k: have[k] for k, v in wanted.items() if have[k] != v}
     if wrong:
       raise ValueError(f"the public VQ-VAE-2 architecture has {wanted}; got {wrong}")
     super().setup()

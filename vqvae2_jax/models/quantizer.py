@@ -20,14 +20,8 @@ Two ways to train (both give the same update for the same batch):
     collection. Microbatch sums add up to the whole batch's, and `commit_batch_statistics`
     then applies one EMA step with them, so an accumulated step sees the whole batch.
 
-Codebook options (all off by default, which is the paper's quantizer and checkpoint layout):
-  * distance='cosine': the search, the EMA statistics and the quantized vector all live on
-    the unit sphere. The encoder output is l2-normalised (z^ = z / |z|), codes are found by
-    the nearest l2-normalised codebook row (= the largest cosine similarity), the EMA sums
-    are sums of z^ (so the stored codebook is a mean of unit vectors, re-normalised at
-    every search), and the quantized vector is the normalised code e^_i, with the
-    straight-through estimator and the commitment loss taken around z^. The decoder thus
-    only ever sees unit vectors, in training and from `lookup` alike.
+Codebook options (`CodebookOptions`, declared once here; all off by default, which is the
+paper's quantizer and checkpoint layout):
   * codebook_init='kmeans': the quantizer keeps an `initialized` flag in 'vq_stats'. The first
     training call with the flag unset runs k-means++ and `kmeans_steps` Lloyd steps on the
     batch's encoder outputs (the whole jit-global array, so mesh-global) and that step's
@@ -39,7 +33,11 @@ Codebook options (all off by default, which is the paper's quantizer and checkpo
     search, codebook [K, d], EMA and commitment loss work in d, and a second learned map
     brings the (straight-through) code back to D. Gradients reach the input projection
     through the straight-through path and the commitment loss, the output one through the
-    decoder. Composes with 'cosine' (normalisation in d).
+    decoder.
+A cosine (l2-normalised) codebook was measured and removed (`RETIRED_OPTIONS`): with this
+encoder the search vectors' common direction grows without bound once their length no
+longer matters, every vector ends up nearest the same code or two, with frozen codes as with
+EMA ones (benchmarks/README.md, "Codebook options").
 
 Precision: every contraction here (distances, one-hot lookup, EMA sums) runs at
 `Precision.HIGHEST`. JAX's default is bf16 passes on TPU and TF32 on Ampere/Hopper GPUs,
@@ -48,7 +46,8 @@ one-hot lookup; CPU is full float32 either way, so tests check the jaxpr instead
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+import dataclasses
+from typing import Any, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -57,8 +56,69 @@ import flax.linen as nn
 VQ_COLLECTION = "vq_stats"
 VQ_BATCH_COLLECTION = "vq_batch"  # deferred per-batch sums (gradient accumulation)
 EXACT = jax.lax.Precision.HIGHEST  # full float32 contractions on every backend
-DISTANCES = ("l2", "cosine")
 INITS = ("random", "kmeans")
+# Options that were measured, lost and were removed: config key under `vqvae` -> (the only
+# value still accepted, the paper's; why it went). Recorded configs keep loading with that
+# value; any other value fails naming what to do.
+RETIRED_OPTIONS = {
+    "code_distance": ("l2", "cosine codebooks collapsed to a few codes and were removed "
+                            "(benchmarks/README.md, 'Codebook options')"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class CodebookOptions:
+  """The quantizer's options beyond the paper, declared once: `VectorQuantizerEMA` and
+  `VQVAE2` take one, the config's `vqvae` section holds these fields under the same names
+  (`config_defaults`) and `from_config` builds one from it. Defaults are the paper's.
+
+  codebook_init: 'random' (paper) | 'kmeans' (k-means++ on the first training batch;
+    needs the 'reseed' rng in training).
+  lookup_dim: 0 (paper) or d: search in a learned d-dimensional projection.
+  """
+  codebook_init: str = "random"
+  lookup_dim: int = 0
+
+  def problems(self) -> list[tuple[str, Any, str]]:
+    """(field, value, why) of each value no quantizer runs with (empty when all are fine)."""
+    found = []
+    if self.codebook_init not in INITS:
+      found.append(("codebook_init", self.codebook_init, f"must be one of {INITS}"))
+    if self.lookup_dim < 0:
+      found.append(("lookup_dim", self.lookup_dim,
+                    "must be 0 (off) or a positive projection size"))
+    return found
+
+  @classmethod
+  def config_defaults(cls) -> dict[str, Any]:
+    """The `vqvae` config fields of the options (retired ones at their only value)."""
+    return {**dataclasses.asdict(cls()),
+            **{key: value for key, (value, _) in RETIRED_OPTIONS.items()}}
+
+  @classmethod
+  def config_problems(cls, section: Mapping[str, Any]) -> list[tuple[str, Any, str]]:
+    """`problems` of a `vqvae` config section, plus retired options set to another value."""
+    found = [(key, section[key], f"{why}; train without it (the paper's {value!r}), or "
+              "load a workdir trained with it using a version from before the removal")
+             for key, (value, why) in RETIRED_OPTIONS.items()
+             if key in section and section[key] != value]
+    return found + cls._from_section(section).problems()
+
+  @classmethod
+  def from_config(cls, section: Mapping[str, Any]) -> CodebookOptions:
+    """The options of a `vqvae` config section (a record that predates a field gets the
+    paper's value). Raises ValueError naming the first field in `config_problems`."""
+    found = cls.config_problems(section)
+    if found:
+      key, value, why = found[0]
+      raise ValueError(f"config.vqvae.{key}={value!r}: {why}")
+    return cls._from_section(section)
+
+  @classmethod
+  def _from_section(cls, section: Mapping[str, Any]) -> CodebookOptions:
+    defaults = cls()
+    return cls(**{f.name: type(getattr(defaults, f.name))(
+        section.get(f.name, getattr(defaults, f.name))) for f in dataclasses.fields(cls)})
 
 
 class QuantizerOutput(NamedTuple):
@@ -96,13 +156,8 @@ def nearest_codes(z: jax.Array, codebook: jax.Array) -> jax.Array:
   return jnp.argmin(distances, axis=-1).astype(jnp.int32)
 
 
-def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-  """x [..., D] / |x| along the last axis (zero rows stay zero)."""
-  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps))
-
-
 def kmeans_plus_plus(uniforms: jax.Array, x: jax.Array, num_codes: int,
-                     steps: int, cosine: bool = False) -> jax.Array:
+                     steps: int) -> jax.Array:
   """k-means++ seeding and `steps` Lloyd iterations on points x float32 [N, D].
 
   uniforms: float32 [K] in [0, 1): the i-th centre is the point at which the cumulative
@@ -111,8 +166,6 @@ def kmeans_plus_plus(uniforms: jax.Array, x: jax.Array, num_codes: int,
   Returns the centres float32 [K, D]. Lloyd steps move each centre to the mean of its
   points; a centre with no points keeps its place. With fewer distinct points than K the
   extra centres duplicate points (their distance weights are all zero -> uniform draw).
-  cosine: Lloyd assignments by the nearest normalised centre (spherical k-means, for
-    unit-norm x), as the cosine quantizer searches.
   """
   n = x.shape[0]
 
@@ -134,8 +187,7 @@ def kmeans_plus_plus(uniforms: jax.Array, x: jax.Array, num_codes: int,
   centres, _ = jax.lax.fori_loop(1, num_codes, seed, (centres, min_dist))
 
   def lloyd(_, centres):
-    search = l2_normalize(centres) if cosine else centres
-    count, total = batch_statistics(x, nearest_codes(x, search), num_codes)
+    count, total = batch_statistics(x, nearest_codes(x, centres), num_codes)
     return jnp.where(count[:, None] > 0, total / jnp.maximum(count, 1.0)[:, None], centres)
 
   return jax.lax.fori_loop(0, steps, lloyd, centres)
@@ -220,10 +272,7 @@ class VectorQuantizerEMA(nn.Module):
     dead_code_threshold: if > 0, codes whose EMA count falls below it are re-seeded
       from random encoder outputs of the current batch (needs the 'reseed' rng in
       training). 0 turns re-seeding off (the paper's setting).
-    distance: 'l2' (paper) | 'cosine' (see the module docstring).
-    codebook_init: 'random' (paper) | 'kmeans' (k-means++ on the first training batch;
-      needs the 'reseed' rng in training).
-    lookup_dim: 0 (paper) or d: search in a learned d-dimensional projection.
+    options: the codebook options beyond the paper (`CodebookOptions`).
     kmeans_steps: Lloyd iterations after the k-means++ seeding.
   """
   num_codes: int
@@ -231,24 +280,17 @@ class VectorQuantizerEMA(nn.Module):
   decay: float = 0.99
   epsilon: float = 1e-5
   dead_code_threshold: float = 0.0
-  distance: str = "l2"
-  codebook_init: str = "random"
-  lookup_dim: int = 0
+  options: CodebookOptions = CodebookOptions()
   kmeans_steps: int = 4
 
   @property
   def search_dim(self) -> int:
     """d of the codebook: lookup_dim when factorised, else code_dim."""
-    return self.lookup_dim or self.code_dim
+    return self.options.lookup_dim or self.code_dim
 
   def setup(self):
-    if self.distance not in DISTANCES:
-      raise ValueError(f"quantizer distance {self.distance!r}: must be one of {DISTANCES}")
-    if self.codebook_init not in INITS:
-      raise ValueError(f"quantizer codebook_init {self.codebook_init!r}: must be one of "
-                       f"{INITS}")
-    if self.lookup_dim < 0:
-      raise ValueError(f"quantizer lookup_dim={self.lookup_dim}: must be 0 (off) or > 0")
+    for field, value, why in self.options.problems():
+      raise ValueError(f"quantizer {field}={value!r}: {why}")
     # The initial codebook doubles as the initial EMA sum with unit counts, so the first
     # EMA steps start from it rather than from zero vectors.
     def init_codebook():
@@ -259,32 +301,26 @@ class VectorQuantizerEMA(nn.Module):
     self.ema_count = self.variable(VQ_COLLECTION, "ema_count", jnp.ones,
                                    (self.num_codes,), jnp.float32)
     self.ema_sum = self.variable(VQ_COLLECTION, "ema_sum", lambda: self.codebook.value)
-    if self.codebook_init == "kmeans":  # only then: today's checkpoints keep their layout
+    if self.options.codebook_init == "kmeans":  # only then: checkpoints keep their layout
       self.initialized = self.variable(VQ_COLLECTION, "initialized", jnp.zeros, (), jnp.int32)
-    if self.lookup_dim:
-      self.project_in = nn.Dense(self.lookup_dim, precision=EXACT, name="project_in")
+    if self.options.lookup_dim:
+      self.project_in = nn.Dense(self.options.lookup_dim, precision=EXACT, name="project_in")
       self.project_out = nn.Dense(self.code_dim, precision=EXACT, name="project_out")
 
   def _search_space(self, z: jax.Array) -> jax.Array:
-    """float32 [..., D] -> [..., d]: projected (lookup_dim) and normalised (cosine)."""
-    h = self.project_in(z) if self.lookup_dim else z
-    return l2_normalize(h) if self.distance == "cosine" else h
-
-  def _search_codebook(self) -> jax.Array:
-    """The codebook [K, d] the search and the quantized vectors use."""
-    codebook = self.codebook.value
-    return l2_normalize(codebook) if self.distance == "cosine" else codebook
+    """float32 [..., D] -> [..., d] (projected when lookup_dim is set)."""
+    return self.project_in(z) if self.options.lookup_dim else z
 
   def _output_space(self, h: jax.Array) -> jax.Array:
     """[..., d] -> float32 [..., D]."""
-    return self.project_out(h) if self.lookup_dim else h
+    return self.project_out(h) if self.options.lookup_dim else h
 
   def __call__(self, z: jax.Array, *, train: bool) -> QuantizerOutput:
     """Quantizes z: float [B, H, W, D]; when `train`, updates the codebook (immediate) or,
     if the 'vq_batch' collection is mutable, writes this batch's sums there (deferred)."""
     if z.shape[-1] != self.code_dim:
       raise ValueError(f"quantizer expects last axis {self.code_dim}, got shape {z.shape}")
-    codebook = self._search_codebook()
+    codebook = self.codebook.value
     z32 = self._search_space(z.astype(jnp.float32))
     codes = nearest_codes(z32, codebook)
     quantized = lookup_codes(codes, codebook)
@@ -310,14 +346,13 @@ class VectorQuantizerEMA(nn.Module):
       flat = z.reshape(-1, z.shape[-1])
       picks = jax.random.randint(self.make_rng("reseed"), (self.num_codes,), 0, flat.shape[0])
       stats["candidates"] = flat[picks]
-    if self.codebook_init == "kmeans":  # centres only while uninitialised (cond skips them)
+    if self.options.codebook_init == "kmeans":  # centres only while uninitialised
       flat = z.reshape(-1, z.shape[-1])
       uniforms = jax.random.uniform(self.make_rng("reseed"), (self.num_codes,))
       stats["kmeans"] = jax.lax.cond(
           self.initialized.value > 0,
           lambda: jnp.zeros((self.num_codes, flat.shape[1]), jnp.float32),
-          lambda: kmeans_plus_plus(uniforms, flat, self.num_codes, self.kmeans_steps,
-                                   self.distance == "cosine"))
+          lambda: kmeans_plus_plus(uniforms, flat, self.num_codes, self.kmeans_steps))
     return stats
 
   def commit_batch_statistics(self, stats: dict[str, jax.Array]) -> None:
@@ -345,7 +380,7 @@ class VectorQuantizerEMA(nn.Module):
       codebook = jnp.where(dead[:, None], candidates, codebook)
       count = jnp.where(dead, 1.0, count)
       total = jnp.where(dead[:, None], codebook, total)
-    if self.codebook_init == "kmeans":
+    if self.options.codebook_init == "kmeans":
       ready = self.initialized.value > 0
       centres = stats["kmeans"][0]
       count = jnp.where(ready, count, jnp.ones_like(count))
@@ -357,4 +392,4 @@ class VectorQuantizerEMA(nn.Module):
 
   def lookup(self, codes: jax.Array) -> jax.Array:
     """Embeddings float32 [..., D] of int codes [...] (what the forward pass outputs)."""
-    return self._output_space(lookup_codes(codes, self._search_codebook()))
+    return self._output_space(lookup_codes(codes, self.codebook.value))

@@ -32,7 +32,8 @@ import flax.linen as nn
 
 from vqvae2_jax.models.layers import Decoder, Encoder, Upsample2x, conv
 from vqvae2_jax.models.remat import check_mode as check_remat
-from vqvae2_jax.models.quantizer import VQ_BATCH_COLLECTION, VQ_COLLECTION, VectorQuantizerEMA
+from vqvae2_jax.models.quantizer import (VQ_BATCH_COLLECTION, VQ_COLLECTION, CodebookOptions,
+                                         VectorQuantizerEMA)
 
 LEVEL_NAMES = {1: ("bottom",), 2: ("top", "bottom"), 3: ("top", "mid", "bottom")}
 
@@ -77,8 +78,8 @@ class VQVAE2(nn.Module):
     num_res_layers: residual blocks per stack ("layers").
     num_codes: K per level. code_dim: D per level.
     decay / epsilon / dead_code_threshold: quantizer EMA settings.
-    code_distance / codebook_init / lookup_dim: the quantizers' codebook options
-      ('l2' / 'random' / 0 are the paper's; see models/quantizer.py).
+    codebook_options: the quantizers' options beyond the paper (defaults: the paper's;
+      see models/quantizer.py).
     upsample: 'transpose' (paper) | 'subpixel' | 'resize'.
     dtype: compute dtype of the convolutions (params and quantizer stay float32).
     remat: 'none' | 'block': recompute each residual block in the backward pass
@@ -94,9 +95,7 @@ class VQVAE2(nn.Module):
   decay: float = 0.99
   epsilon: float = 1e-5
   dead_code_threshold: float = 0.0
-  code_distance: str = "l2"
-  codebook_init: str = "random"
-  lookup_dim: int = 0
+  codebook_options: CodebookOptions = CodebookOptions()
   upsample: str = "transpose"
   dtype: Any = jnp.float32
   remat: str = "none"
@@ -110,8 +109,7 @@ class VQVAE2(nn.Module):
     self.pre_quant = [conv(self.code_dim, 1, **kw) for _ in range(n)]
     self.quantizers = [
         VectorQuantizerEMA(self.num_codes, self.code_dim, self.decay, self.epsilon,
-                           self.dead_code_threshold, distance=self.code_distance,
-                           codebook_init=self.codebook_init, lookup_dim=self.lookup_dim)
+                           self.dead_code_threshold, options=self.codebook_options)
         for _ in range(n)]
     # cond_decoders[l-1] brings q_{l-1} up to level l for level l's encoder.
     self.cond_decoders = [

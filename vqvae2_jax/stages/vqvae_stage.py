@@ -49,8 +49,8 @@ class UsageWarning:
         warnings.append(
             f"[{NAME}] warning at step {step}: level '{name}' uses {100 * value:.1f}% of its "
             f"codes (< {100 * self.threshold:.0f}% for {self.patience} logs); consider "
-            "vqvae.codebook_init='kmeans', vqvae.code_distance='cosine', vqvae.lookup_dim=8 "
-            "or vqvae.dead_code_threshold > 0")
+            "vqvae.dead_code_threshold=1 (re-seeds unused codes; the highest usage and "
+            "lowest MSE measured, benchmarks/README.md) or vqvae.lookup_dim=8")
     for w in warnings:
       parallel.print0(w)
     return warnings
