@@ -56,12 +56,13 @@ class UsageWarning:
     return warnings
 
 
-def save_reconstruction_grid(reconstruct, variables, val_source, path: str, mesh,
+def save_reconstruction_grid(reconstruct, variables, val_source, path: str,
                              num: int = 8) -> str:
   """Validation originals (row 1) above their reconstructions (row 2)."""
-  num = max(mesh.size, num - num % mesh.size)
+  devices = parallel.current_mesh().size
+  num = max(devices, num - num % devices)
   batch = next(iter(iterate_once(spread_subset(val_source, num), num)))
-  arrays = parallel.host_to_global({"image": batch["image"]}, mesh)
+  arrays = parallel.host_to_global({"image": batch["image"]})
   recon = parallel.global_to_host(reconstruct(variables, arrays["image"]))
   originals = parallel.global_to_host(arrays["image"])
   grid = image_lib.interleave_rows(originals, image_lib.to_uint8(recon))
@@ -75,7 +76,7 @@ def _variables(state) -> dict:
   return {"params": state.params, **state.model_state}
 
 
-def build_task(config, mesh, workdir: Workdir) -> loop.TrainTask:
+def build_task(config, workdir: Workdir) -> loop.TrainTask:
   """The stage-1 TrainTask: model, loss, demo/folder/tfds loader, validation, grids."""
   t = config.vqvae_train
   model = builders.build_vqvae(config)
@@ -85,11 +86,11 @@ def build_task(config, mesh, workdir: Workdir) -> loop.TrainTask:
   loader = BatchLoader(train_source, t.batch_size, seed=config.data.seed,
                        num_threads=config.data.num_threads,
                        worker_count=config.data.worker_count)
-  reconstruct = make_reconstruct_fn(model, mesh)
+  reconstruct = make_reconstruct_fn(model)
   grid_path = workdir.path_in(NAME, "reconstructions.png")
 
   def evaluate(state):
-    return reconstruction_mse(reconstruct, _variables(state), val_source, t.batch_size, mesh,
+    return reconstruction_mse(reconstruct, _variables(state), val_source, t.batch_size,
                               t.eval_batches)
 
   names = level_names(config.vqvae.num_levels)
@@ -98,7 +99,7 @@ def build_task(config, mesh, workdir: Workdir) -> loop.TrainTask:
     """Reconstructions, the paper's Figure 3 (level subsets) and codebook usage."""
     del step
     variables = _variables(state)
-    save_reconstruction_grid(reconstruct, variables, val_source, grid_path, mesh)
+    save_reconstruction_grid(reconstruct, variables, val_source, grid_path)
     originals = np.stack([val_source.get(i)[0] for i in range(min(6, len(val_source)))])
     subsets = plots.level_subset_images(model, variables, originals)  # every process
     if jax.process_index() == 0:
@@ -120,10 +121,8 @@ def build_task(config, mesh, workdir: Workdir) -> loop.TrainTask:
 def run(config, workdir: str) -> None:
   """Trains stage 1 into <workdir>/vqvae (config: model fields already resolved)."""
   w = Workdir(workdir)
-  mesh = parallel.setup_runtime(config)
   w.write_config(NAME, config)
-  task = build_task(config, mesh, w)
+  task = build_task(config, w)
   loop.train(task, config.vqvae_train, directory=w.stage_dir(NAME),
-             checkpoint_dir=w.checkpoint_dir(NAME), mesh=mesh, axis_rules=config.axis_rules,
-             seed=config.seed)
+             checkpoint_dir=w.checkpoint_dir(NAME), seed=config.seed)
   parallel.print0(f"[vqvae] done. Reconstructions: {w.path_in(NAME, 'reconstructions.png')}")
