@@ -1,6 +1,7 @@
-"""Activation sharding (models/sharding.py): under the train step's context every block's
-output is constrained batch-split over ('data', 'fsdp'); outside it nothing changes; the
-values are the same either way."""
+"""The ambient mesh (parallel.use_mesh) and activation sharding (models/sharding.py):
+under the mesh every block's output is constrained batch-split over ('data', 'fsdp');
+outside it nothing changes; the values are the same either way. The helpers read the
+ambient mesh, and say what to do when there is none."""
 import functools
 
 import chex
@@ -8,9 +9,11 @@ import jax
 import jax.extend
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from vqvae2_jax import config_lib, parallel
+from vqvae2_jax.eval import reconstruction
 from vqvae2_jax.models import vqvae as vqvae_lib
 from vqvae2_jax.models.prior import PixelSNAILPrior
 
@@ -63,7 +66,7 @@ def test_blocks_are_batch_sharded_inside_the_context_only():
     apply = lambda v, *x: model.apply(v, *x, train=False)
     outside = jax.make_jaxpr(apply)(variables, *inputs).jaxpr
     assert _constraints(outside) == [], type(model).__name__
-    with parallel.activation_sharding(mesh, RULES):
+    with parallel.use_mesh(mesh, RULES):
       inside = jax.make_jaxpr(apply)(variables, *inputs).jaxpr
     specs = [tuple(s.spec if hasattr(s, "spec") else s) for s in _constraints(inside)]
     # (Flax also pins each parameter to its own logical sharding under the rules: the
@@ -87,6 +90,32 @@ def test_values_and_gradients_are_unchanged_on_an_fsdp_mesh():
 
     fn = jax.jit(jax.value_and_grad(loss))
     plain = fn(variables["params"], *inputs)
-    with parallel.activation_sharding(mesh, RULES):
+    with parallel.use_mesh(mesh, RULES):
       constrained = jax.jit(jax.value_and_grad(loss))(variables["params"], *inputs)
     chex.assert_trees_all_close(constrained, plain, rtol=1e-5, atol=1e-6)
+
+
+def test_helpers_read_the_ambient_mesh_and_nested_entry_changes_nothing():
+  mesh = _mesh()
+  assert not parallel.mesh_is_set()
+  with parallel.use_mesh(mesh, RULES):
+    assert parallel.current_mesh() is mesh
+    assert parallel.batch_sharding() == NamedSharding(mesh, P(("data", "fsdp")))
+    with parallel.use_mesh(mesh, RULES):  # a Run method calling another
+      assert parallel.current_mesh() is mesh
+      assert parallel.replicated() == NamedSharding(mesh, P())
+    assert parallel.current_mesh() is mesh
+    with pytest.raises(ValueError, match="divisible by the 8 devices"):
+      parallel.check_batch_size(12, "sample.batch_size")
+  assert not parallel.mesh_is_set()
+
+
+def test_a_library_call_without_a_mesh_fails_with_one_line_saying_what_to_do():
+  vqvae, _ = _models_and_inputs()[0]
+  for call in (parallel.batch_sharding, lambda: parallel.host_to_global({"x": np.zeros(8)}),
+               lambda: reconstruction.make_reconstruct_fn(vqvae)):
+    with pytest.raises(RuntimeError) as info:
+      call()
+    message = str(info.value)
+    assert message == parallel.NO_MESH_MESSAGE and "\n" not in message
+    assert "parallel.use_mesh(mesh, config.axis_rules)" in message

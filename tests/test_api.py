@@ -98,13 +98,31 @@ def test_inference_restore_reads_no_optimizer_state(tiny_pipeline):
   run = vqvae2_jax.load(tiny_pipeline)
   prior = builders.build_prior(run.config, "top", run.manifest)
   init = builders.prior_init_fn(prior, run.manifest, "top")
-  variables, step = restore.restore_inference_variables(w, "prior_top", init, run.mesh,
-                                                        config.axis_rules)
-  assert set(variables) == {"params"}
-  state, record = restore.restore_train_state(w, "prior_top", init, config.priors.top.train,
-                                              run.mesh, config.axis_rules)
+  with parallel.use_mesh(run.mesh, config.axis_rules):
+    variables, step = restore.restore_inference_variables(w, "prior_top", init)
+    assert set(variables) == {"params"}
+    state, record = restore.restore_train_state(w, "prior_top", init,
+                                                config.priors.top.train)
   assert record["step"] == step
   chex.assert_trees_all_equal(variables["params"], state.params)
+
+
+def test_run_methods_enter_their_own_mesh_and_the_library_needs_one(tiny_pipeline):
+  """A notebook calls Run methods without any context; each enters the Run's mesh and
+  leaves none behind. The library below them, called bare, says what to do."""
+  assert not parallel.mesh_is_set()
+  run = vqvae2_jax.load(tiny_pipeline)
+  images = run.sample(2, labels=[0, 1], seed=1)
+  codes = run.encode(images)
+  np.testing.assert_array_equal(run.decode(codes), run.reconstruct(images))
+  assert np.all(np.isfinite(run.log_prob(images)["bits"]))
+  assert not parallel.mesh_is_set()
+  model, _ = run.vqvae
+  init = builders.vqvae_init_fn(model, run.config.data.image_size)
+  with pytest.raises(RuntimeError, match="parallel.use_mesh"):
+    restore.restore_inference_variables(run.workdir, "vqvae", init)
+  with parallel.use_mesh(run.mesh, run.config.axis_rules):  # nested entry: unchanged
+    np.testing.assert_array_equal(run.encode(images)[0], codes[0])
 
 
 def test_api_samples_classifies_and_matches_the_stage_models(tiny_pipeline):

@@ -204,8 +204,9 @@ def test_payload_bits_match_the_teacher_forced_nll():
   streams, quantized_bits = codec.compress_codes(models, codes, labels)
   mesh = parallel.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=1)),
                             jax.devices()[:1])
-  nll = codec.make_level_bits_fn(models.priors, mesh)(*map(jnp.asarray, codes),
-                                                      jnp.asarray(labels))
+  with parallel.use_mesh(mesh, ()):
+    nll = codec.make_level_bits_fn(models.priors)(*map(jnp.asarray, codes),
+                                                  jnp.asarray(labels))
   nll = np.sum([np.asarray(b, np.float64) for b in nll], axis=0)
   for i, s in enumerate(streams):
     header, payload = stream.unpack(s)

@@ -199,9 +199,11 @@ def test_sharded_extraction_equals_unsharded():
   rng = np.random.RandomState(6)
   images = rng.randint(0, 256, size=(21, 16, 16, 3)).astype(np.uint8)
   chunks = [images[:5], images[5:12], images[12:13], images[13:]]
+  from vqvae2_jax import parallel  # pylint: disable=g-import-not-at-top
   mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
-  sharded = features.extract_features(apply_fn, variables, iter(chunks), batch_size=8,
-                                      mesh=mesh, moments=("logits",))
+  with parallel.use_mesh(mesh, ()):  # sharded over the ambient mesh's 'data' axis
+    sharded = features.extract_features(apply_fn, variables, iter(chunks), batch_size=8,
+                                        moments=("logits",))
   plain = features.extract_features(apply_fn, variables, iter(chunks), batch_size=8,
                                     moments=("logits",))
   assert sharded.num_images == plain.num_images == 21
@@ -215,8 +217,8 @@ def test_sharded_extraction_equals_unsharded():
   only = features.extract_features(apply_fn, variables, iter(chunks), batch_size=8,
                                    keep=("probs",))
   assert set(only.features) == {"probs"}
-  with pytest.raises(ValueError, match="multiple of the mesh"):
-    features.extract_features(apply_fn, variables, iter(chunks), batch_size=6, mesh=mesh)
+  with pytest.raises(ValueError, match="multiple of the mesh"), parallel.use_mesh(mesh, ()):
+    features.extract_features(apply_fn, variables, iter(chunks), batch_size=6)
 
 
 def test_classifier_scorer_matches_direct_softmax():
@@ -226,7 +228,9 @@ def test_classifier_scorer_matches_direct_softmax():
   images = np.random.RandomState(7).randint(0, 256, size=(6, 16, 16, 3)).astype(np.uint8)
   mesh = parallel.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1)))
   # 6 images over batches of 8 (the mesh size): one padded batch, padding dropped.
-  probs = scorers.classifier_scorer(model, variables["params"], mesh, batch_size=8)(images)
+  with parallel.use_mesh(mesh, ()):
+    score = scorers.classifier_scorer(model, variables["params"], batch_size=8)
+  probs = score(images)  # bound to the mesh it was made under
   assert probs.shape == (6, model.num_classes)
   np.testing.assert_allclose(probs, np.asarray(apply_fn(variables, images)["probs"]),
                              rtol=1e-5, atol=1e-6)

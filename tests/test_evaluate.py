@@ -88,11 +88,11 @@ def test_report_sample_metrics_tradeoff_and_cas(evaluated):
   assert [r["cas_top1"] for r in report["tradeoff"]] == [
       cas["sample_trained_on_real"]["top1"], cas["sample_keep0.5_trained_on_real"]["top1"]]
   config = load_config("demo", "classifier,tiny")
-  mesh = parallel.make_mesh(config.mesh)
   val = make_source(config.data, "val")
-  model, params = api.load(evaluated, config=config, mesh=mesh).classifier
-  ref = classifier_training.accuracy_on(classifier_training.make_logits_fn(model, mesh), params,
-                                        val, 8, mesh)
+  model, params = api.load(evaluated, config=config).classifier
+  with parallel.use_mesh(parallel.make_mesh(config.mesh), config.axis_rules):
+    ref = classifier_training.accuracy_on(classifier_training.make_logits_fn(model), params,
+                                          val, 8)
   assert cas["real_trained_on_real"]["top1"] == pytest.approx(ref["top1"])
   assert cas["real_trained_on_real"]["top5"] == pytest.approx(ref["top5"])
   assert "Classification Accuracy Score" in md

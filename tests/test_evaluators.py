@@ -8,6 +8,7 @@ import shutil
 import pytest
 
 from vqvae2_jax import main
+from vqvae2_jax import parallel
 from vqvae2_jax.eval import cas
 from vqvae2_jax.eval import distances
 from vqvae2_jax.eval import evaluators
@@ -47,14 +48,14 @@ class _Workdir:
 class _UntrainedRun:
   """A run with stage 1 only: no codes, so no sampler."""
   level_names = ("top", "bottom")
-  config = mesh = None
+  config = None
 
   def __init__(self):
     self.workdir = _Workdir()
 
 
 def test_shared_inputs_are_computed_once_and_missing_ones_are_noted_once(monkeypatch):
-  resolve = _Counter(lambda opts, mesh, log: (None, None, ["no feature network weights"]))
+  resolve = _Counter(lambda opts, log: (None, None, ["no feature network weights"]))
   monkeypatch.setattr(distances, "resolve_networks", resolve)
   run = _UntrainedRun()
   log = evaluators.EvalLog("test")
@@ -142,13 +143,15 @@ def test_evaluators_in_reverse_order_give_the_stage_report(tiny_pipeline, tmp_pa
       "samples": ({"rejection_classifier", "reconstructions", "samples", "tradeoff",
                    "self_judged"} if with_networks else {"rejection_classifier"}),
       "guidance": set(), "cas": {"cas"}, "rate_distortion": {"rate_distortion"}}
-  inputs = evaluate_stage.open_inputs(config, workdir)
-  built = dict(zip(evaluators.EVALUATORS, evaluators.from_config(config.evaluate, inputs)))
   merged = {k: stage_report[k] for k in ("experiment", "workdir", "settings", "vqvae_step")}
-  for name in reversed(list(built)):
-    results = [r for r in built[name].run() if not isinstance(r, evaluators.Figure)]
-    assert {key for key, _ in results} == expected[name], name
-    merged.update(results)
+  # The stage's context (runner.run_stage enters it around the stage's run).
+  with parallel.use_mesh(parallel.make_mesh(config.mesh), config.axis_rules):
+    inputs = evaluate_stage.open_inputs(config, workdir)
+    built = dict(zip(evaluators.EVALUATORS, evaluators.from_config(config.evaluate, inputs)))
+    for name in reversed(list(built)):
+      results = [r for r in built[name].run() if not isinstance(r, evaluators.Figure)]
+      assert {key for key, _ in results} == expected[name], name
+      merged.update(results)
   merged["notes"] = inputs.log.notes
   again = report_lib.write(merged, str(tmp_path / "again"))
   assert sorted(again["notes"]) == sorted(stage_report["notes"])

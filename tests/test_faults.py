@@ -162,11 +162,10 @@ def test_corrupt_arrays_resume_falls_back_and_extract_refuses(preempted, tmp_pat
     f.seek(os.path.getsize(largest) // 2)
     f.write(np.random.default_rng(0).integers(0, 256, 2000, np.uint8).tobytes())
   config = load_config("demo", "vqvae,tiny")
-  mesh = parallel.make_mesh(config.mesh)
-  task = vqvae_stage.build_task(config, mesh, Workdir(str(other)))
-  tx = state_lib.make_optimizer(config.vqvae_train)
-  _, abstract, shardings = state_lib.plan_state(task.init_variables, tx, mesh,
-                                                config.axis_rules, False)
+  with parallel.use_mesh(parallel.make_mesh(config.mesh), config.axis_rules):
+    task = vqvae_stage.build_task(config, Workdir(str(other)))
+    tx = state_lib.make_optimizer(config.vqvae_train)
+    _, abstract, shardings = state_lib.plan_state(task.init_variables, tx, False)
   c = ckpt_lib.Checkpointer(checkpoints(other))
   try:
     _, rec, skipped = c.restore_newest_valid(

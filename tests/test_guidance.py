@@ -273,9 +273,12 @@ def test_hierarchical_sampler_passes_guidance_to_class_conditional_levels():
   priors = dict(top=(top, top_params), bottom=(bottom, bottom_params))
   shapes = dict(top=(H // 2, W // 2), bottom=(H, W))
   options = SampleOptions(batch_size=B, guidance=2.0, **SAMPLE)
-  sampler = HierarchicalSampler(None, None, priors, shapes, options, mesh)
   key = jax.random.key(4)
-  codes = sampler.sample_codes(key, np.asarray(labels), B)
+  # Drawn under the mesh (the models' activation constraints apply), compared below with
+  # draws traced without one.
+  with parallel.use_mesh(mesh, config_lib.DEFAULT_AXIS_RULES):
+    sampler = HierarchicalSampler(None, None, priors, shapes, options)
+    codes = sampler.sample_codes(key, np.asarray(labels), B)
   kw = dict(labels=labels, guidance=2.0, **SAMPLE)
   want_top = sample_incremental(top, top_params, jax.random.fold_in(key, 0),
                                 shape=(B, H // 2, W // 2), **kw)
@@ -283,14 +286,15 @@ def test_hierarchical_sampler_passes_guidance_to_class_conditional_levels():
                                    shape=(B, H, W), cond_codes=(want_top,), **kw)
   np.testing.assert_array_equal(np.asarray(codes["top"]), np.asarray(want_top))
   np.testing.assert_array_equal(np.asarray(codes["bottom"]), np.asarray(want_bottom))
-  plain = HierarchicalSampler(None, None, priors, shapes,
-                              SampleOptions(batch_size=B, **SAMPLE), mesh)
-  assert np.any(np.asarray(plain.sample_codes(key, np.asarray(labels), B)["bottom"])
-                != np.asarray(want_bottom))
-  no_null = PixelSNAILPrior(**dict(MODEL, null_label=False))
-  with pytest.raises(ValueError, match="priors.bottom.label_dropout"):
-    HierarchicalSampler(None, None, dict(priors, bottom=(no_null, bottom_params)), shapes,
-                        options, mesh)
+  with parallel.use_mesh(mesh, config_lib.DEFAULT_AXIS_RULES):
+    plain = HierarchicalSampler(None, None, priors, shapes,
+                                SampleOptions(batch_size=B, **SAMPLE))
+    assert np.any(np.asarray(plain.sample_codes(key, np.asarray(labels), B)["bottom"])
+                  != np.asarray(want_bottom))
+    no_null = PixelSNAILPrior(**dict(MODEL, null_label=False))
+    with pytest.raises(ValueError, match="priors.bottom.label_dropout"):
+      HierarchicalSampler(None, None, dict(priors, bottom=(no_null, bottom_params)), shapes,
+                          options)
 
 
 # ---- evaluation side ----

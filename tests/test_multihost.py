@@ -102,8 +102,9 @@ def restore(workdir):
   config = load_config("demo", "vqvae,tiny", **OVERRIDES)
   mesh = parallel.make_mesh(config.mesh, jax.devices()[:1])
   init = builders.vqvae_init_fn(builders.build_vqvae(config), config.data.image_size)
-  return restore_lib.restore_train_state(Workdir(workdir), "vqvae", init, config.vqvae_train,
-                                         mesh, config.axis_rules)
+  with parallel.use_mesh(mesh, config.axis_rules):
+    return restore_lib.restore_train_state(Workdir(workdir), "vqvae", init,
+                                           config.vqvae_train)
 
 
 def train_losses(workdir):

@@ -20,14 +20,12 @@ def train_prior(tiny_pipeline, out_dir, level, mesh_overrides, steps=2):
                           f"priors.{level}.train.eval_every": 0,
                           f"priors.{level}.train.checkpoint_every": 100,
                           f"priors.{level}.dropout": 0.0})
-  mesh = parallel.make_mesh(config.mesh)
-  task = prior_stage.build_task(config, level, mesh, Workdir(tiny_pipeline))
-  task.evaluate = None
   out = Workdir(out_dir)
-  state = loop.train(task, config.priors[level].train, directory=out.stage_dir(task.name),
-                     checkpoint_dir=out.checkpoint_dir(task.name), mesh=mesh,
-                     axis_rules=config.axis_rules, seed=config.seed)
-  return state
+  with parallel.use_mesh(parallel.make_mesh(config.mesh), config.axis_rules):
+    task = prior_stage.build_task(config, level, Workdir(tiny_pipeline))
+    task.evaluate = None
+    return loop.train(task, config.priors[level].train, directory=out.stage_dir(task.name),
+                      checkpoint_dir=out.checkpoint_dir(task.name), seed=config.seed)
 
 
 def test_fsdp_sharded_step_equals_replicated(tiny_pipeline, tmp_path):

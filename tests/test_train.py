@@ -24,13 +24,13 @@ def tiny_config(**overrides):
 def run(config, workdir, devices=None, loader_hook=None):
   mesh = parallel.make_mesh(config.mesh, devices)
   w = Workdir(workdir)
-  task = vqvae_stage.build_task(config, mesh, w)
-  task.evaluate = task.pictures = None
-  if loader_hook is not None:
-    task.loader = loader_hook(task.loader)
-  return loop.train(task, config.vqvae_train, directory=w.stage_dir("vqvae"),
-                    checkpoint_dir=w.checkpoint_dir("vqvae"), mesh=mesh,
-                    axis_rules=config.axis_rules, seed=config.seed)
+  with parallel.use_mesh(mesh, config.axis_rules):
+    task = vqvae_stage.build_task(config, w)
+    task.evaluate = task.pictures = None
+    if loader_hook is not None:
+      task.loader = loader_hook(task.loader)
+    return loop.train(task, config.vqvae_train, directory=w.stage_dir("vqvae"),
+                      checkpoint_dir=w.checkpoint_dir("vqvae"), seed=config.seed)
 
 
 def params_of(state):
@@ -102,11 +102,10 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   assert last is not None and last < 6
   ckpt.close()
   # The surviving checkpoint is readable and finite.
-  mesh = parallel.make_mesh(config.mesh)
-  task = vqvae_stage.build_task(config, mesh, Workdir(str(tmp_path)))
-  state, record = restore_lib.restore_train_state(
-      Workdir(str(tmp_path)), "vqvae", task.init_variables, config.vqvae_train, mesh,
-      config.axis_rules)
+  with parallel.use_mesh(parallel.make_mesh(config.mesh), config.axis_rules):
+    task = vqvae_stage.build_task(config, Workdir(str(tmp_path)))
+    state, record = restore_lib.restore_train_state(
+        Workdir(str(tmp_path)), "vqvae", task.init_variables, config.vqvae_train)
   assert record["step"] == last
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params_of(state)))
 

@@ -10,8 +10,8 @@ other dimension whole, so each device computes on its own examples and only the
 parameters move (all-gathered per layer, gradients reduce-scattered).
 
 It is `flax.linen.with_logical_constraint`, a no-op unless the caller traces inside
-`flax.linen.logical_axis_rules(rules)` and a mesh context (`parallel.activation_sharding`
-does both around the train step); sampling and evaluation do neither.
+`flax.linen.logical_axis_rules(rules)` and a mesh context (`parallel.use_mesh` enters both,
+around every stage and every `api.Run` method).
 """
 from __future__ import annotations
 
