@@ -157,6 +157,25 @@ def test_lookup_dim_shapes_and_gradients_reach_both_projections():
       assert float(jnp.abs(grads[name]["kernel"]).max()) > 1e-6, (name, weight)
 
 
+def test_lookup_dim_search_and_ema_live_in_the_projection():
+  """Codes are the nearest codebook rows to h = z W + b, and the EMA sums are sums of h."""
+  k, d_model, d_low, decay = 6, 5, 2, 0.8
+  module = q.VectorQuantizerEMA(k, d_model, decay=decay, options=CodebookOptions(lookup_dim=d_low))
+  z = np.random.default_rng(4).normal(size=(2, 3, 3, d_model)).astype(np.float32)
+  variables = module.init(jax.random.PRNGKey(0), jnp.asarray(z), train=False)
+  out, updates = module.apply(variables, jnp.asarray(z), train=True, mutable=["vq_stats"])
+  dense = variables["params"]["project_in"]
+  h = z.reshape(-1, d_model).astype(np.float64) @ np.asarray(dense["kernel"]) + dense["bias"]
+  book = np.asarray(variables["vq_stats"]["codebook"], np.float64)
+  codes = np.argmin(((h[:, None] - book[None])**2).sum(-1), -1)
+  np.testing.assert_array_equal(np.asarray(out.codes).reshape(-1), codes)
+  sums = np.zeros((k, d_low))
+  np.add.at(sums, codes, h)
+  np.testing.assert_allclose(updates["vq_stats"]["ema_sum"], decay * book + (1 - decay) * sums,
+                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(out.commitment_loss, np.mean((book[codes] - h)**2), rtol=1e-5)
+
+
 def test_vqvae_with_all_options_trains_a_step():
   model = tiny_vqvae(codebook_options=CodebookOptions(codebook_init="kmeans", lookup_dim=4))
   batch = {"image": images(4)}

@@ -99,7 +99,8 @@ class CodebookOptions:
   def config_problems(cls, section: Mapping[str, Any]) -> list[tuple[str, Any, str]]:
     """`problems` of a `vqvae` config section, plus retired options set to another value."""
     found = [(key, section[key], f"{why}; train without it (the paper's {value!r}), or "
-              "load a workdir trained with it using a version from before the removal")
+              "load a workdir trained with it using a version from before the removal "
+              "(commit 9c14024)")
              for key, (value, why) in RETIRED_OPTIONS.items()
              if key in section and section[key] != value]
     return found + cls._from_section(section).problems()
