@@ -220,6 +220,18 @@ def _plain_rules(rules) -> tuple:
                for name, axes in rules)
 
 
+def unboxed(tree: Any) -> Any:
+  """`tree` with flax's axis-metadata boxes (nn.Partitioned, ...) stripped, values as they
+  are: `nn.unbox` would also pin each value to its logical sharding under the ambient
+  rules, which fails on abstract values outside a trace and would add constraints to a
+  trace (an initialisation) that the layouts of its outputs already fix."""
+  def strip(x):
+    if isinstance(x, nn.Partitioned):
+      return unboxed(x.unbox(apply_constraint=False))
+    return unboxed(x.unbox()) if isinstance(x, nn.meta.AxisMetadata) else x
+  return jax.tree.map(strip, tree, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+
+
 def logical_shardings(abstract_boxed: Any) -> Any:
   """NamedShardings on the ambient mesh, under the ambient logical axis rules, for a tree
   of (possibly nn.Partitioned-boxed) abstract values.
@@ -231,7 +243,7 @@ def logical_shardings(abstract_boxed: Any) -> Any:
   mesh = current_mesh()
   specs = nn.get_partition_spec(abstract_boxed)
   shardings = nn.logical_to_mesh_sharding(specs, mesh, nn.get_logical_axis_rules())
-  shapes = nn.unbox(abstract_boxed)
+  shapes = unboxed(abstract_boxed)
 
   def divisible(sharding: NamedSharding, leaf) -> NamedSharding:
     spec = list(sharding.spec) + [None] * (len(leaf.shape) - len(sharding.spec))

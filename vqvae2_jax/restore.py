@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import flax.linen as nn
 import jax
 
 from vqvae2_jax import checkpoint as ckpt_lib
@@ -29,10 +28,10 @@ def abstract_variables(init_fn: InitFn) -> tuple[Any, dict[str, Any]]:
   boxed = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
   param_shardings = parallel.logical_shardings(boxed["params"])
   params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        nn.unbox(boxed["params"]), param_shardings)
+                        parallel.unboxed(boxed["params"]), param_shardings)
   replicated = parallel.replicated()
   rest = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-                      nn.unbox({k: v for k, v in boxed.items() if k != "params"}))
+                      parallel.unboxed({k: v for k, v in boxed.items() if k != "params"}))
   return params, rest
 
 

@@ -16,7 +16,6 @@ import contextlib
 import dataclasses
 from typing import Any, Callable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -140,7 +139,7 @@ def _train_program(config, stage: str, manifest: dict, on_mesh) -> Program:
 def _replicated_params(init):
   """Abstract variables of init(rng), replicated on the ambient mesh (inference
   programs)."""
-  plain = nn.unbox(jax.eval_shape(init, jax.random.key(0)))
+  plain = parallel.unboxed(jax.eval_shape(init, jax.random.key(0)))
   return _abstract(plain, jax.tree.map(lambda _: parallel.replicated(), plain))
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
@@ -58,8 +57,8 @@ def plan_state(init_variables: Callable[[jax.Array], dict], tx, use_param_ema: b
   def make_state(key):
     init_key, state_key = jax.random.split(key)
     variables = init_variables(init_key)
-    params = nn.unbox(variables["params"])
-    model_state = nn.unbox({k: v for k, v in variables.items() if k != "params"})
+    params = parallel.unboxed(variables["params"])
+    model_state = parallel.unboxed({k: v for k, v in variables.items() if k != "params"})
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=tx.init(params), model_state=model_state,
                       ema_params=params if use_param_ema else {}, rng=state_key)
@@ -100,7 +99,7 @@ def numpy_params(init_fn: Callable[[jax.Array], dict], seed: int = 0) -> Any:
   depend on the values. init_fn(rng) -> Flax variables (possibly boxed).
   """
   import numpy as np  # pylint: disable=g-import-not-at-top
-  shapes = nn.unbox(jax.eval_shape(init_fn, jax.random.PRNGKey(0)))["params"]
+  shapes = parallel.unboxed(jax.eval_shape(init_fn, jax.random.PRNGKey(0)))["params"]
   rng = np.random.default_rng(seed)
 
   def fill(s):
