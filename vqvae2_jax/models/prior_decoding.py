@@ -53,6 +53,8 @@ class DecodeCache:
 
   Attributes:
     cond: conditioning features [B, H, W, C], or None (unconditional prior).
+    positions: the attention blocks' positional features [H * W, P] (no batch axis),
+      computed once rather than in every step; None without attention.
     row_kernels: per gated layer, its ConvDownRight taps on the rows above
       [kh-1, kh, C, 2C] (no batch axis).
     tap_kernels: per gated layer, its taps on the current row as a matmul [kh*C, 2C]
@@ -71,6 +73,7 @@ class DecodeCache:
     shape: (B, H, W) of the code map (static).
   """
   cond: Any
+  positions: Any
   row_kernels: tuple
   tap_kernels: tuple
   xv: jax.Array
@@ -127,6 +130,7 @@ def init_cache(m, shape: tuple[int, int, int], cond_codes, labels, sharding) -> 
   chunks = lambda: tuple(zeros(heads, (r1 - r0) * wid, ch // heads) for r0, r1 in spans)
   return DecodeCache(
       cond=m.conditioning(cond_codes, labels, shape, train=False),
+      positions=causal.positional_features(hgt, wid) if m.attn else None,
       row_kernels=tuple(w[:kh - 1] for w in weights),
       tap_kernels=tuple(w[kh - 1].reshape(kh * ch, 2 * ch) for w in weights),
       xv=zeros(kx, wid + 2 * kx, ch),
@@ -178,7 +182,7 @@ def _span_start(cache: DecodeCache, span: int) -> int:
 
 def _position_features(cache: DecodeCache, p: jax.Array) -> jax.Array:
   """The attention blocks' positional features at raster position p, [B, P]."""
-  pos = causal.positional_features(*cache.shape[1:])
+  pos = cache.positions
   return jnp.broadcast_to(pos[p], (cache.shape[0], pos.shape[-1]))
 
 
