@@ -3,9 +3,9 @@
 e_top ~ p_top(. | class), then each lower level e_l ~ p_l(. | e_above, class), then the
 feed-forward decoder maps all levels to pixels. Batches are sharded over the mesh that
 is ambient (`parallel.use_mesh`) when the sampler is made, so `generate` may be called
-later without one: on
-many processes every process makes the same calls, each process's devices draw their rows
-of every batch, and `generate` returns the whole batch on every process.
+later without one: on many processes every process makes the same calls, each process's
+devices draw their rows of every batch, and `generate` returns the whole batch on every
+process.
 Takes built modules and parameters (see `vqvae2_jax.api.Run.sampler`), never configs.
 """
 from __future__ import annotations
