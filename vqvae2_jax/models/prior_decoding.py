@@ -181,8 +181,11 @@ def _span_start(cache: DecodeCache, span: int) -> int:
 
 
 def _position_features(cache: DecodeCache, p: jax.Array) -> jax.Array:
-  """The attention blocks' positional features at raster position p, [B, P]."""
+  """The attention blocks' positional features at raster position p, [B, P] (None
+  without attention)."""
   pos = cache.positions
+  if pos is None:
+    return None
   return jnp.broadcast_to(pos[p], (cache.shape[0], pos.shape[-1]))
 
 
