@@ -80,8 +80,8 @@ def main():
   t_fwd, t_inc = bs._time(lambda: forward(params, codes), 2), bs._time(run, 2)
   hlo = incremental._sample.lower(
       model, draw_lib.plain_params(params), key, tuple(cond), labels, np.float32(1),
-      np.float32(1), shape=kw["shape"], top_k=0, nucleus=False, return_logits=False,
-      sharding=None).compile().as_text()
+      np.float32(1), np.float32(1), shape=kw["shape"], top_k=0, nucleus=False,
+      return_logits=False, sharding=None, guided=False).compile().as_text()
   groups = op_groups(hlo)
   trace_dir = tempfile.mkdtemp()
   with jax.profiler.trace(trace_dir):
