@@ -93,8 +93,8 @@ def base_config() -> ml_collections.ConfigDict:
       num_levels=2, bottom_down=2, hidden=128, res_hidden=64, num_res_layers=2, num_codes=512,
       code_dim=64, beta=0.25, decay=0.99, epsilon=1e-5, dead_code_threshold=0.0,
       upsample="transpose",
-      # Codebook options beyond the paper, at the paper's values (models/quantizer.py,
-      # CodebookOptions: codebook_init 'random' | 'kmeans', lookup_dim 0 | d).
+      # Codebook options beyond the paper, at the paper's values (their meaning and the
+      # values allowed: models/quantizer.CodebookOptions).
       **CodebookOptions.config_defaults(),
       # 'paper' | 'public': the public PyTorch code's VQ-VAE (models/public_vqvae.py; its top
       # encoder's first conv is half as wide), written by `python -m vqvae2_jax.import_torch`.

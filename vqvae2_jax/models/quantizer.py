@@ -37,7 +37,7 @@ paper's quantizer and checkpoint layout):
 A cosine (l2-normalised) codebook was measured and removed (`RETIRED_OPTIONS`): with this
 encoder the search vectors' common direction grows without bound once their length no
 longer matters, every vector ends up nearest the same code or two, with frozen codes as with
-EMA ones (benchmarks/README.md, "Codebook options").
+EMA ones (benchmarks/README.md, "Codebook options revisited").
 
 Precision: every contraction here (distances, one-hot lookup, EMA sums) runs at
 `Precision.HIGHEST`. JAX's default is bf16 passes on TPU and TF32 on Ampere/Hopper GPUs,
@@ -62,7 +62,7 @@ INITS = ("random", "kmeans")
 # value; any other value fails naming what to do.
 RETIRED_OPTIONS = {
     "code_distance": ("l2", "cosine codebooks collapsed to a few codes and were removed "
-                            "(benchmarks/README.md, 'Codebook options')"),
+                            "(benchmarks/README.md, 'Codebook options revisited')"),
 }
 
 
