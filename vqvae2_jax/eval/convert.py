@@ -30,6 +30,7 @@ import ml_dtypes
 import numpy as np
 from flax import traverse_util
 
+from vqvae2_jax import parallel
 from vqvae2_jax.eval import efficientnet
 from vqvae2_jax.eval import inception
 from vqvae2_jax.eval import torch_pickle
@@ -152,7 +153,7 @@ def expected_shapes(name: str) -> dict[tuple[str, ...], tuple[int, ...]]:
   model = spec.make_model()
   dummy = jax.ShapeDtypeStruct((1, spec.input_size, spec.input_size, 3), jnp.uint8)
   shapes = jax.eval_shape(model.init, jax.random.key(0), dummy)
-  shapes = nn.meta.unbox(shapes)
+  shapes = parallel.unboxed(shapes)  # (abstract: no sharding constraint under a mesh)
   return {p: tuple(v.shape) for p, v in traverse_util.flatten_dict(shapes).items()}
 
 
