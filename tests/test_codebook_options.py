@@ -250,7 +250,7 @@ def test_usage_warning_after_consecutive_low_logs_names_level_and_options(capsys
   assert [len(f) for f in fired] == [0, 0, 1, 0, 0, 1]
   assert "level 'top'" in fired[2][0] and "step 150" in fired[2][0]
   assert "level 'bottom'" in fired[5][0]
-  assert "dead_code_threshold" in fired[2][0]
+  assert "dead_code_threshold" in fired[2][0] and "lookup_dim" in fired[2][0]
   assert "code_distance" not in fired[2][0]  # removed: it collapsed
   assert "level 'top'" in capsys.readouterr().out
   assert not watch(350, {"code_usage": [0.5, 0.01]})  # still low: no repeat

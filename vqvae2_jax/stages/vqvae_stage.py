@@ -49,8 +49,8 @@ class UsageWarning:
         warnings.append(
             f"[{NAME}] warning at step {step}: level '{name}' uses {100 * value:.1f}% of its "
             f"codes (< {100 * self.threshold:.0f}% for {self.patience} logs); consider "
-            "vqvae.dead_code_threshold=1 (re-seeds unused codes; the highest usage and "
-            "lowest MSE measured, benchmarks/README.md) or vqvae.lookup_dim=8")
+            "vqvae.dead_code_threshold=1 (re-seeds unused codes) and vqvae.lookup_dim=8 "
+            "(together: every code used and the lowest MSE measured, benchmarks/README.md)")
     for w in warnings:
       parallel.print0(w)
     return warnings
