@@ -123,3 +123,33 @@ def test_suggest_reads_the_compilers_out_of_memory_bytes():
   assert failure == "" and rows[0]["grad_accum_steps"] == 4  # micro 8: 10 GiB fits 15.5
   assert calls == [1, 32, 4]
   assert suggest.parse_out_of_memory(failure) == {}
+
+
+def test_suggest_rejects_a_compiled_setting_whose_peak_exceeds_the_chip():
+  """The compiler accepts every setting here (as XLA:TPU's compile-only check accepted a
+  paper prior step at 34.8 GiB on a 32 GiB v4 chip), but arguments plus temporaries of the
+  whole batch per chip (2 + 32 GiB) exceed a 16 GiB chip: the search must go on to the
+  microbatch count whose peak fits (4: 2 + 8 GiB), found from the compiled temporaries."""
+  gib = 2**30
+  calls = []
+
+  def compile_fn(args):
+    values = dict(a[len("--config."):].split("=") for a in args)
+    accum = int(values["priors.top.train.grad_accum_steps"])
+    calls.append(accum)
+    temp = 256 // 8 // accum * gib
+    return [{"program": "train prior_top", "remat": values["priors.top.train.remat"],
+             "grad_accum_steps": accum, "fsdp": 1, "argument": 2 * gib, "output": 0,
+             "alias": 0, "temp": temp, "peak": temp + 2 * gib, "hbm": 16 * gib,
+             "flops": 0, "xla_bytes": 0, "xla_optimal_s": 0, "loop_multiplicity": 1,
+             "step_s": 0, "compile_s": 0}], ""
+
+  class Train:
+    batch_size = 256
+
+  config = type("C", (), {"stage": "prior_top",
+                          "priors": {"top": type("P", (), {"train": Train})}})()
+  rows, failure = suggest.search(config, topology.parse("v5e-8"), compile_fn, log=lambda _: 0)
+  assert failure == "" and rows[0]["grad_accum_steps"] == 4
+  assert rows[0]["peak"] <= rows[0]["available"]
+  assert calls == [1, 32, 4]

@@ -68,7 +68,15 @@ def search(config, slice_: Slice, compile_fn: CompileFn, log=print
       last_failure.update(parse_out_of_memory(failure))
       if tried[key] is not None and "available" not in tried[key]:
         tried[key]["available"] = slice_.chip.hbm_bytes * 0.96  # XLA:TPU's usable share
-      log(report.format_row(rows[0]) if tried[key] else
+      row = tried[key]
+      if row is not None and row["peak"] > row["available"]:
+        # The compile-only check can pass a program whose arguments plus temporaries
+        # exceed the chip's HBM (seen at paper batch on v4-8): such a setting is no fit.
+        failure = (f"compiled, but its peak {row['peak'] / 2**30:.1f} GiB exceeds the "
+                   f"{row['available'] / 2**30:.1f} GiB available per chip")
+        last_failure.update(temp=row["temp"], available=row["available"])
+        tried[key] = None
+      log(report.format_row(row) if tried[key] else
           f"{'':18} {remat:<5} {accum:>5} {fsdp:>4} -- {failure[:160]}")
     return tried[key]
 
