@@ -65,14 +65,17 @@ def plan_state(init_variables: Callable[[jax.Array], dict], tx, use_param_ema: b
 
   # Shardings come from the logical names of the *boxed* params; optimizer moments have
   # the same structure, so each inherits its parameter's sharding.
-  key = jax.random.PRNGKey(0)
+  # Nothing here may be computed eagerly: it would run on the ambient mesh's devices, which
+  # for an ahead-of-time TPU plan on a CPU host are topology devices that hold no data.
+  key = jax.eval_shape(jax.random.PRNGKey, 0)
   boxed = jax.eval_shape(init_variables, key)
   param_shardings = parallel.logical_shardings(boxed["params"])
   replicated = parallel.replicated()
   abstract = jax.eval_shape(make_state, key)
-  opt_shardings = optax.tree_map_params(
-      tx, lambda _, s: s, abstract.opt_state, param_shardings,
-      transform_non_params=lambda _: replicated)
+  with jax.set_mesh(None):  # optax finds the state's structure by an eager init: same
+    opt_shardings = optax.tree_map_params(
+        tx, lambda _, s: s, abstract.opt_state, param_shardings,
+        transform_non_params=lambda _: replicated)
   shardings = TrainState(
       step=replicated, params=param_shardings, opt_state=opt_shardings,
       model_state=jax.tree.map(lambda _: replicated, abstract.model_state),
