@@ -137,6 +137,18 @@ def current_mesh() -> Mesh:
   return jax.sharding.get_mesh()
 
 
+@contextlib.contextmanager
+def on_one_device(device: jax.Device) -> Iterator[Mesh]:
+  """A 1 x 1 ('data', 'fsdp') mesh over `device` as the ambient mesh (the logical axis
+  rules unchanged): a computation pinned to one device (the codec's loop, whose host
+  callbacks run in order) runs there under any ambient mesh, which jit would otherwise
+  refuse for arguments on fewer devices than the mesh."""
+  auto = (jax.sharding.AxisType.Auto,) * 2
+  mesh = Mesh(np.asarray([device]).reshape(1, 1), BATCH_AXES, axis_types=auto)
+  with jax.set_mesh(mesh):
+    yield mesh
+
+
 def batch_sharding() -> NamedSharding:
   """Leading (batch) axis split over every device of the ambient mesh."""
   return NamedSharding(current_mesh(), P(BATCH_AXES))

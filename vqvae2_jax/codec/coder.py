@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import io_callback
 
+from vqvae2_jax import parallel
 from vqvae2_jax.codec import frequencies
 from vqvae2_jax.codec import stream as stream_lib
 from vqvae2_jax.sampling import incremental, reference
@@ -175,7 +176,7 @@ class CodecModels:
                          if incremental.has_decoding_interface(prior)
                          else reference.run_reference)
     put = lambda x: jax.device_put(jnp.asarray(x), self.device)
-    with _active(session):
+    with _active(session), parallel.on_one_device(self.device):
       out = np.asarray(loop(
           prior, params, shape=(batch,) + self.shapes[level],
           cond_codes=tuple(put(u) for u in upper),
