@@ -8,10 +8,11 @@ cross-entropy loss, the config's Adam and parameter EMA) on random codes for:
                          PyTorch PixelSNAIL top prior (rosinality/vq-vae-2-pytorch
                          train_pixelsnail.py defaults: channel 256, kernel 5, 4 blocks of
                          4 gated residual blocks, res channel 256, attention, 0 output
-                         blocks, dropout 0.1, K 512: 86.5M params): hidden 256, 25 gated
+                         blocks, dropout 0.1, K 512: 84.9M params): hidden 256, 25 gated
                          layers, attention after every 5th (8 heads), kernel 5 -> 85.0M.
-                         With --torch the PyTorch model (benchmarks/torch_reference.py) is
-                         timed beside it, interleaved.
+                         With --torch the PyTorch model (benchmarks/torch_reference.py,
+                         86.5M: its attention-side blocks are wider than the public
+                         code's, see `public_widths`) is timed beside it, interleaved.
   imagenet_top           the paper's ImageNet top prior (Table 3, configs/imagenet256.py:
                          512/2048, 20 layers, 4 attention layers, 20 output layers,
                          1000 classes, 335.8M params) on 32x32 codes.
