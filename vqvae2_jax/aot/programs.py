@@ -136,10 +136,16 @@ def _train_program(config, stage: str, manifest: dict, on_mesh) -> Program:
                  model_fn=model_fn, context=on_mesh)
 
 
+def _abstract_key() -> jax.ShapeDtypeStruct:
+  """A PRNG key by shape only: programs are built under their mesh, whose (topology)
+  devices hold no data, so nothing may be computed eagerly."""
+  return jax.eval_shape(jax.random.key, 0)
+
+
 def _replicated_params(init):
   """Abstract variables of init(rng), replicated on the ambient mesh (inference
   programs)."""
-  plain = parallel.unboxed(jax.eval_shape(init, jax.random.key(0)))
+  plain = parallel.unboxed(jax.eval_shape(init, _abstract_key()))
   return _abstract(plain, jax.tree.map(lambda _: parallel.replicated(), plain))
 
 
@@ -184,7 +190,7 @@ def _sampler_program(config, level: str, manifest: dict, on_mesh) -> Program:
         prior, p, rng, shape=(b, h, w), cond_codes=cond_codes, labels=labels_,
         temperature=config.sample.temperature, top_k=config.sample.top_k,
         top_p=config.sample.top_p, guidance=config.sample.guidance, sharding=batch_sharding)
-  rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=parallel.replicated())
+  rng = jax.ShapeDtypeStruct((), _abstract_key().dtype, sharding=parallel.replicated())
   return Program(f"sampler {level}", jax.jit(sample), (params, rng, cond, labels),
                  b * h * w, "latents", context=on_mesh)
 
@@ -196,8 +202,8 @@ def feature_program(config, devices, name: str = "inception") -> Program:
     spec = convert.get_spec(name)
     model = spec.make_model()
     size, batch = config.data.image_size, config.evaluate.batch_size
-    example = jnp.zeros((1, size, size, 3), jnp.uint8)
-    variables = _replicated_params(lambda rng: model.init(rng, example))
+    variables = _replicated_params(
+        lambda rng: model.init(rng, jnp.zeros((1, size, size, 3), jnp.uint8)))
     images = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.uint8,
                                   sharding=parallel.batch_sharding())
     return Program(f"features {name}", jax.jit(model.apply), (variables, images), batch,
