@@ -61,7 +61,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vqvae2_jax.models import causal, prior_decoding
+from vqvae2_jax.models import causal, prior_decoding, prior_decoding_scanned
 from vqvae2_jax.models.prior_blocks import (CondStack, GatedLayer, GatedStack, OutputStack,
                                             ResBlock, attention_inputs, one_hot_lookup,
                                             table_init)
@@ -279,14 +279,19 @@ class PixelSNAILPrior(nn.Module):
   #   per row span s, per row i in it: cache = begin_row(cache, i)
   #     per column j: logits, cache = decode_step(cache, p, span=s)   (p = i * W + j)
   #                   cache = feed(cache, p, code, span=s)            (the code chosen at p)
-  # with the one-module-per-layer view of the prior (`decoding_view`). Logits equal the
-  # teacher-forced __call__'s at p to float tolerance.
+  # Logits equal the teacher-forced __call__'s at p to float tolerance. A scan_layers=True
+  # prior decodes with its stacked parameters, scanning over the layers
+  # (models/prior_decoding_scanned.py); False goes through them one module at a time.
 
   @nn.nowrap
   def decoding_view(self, params: Any) -> tuple[PixelSNAILPrior, Any]:
-    """(prior, plain params) to decode with: a scanned prior's stacked parameters
-    sliced per layer (call once, outside the loop)."""
-    return decoding_view(self, params)
+    """(prior, params) to decode with: both layouts decode as they are."""
+    return self, params
+
+  @nn.nowrap
+  def _decoding(self):
+    """The module of decoding functions for this layout."""
+    return prior_decoding_scanned if self.scan_layers else prior_decoding
 
   @nn.nowrap
   def decode_row_spans(self, shape: tuple[int, int, int]) -> tuple[tuple[int, int], ...]:
@@ -299,25 +304,23 @@ class PixelSNAILPrior(nn.Module):
                  sharding: jax.sharding.Sharding | None = None) -> prior_decoding.DecodeCache:
     """Empty decoding cache of a (B, H, W) code map; conditioning as in __call__.
     sharding: optional batch-axis sharding imposed on the cache's buffers."""
-    if self.scan_layers:
-      raise ValueError("decode with the per-layer view: prior.decoding_view(params)")
-    return prior_decoding.init_cache(self, tuple(shape), tuple(cond_codes), labels, sharding)
+    return self._decoding().init_cache(self, tuple(shape), tuple(cond_codes), labels, sharding)
 
   def begin_row(self, cache: prior_decoding.DecodeCache, row: jax.Array
                 ) -> prior_decoding.DecodeCache:
     """Row `row` starts (codes of all rows above fed): its per-row work, once."""
-    return prior_decoding.begin_row(self, cache, row)
+    return self._decoding().begin_row(self, cache, row)
 
   def decode_step(self, cache: prior_decoding.DecodeCache, position: jax.Array, *,
                   span: int) -> tuple[jax.Array, prior_decoding.DecodeCache]:
     """float32 logits [B, K] at raster position `position` (codes before it fed), and the
     cache. span: the static index of the position's row span."""
-    return prior_decoding.decode_step(self, cache, position, span)
+    return self._decoding().decode_step(self, cache, position, span)
 
   def feed(self, cache: prior_decoding.DecodeCache, position: jax.Array, code: jax.Array,
            *, span: int) -> prior_decoding.DecodeCache:
     """The code int32 [B] at `position` (after decode_step there) enters the cache."""
-    return prior_decoding.feed(self, cache, position, code, span)
+    return self._decoding().feed(self, cache, position, code, span)
 
 # ---- the two parameter layouts (scan_layers True / False) ----
 
