@@ -13,10 +13,11 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from vqvae2_jax.models.fast_conv import FastConv, FastConvTranspose
+from vqvae2_jax.models.names import (REMAT_NONE, UPSAMPLE_MODES, UPSAMPLE_RESIZE,
+                                     UPSAMPLE_SUBPIXEL, UPSAMPLE_TRANSPOSE)
 from vqvae2_jax.models.remat import maybe_remat
 
 Dtype = Any
-UPSAMPLE_MODES = ("transpose", "subpixel", "resize")
 
 
 def _kernel_init():
@@ -56,18 +57,18 @@ class Upsample2x(nn.Module):
   compute the same shapes with fewer FLOPs.
   """
   features: int
-  mode: str = "transpose"
+  mode: str = UPSAMPLE_TRANSPOSE
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    if self.mode == "transpose":
+    if self.mode == UPSAMPLE_TRANSPOSE:
       return ConvTranspose(self.features, (4, 4), strides=(2, 2), dtype=self.dtype,
                            kernel_init=_kernel_init(), bias_init=_bias_init())(x)
-    if self.mode == "subpixel":
+    if self.mode == UPSAMPLE_SUBPIXEL:
       y = conv(4 * self.features, 3, dtype=self.dtype)(x)
       return einops.rearrange(y, "b h w (r s c) -> b (h r) (w s) c", r=2, s=2)
-    if self.mode == "resize":
+    if self.mode == UPSAMPLE_RESIZE:
       b, h, w, c = x.shape
       y = jax.image.resize(x, (b, 2 * h, 2 * w, c), method="nearest")
       return conv(self.features, 3, dtype=self.dtype)(y)
@@ -84,7 +85,7 @@ class ResidualStack(nn.Module):
   res_hidden: int
   num_layers: int
   dtype: Dtype = jnp.float32
-  remat: str = "none"
+  remat: str = REMAT_NONE
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -109,7 +110,7 @@ class Encoder(nn.Module):
   num_res_layers: int
   num_down: int
   dtype: Dtype = jnp.float32
-  remat: str = "none"
+  remat: str = REMAT_NONE
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -130,9 +131,9 @@ class Decoder(nn.Module):
   res_hidden: int
   num_res_layers: int
   num_up: int
-  upsample: str = "transpose"
+  upsample: str = UPSAMPLE_TRANSPOSE
   dtype: Dtype = jnp.float32
-  remat: str = "none"
+  remat: str = REMAT_NONE
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:

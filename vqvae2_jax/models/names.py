@@ -8,7 +8,8 @@ from __future__ import annotations
 # Level names, top first, by number of levels; 'level<i>' beyond 3.
 LEVEL_NAMES = {1: ("bottom",), 2: ("top", "bottom"), 3: ("top", "mid", "bottom")}
 # How each level's quantized map is brought up 2x (models/layers.Upsample2x).
-UPSAMPLE_MODES = ("transpose", "subpixel", "resize")
+UPSAMPLE_TRANSPOSE, UPSAMPLE_SUBPIXEL, UPSAMPLE_RESIZE = "transpose", "subpixel", "resize"
+UPSAMPLE_MODES = (UPSAMPLE_TRANSPOSE, UPSAMPLE_SUBPIXEL, UPSAMPLE_RESIZE)
 # Rematerialisation of residual / gated blocks (models/remat.py): off, or per block.
 REMAT_NONE, REMAT_BLOCK = "none", "block"
 REMAT_MODES = (REMAT_NONE, REMAT_BLOCK)

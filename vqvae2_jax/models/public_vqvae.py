@@ -26,6 +26,7 @@ import flax.linen as nn
 import jax
 
 from vqvae2_jax.models.layers import Encoder, ResidualStack, conv
+from vqvae2_jax.models.names import UPSAMPLE_TRANSPOSE
 from vqvae2_jax.models.vqvae import VQVAE2
 
 
@@ -51,7 +52,7 @@ class PublicVQVAE(VQVAE2):
   bottom stride 4, transposed-conv upsampling and the paper's quantizer only."""
 
   def setup(self):
-    wanted = dict(num_levels=2, bottom_down=2, upsample="transpose", lookup_dim=0)
+    wanted = dict(num_levels=2, bottom_down=2, upsample=UPSAMPLE_TRANSPOSE, lookup_dim=0)
     have = dict(num_levels=self.num_levels, bottom_down=self.bottom_down,
                 upsample=self.upsample, lookup_dim=self.codebook_options.lookup_dim)
     wrong = {k: have[k] for k, v in wanted.items() if have[k] != v}

@@ -14,6 +14,7 @@ from typing import Callable
 import flax.linen as nn
 import jax
 
+from vqvae2_jax.models.names import REMAT_BLOCK, REMAT_MODES, REMAT_NONE
 from vqvae2_jax.models.sharding import batch_sharded
 
 # Saved, not recomputed, under remat: the attention weights (softmax output, float32
@@ -22,8 +23,8 @@ from vqvae2_jax.models.sharding import batch_sharded
 # stack (SIGSEGV in convolution fusion costing) at the default 8 MB limit; saving them
 # costs what the un-remat'd step keeps and spares recomputing two [N, N] matmuls.
 SAVED_NAMES = ("attention_weights",)
-REMAT_POLICIES = {"block": jax.checkpoint_policies.save_only_these_names(*SAVED_NAMES)}
-REMAT_MODES = ("none",) + tuple(REMAT_POLICIES)
+# The policy of each remat mode but REMAT_NONE (models/names.REMAT_MODES).
+REMAT_POLICIES = {REMAT_BLOCK: jax.checkpoint_policies.save_only_these_names(*SAVED_NAMES)}
 
 
 def check_mode(mode: str) -> None:
@@ -40,7 +41,7 @@ def maybe_remat(method: Callable, mode: str, static_argnums: tuple[int, ...] = (
   outputs are batch-sharded (`models.sharding.batch_sharded`).
   """
   check_mode(mode)
-  if mode == "none":
+  if mode == REMAT_NONE:
     return batch_sharded(method)
   return batch_sharded(nn.remat(method, policy=REMAT_POLICIES[mode],
                                 static_argnums=static_argnums, prevent_cse=True))

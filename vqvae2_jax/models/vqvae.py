@@ -31,16 +31,12 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from vqvae2_jax.models.layers import Decoder, Encoder, Upsample2x, conv
+# level_names is re-exported: the model's level naming, importable beside the model.
+from vqvae2_jax.models.names import (  # pylint: disable=unused-import
+    REMAT_NONE, UPSAMPLE_TRANSPOSE, level_names)
 from vqvae2_jax.models.remat import check_mode as check_remat
 from vqvae2_jax.models.quantizer import (VQ_BATCH_COLLECTION, VQ_COLLECTION, CodebookOptions,
                                          VectorQuantizerEMA)
-
-LEVEL_NAMES = {1: ("bottom",), 2: ("top", "bottom"), 3: ("top", "mid", "bottom")}
-
-
-def level_names(num_levels: int) -> tuple[str, ...]:
-  """Names of the levels, top first ('top', ['mid',] 'bottom'; 'level{i}' beyond 3)."""
-  return LEVEL_NAMES.get(num_levels, tuple(f"level{i}" for i in range(num_levels)))
 
 
 def level_strides(num_levels: int, bottom_down: int = 2) -> tuple[int, ...]:
@@ -96,9 +92,9 @@ class VQVAE2(nn.Module):
   epsilon: float = 1e-5
   dead_code_threshold: float = 0.0
   codebook_options: CodebookOptions = CodebookOptions()
-  upsample: str = "transpose"
+  upsample: str = UPSAMPLE_TRANSPOSE
   dtype: Any = jnp.float32
-  remat: str = "none"
+  remat: str = REMAT_NONE
 
   def setup(self):
     n, kw = self.num_levels, dict(dtype=self.dtype)
