@@ -20,8 +20,12 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import pytest  # noqa: E402
 
-TINY_PIPELINE_STAGES = ("vqvae", "extract", "prior_top", "prior_bottom", "classifier",
-                        "sample")
+from vqvae2_jax import registry  # noqa: E402  (plain Python: no jax imported yet)
+
+# Every stage of the two-level demo pipeline up to `sample`.
+TINY_PIPELINE_STAGES = (registry.VQVAE, registry.EXTRACT,
+                        *map(registry.prior_stage, registry.level_names(2)),
+                        registry.CLASSIFIER, registry.SAMPLE)
 
 
 @pytest.fixture(scope="session")

@@ -15,12 +15,13 @@ import jax
 import jax.numpy as jnp
 
 from vqvae2_jax import parallel
+from vqvae2_jax import registry
 from vqvae2_jax.eval.classifier import ResNetClassifier, classifier_init_fn
 from vqvae2_jax.models.prior import PixelSNAILPrior
 from vqvae2_jax.models.public_pixelsnail import PublicPixelSNAIL
 from vqvae2_jax.models.public_vqvae import PublicVQVAE
 from vqvae2_jax.models.quantizer import CodebookOptions
-from vqvae2_jax.models.vqvae import VQVAE2, level_names, level_strides
+from vqvae2_jax.models.vqvae import VQVAE2, level_strides
 
 InitFn = Callable[[jax.Array], dict]  # rng -> Flax variables (params possibly boxed)
 
@@ -29,7 +30,7 @@ def build_vqvae(config, dtype=None) -> VQVAE2:
   """The stage-1 model of `config` (compute dtype from vqvae_train.dtype by default);
   vqvae.architecture 'public' gives the public PyTorch code's variant (PublicVQVAE)."""
   v = config.vqvae
-  cls = PublicVQVAE if v.get("architecture", "paper") == "public" else VQVAE2
+  cls = PublicVQVAE if v.get("architecture", registry.PAPER) == registry.PUBLIC else VQVAE2
   return cls(num_levels=v.num_levels, bottom_down=v.bottom_down, hidden=v.hidden,
              res_hidden=v.res_hidden, num_res_layers=v.num_res_layers,
              num_codes=v.num_codes, code_dim=v.code_dim, decay=v.decay,
@@ -51,7 +52,7 @@ def code_shapes(config) -> dict[str, tuple[int, int]]:
   """{level: (H_l, W_l)} of the codes stage 1 of `config` produces, top first."""
   v, size = config.vqvae, config.data.image_size
   return {n: (size // s, size // s) for n, s in
-          zip(level_names(v.num_levels), level_strides(v.num_levels, v.bottom_down))}
+          zip(registry.level_names(v.num_levels), level_strides(v.num_levels, v.bottom_down))}
 
 
 def prior_level_info(manifest: dict, level: str
@@ -71,7 +72,7 @@ def build_prior(config, level: str, manifest: dict, dtype=None) -> PixelSNAILPri
   (PublicPixelSNAIL for priors.<level>.architecture 'public')."""
   p = config.priors[level]
   _, upper, scales = prior_level_info(manifest, level)
-  if p.get("architecture", "paper") == "public":
+  if p.get("architecture", registry.PAPER) == registry.PUBLIC:
     return build_public_prior(p, int(manifest["num_codes"]), len(upper), scales,
                               dtype or parallel.to_dtype(p.train.dtype))
   num_classes = int(manifest.get("num_classes", 0)) if p.class_conditional else 0

@@ -35,6 +35,7 @@ import numpy as np
 from vqvae2_jax import builders
 from vqvae2_jax import checkpoint as ckpt_lib
 from vqvae2_jax import config_lib
+from vqvae2_jax import registry
 from vqvae2_jax import storage
 from vqvae2_jax import workdir as workdir_lib
 from vqvae2_jax.data import codes as codes_lib
@@ -43,6 +44,7 @@ from vqvae2_jax.eval import torch_pickle
 from vqvae2_jax.models import public_pixelsnail
 from vqvae2_jax.train import state as state_lib
 
+PUBLIC_LEVELS = registry.level_names(2)  # the public VQ-VAE's two levels, top first
 PUBLIC_NUM_HEADS = 8  # CausalAttention's default, which PixelBlock never changes
 PUBLIC_DEFAULT_DROPOUT = 0.1  # train_pixelsnail.py's --dropout default (files without args)
 Transform = Callable[[np.ndarray], np.ndarray]
@@ -202,7 +204,7 @@ def pixelsnail_fields(sd: dict, args: dict, source: str) -> dict[str, Any]:
     raise TorchImportError(f"{source}: its 'background' buffer is not the public code's "
                        "coordinate channels")
   return dict(
-      fields=dict(architecture="public", hidden=int(hidden), res_hidden=int(first.shape[0]),
+      fields=dict(architecture=registry.PUBLIC, hidden=int(hidden), res_hidden=int(first.shape[0]),
                   num_layers=blocks, res_per_block=res, kernel_size=int(first.shape[-1]),
                   attention_every=int(attention), num_heads=PUBLIC_NUM_HEADS,
                   dropout=dropout, attn_dropout=dropout if attention else 0.0,
@@ -313,20 +315,21 @@ def import_checkpoints(workdir: str, vqvae: str, priors: dict[str, str] | None =
   """
   priors = dict(priors or {})
   w = workdir_lib.Workdir(workdir)
-  if w.has_checkpoint(workdir_lib.VQVAE) or w.has_manifest():
+  if w.has_checkpoint(registry.VQVAE) or w.has_manifest():
     raise TorchImportError(f"{workdir} already holds a stage-1 model or codes: import into a "
                        "new --workdir")
   sd, _ = read_checkpoint(vqvae, "the public VQ-VAE-2 code's VQVAE state dict")
   config = config_lib.base_config()
-  config.experiment, config.stage = "imported", workdir_lib.VQVAE
+  config.experiment, config.stage = "imported", registry.VQVAE
   config.data.image_size = image_size
   config.vqvae.update(dict(vqvae_fields(sd, repr(vqvae)), num_levels=2, bottom_down=2,
-                           upsample="transpose", architecture="public"))
+                           upsample=registry.UPSAMPLE_TRANSPOSE,
+                           architecture=registry.PUBLIC))
   config.vqvae_train.param_ema_decay = 0.0
-  unknown = set(priors) - {"top", "bottom"}
+  unknown = set(priors) - set(PUBLIC_LEVELS)
   if unknown:
-    raise TorchImportError(f"priors for levels {sorted(unknown)}: the public model has 'top' "
-                       "and 'bottom'")
+    raise TorchImportError(f"priors for levels {sorted(unknown)}: the public model has "
+                           f"{PUBLIC_LEVELS}")
   prior_files = {}
   for level, path in priors.items():
     psd, args = read_checkpoint(path, f"a train_pixelsnail.py checkpoint of the {level} prior")
@@ -341,7 +344,7 @@ def import_checkpoints(workdir: str, vqvae: str, priors: dict[str, str] | None =
   shapes = _flat_shapes(builders.vqvae_init_fn(model, image_size))
   variables = convert_variables(sd, vqvae_mapping(config.vqvae.num_res_layers,
                                                   config.vqvae.code_dim), shapes, repr(vqvae))
-  manifest = dict(vqvae_step=0, levels=["top", "bottom"],
+  manifest = dict(vqvae_step=0, levels=list(PUBLIC_LEVELS),
                   shapes={k: list(v) for k, v in builders.code_shapes(config).items()},
                   num_codes=config.vqvae.num_codes,
                   dtype=codes_lib.code_dtype(config.vqvae.num_codes).name, splits={},
@@ -360,10 +363,10 @@ def import_checkpoints(workdir: str, vqvae: str, priors: dict[str, str] | None =
         psd, pixelsnail_mapping(pshapes, config.priors[level].num_output_layers), pshapes,
         repr(path), ignored=("background",))
   # Everything checked: write the records, the checkpoints, then the manifest.
-  w.write_config(workdir_lib.VQVAE, config)
-  _save(w, workdir_lib.VQVAE, variables, config.vqvae_train, vqvae)
+  w.write_config(registry.VQVAE, config)
+  _save(w, registry.VQVAE, variables, config.vqvae_train, vqvae)
   for level, variables in converted.items():
-    stage = workdir_lib.prior_stage(level)
+    stage = registry.prior_stage(level)
     config.stage = stage
     w.write_config(stage, config)
     _save(w, stage, variables, config.priors[level].train, prior_files[level][0])
@@ -384,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--image-size", type=int, default=256,
                       help="image side the models were trained at (default 256, FFHQ)")
   args = parser.parse_args(argv)
-  priors = {k: v for k, v in (("top", args.prior_top), ("bottom", args.prior_bottom)) if v}
+  priors = {k: v for k, v in zip(PUBLIC_LEVELS, (args.prior_top, args.prior_bottom)) if v}
   try:
     config = import_checkpoints(args.workdir, args.vqvae, priors, args.image_size)
   except (ValueError, FileNotFoundError) as e:
@@ -392,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     return 1
   print(f"wrote {args.workdir}: vqvae ({config.vqvae.hidden} hidden, "
         f"{config.vqvae.num_codes} codes of {config.vqvae.code_dim})"
-        + "".join(f", prior_{level}" for level in priors))
+        + "".join(f", {registry.prior_stage(level)}" for level in priors))
   return 0
 
 

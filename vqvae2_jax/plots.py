@@ -21,8 +21,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from vqvae2_jax import images as image_lib
+from vqvae2_jax import registry
 from vqvae2_jax import storage
-from vqvae2_jax.models import vqvae as vqvae_model
 
 # Metrics drawn by `plot_training_curves`, in panel order.
 CURVE_METRICS = ("loss", "mse", "psnr", "commitment", "perplexity", "code_usage",
@@ -48,7 +48,7 @@ def _save(fig, path: str) -> str:
 
 
 def _level_name(index: int, num_levels: int) -> str:
-  return vqvae_model.level_names(num_levels)[index]
+  return registry.level_names(num_levels)[index]
 
 
 def read_metrics(stage_dir: str) -> list[dict[str, Any]]:
@@ -77,7 +77,7 @@ def _series(rows: Sequence[dict[str, Any]], metric: str, split: str
   """{level index (None for a scalar metric): (steps, values)} of one metric and split."""
   out: dict[int | None, tuple[list[int], list[float]]] = {}
   for row in rows:
-    if row.get("split", "train") != split or metric not in row or "step" not in row:
+    if row.get("split", registry.TRAIN) != split or metric not in row or "step" not in row:
       continue
     value = row[metric]
     values = value if isinstance(value, list) else [value]
@@ -93,7 +93,7 @@ def _series(rows: Sequence[dict[str, Any]], metric: str, split: str
 def curve_panels(rows: Sequence[dict[str, Any]]) -> list[str]:
   """The metrics of CURVE_METRICS with at least one finite value in `rows`, in order."""
   return [m for m in CURVE_METRICS
-          if any(_series(rows, m, split) for split in ("train", "val"))]
+          if any(_series(rows, m, split) for split in registry.SPLITS)]
 
 
 def plot_training_curves(stage_dir: str, path: str | None = None) -> str:
@@ -125,15 +125,15 @@ def plot_training_curves(stage_dir: str, path: str | None = None) -> str:
   colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
   for ax, metric in zip(axes.flat, panels):
     positive = True
-    for split, style in (("train", dict(linestyle="-", linewidth=1.2)),
-                         ("val", dict(linestyle="--", marker="o", markersize=3))):
+    for split, style in ((registry.TRAIN, dict(linestyle="-", linewidth=1.2)),
+                         (registry.VAL, dict(linestyle="--", marker="o", markersize=3))):
       series = _series(rows, metric, split)
       num_levels = max((k for k in series if k is not None), default=-1) + 1
       # Keys are all None (a scalar metric) or all level indices.
       for key, (steps, ys) in sorted(series.items(), key=lambda kv: kv[0] or 0):
         label = split if key is None else f"{split} {_level_name(key, num_levels)}"
         color = colors[(0 if key is None else key) % len(colors)]
-        if split == "val" and key is None:
+        if split == registry.VAL and key is None:
           color = colors[1 % len(colors)]
         # A lone point draws no line: give it a marker so a one-row log still shows.
         marker = style.get("marker", "o" if len(steps) == 1 else None)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from vqvae2_jax.models.names import (  # re-exported  # pylint: disable=unused-import
     ARCHITECTURES, LEVEL_NAMES, PAPER, PUBLIC, REMAT_BLOCK, REMAT_MODES, REMAT_NONE,
-    UPSAMPLE_MODES, level_names)
+    UPSAMPLE_MODES, UPSAMPLE_RESIZE, UPSAMPLE_SUBPIXEL, UPSAMPLE_TRANSPOSE, level_names)
 
 # ------------------------------------------------------------------- stages
 # Each stage writes one folder of the workdir, named as the stage (see workdir.py).
@@ -42,8 +42,11 @@ MESH_AXES = (DATA_AXIS, FSDP_AXIS)
 # --------------------------------------------------------------------- data
 TRAIN, VAL = "train", "val"
 SPLITS = (TRAIN, VAL)
-DATA_SOURCES = ("demo", "folder", "tfds")
-ON_BAD_IMAGE = ("error", "skip")  # a corrupt image fails the run, or is skipped and counted
+SOURCE_DEMO, SOURCE_FOLDER, SOURCE_TFDS = "demo", "folder", "tfds"  # data/sources.py
+DATA_SOURCES = (SOURCE_DEMO, SOURCE_FOLDER, SOURCE_TFDS)
+# A corrupt image fails the run, or is skipped and counted (data/errors.BadImagePolicy).
+BAD_IMAGE_ERROR, BAD_IMAGE_SKIP = "error", "skip"
+ON_BAD_IMAGE = (BAD_IMAGE_ERROR, BAD_IMAGE_SKIP)
 DTYPES = ("float32", "bfloat16", "float16")  # compute dtypes of the training stages
 
 # ----------------------------------------------------------------- sampling

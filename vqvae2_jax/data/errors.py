@@ -13,9 +13,9 @@ from typing import Callable, TypeVar
 from absl import logging
 import numpy as np
 
-T = TypeVar("T")
+from vqvae2_jax.registry import BAD_IMAGE_ERROR, BAD_IMAGE_SKIP, ON_BAD_IMAGE
 
-ON_BAD_IMAGE_CHOICES = ("error", "skip")
+T = TypeVar("T")
 
 
 class DataError(ValueError):
@@ -41,10 +41,11 @@ class BadImagePolicy:
       on_bad_image: 'error' or 'skip'.
       num_items: the number of items of the source (for wrapping around).
     """
-    if on_bad_image not in ON_BAD_IMAGE_CHOICES:
+    if on_bad_image not in ON_BAD_IMAGE:
       raise ValueError(
-          f"on_bad_image={on_bad_image!r} is not one of {ON_BAD_IMAGE_CHOICES}; "
-          "set --config.data.on_bad_image=error or --config.data.on_bad_image=skip.")
+          f"on_bad_image={on_bad_image!r} is not one of {ON_BAD_IMAGE}; set "
+          f"--config.data.on_bad_image={BAD_IMAGE_ERROR} or "
+          f"--config.data.on_bad_image={BAD_IMAGE_SKIP}.")
     self.on_bad_image = on_bad_image
     self.num_items = num_items
     self._bad: set[int] = set()
@@ -102,10 +103,10 @@ class BadImagePolicy:
       except Exception as e:  # pylint: disable=broad-except
         # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError..
         # for damaged files; whatever the cause the item cannot be used.
-        if self.on_bad_image == "error":
+        if self.on_bad_image == BAD_IMAGE_ERROR:
           raise DataError(
               f"Cannot read image {describe(i)}: {type(e).__name__}: {e}. "
-              "Fix or delete the file, or pass --config.data.on_bad_image=skip "
+              f"Fix or delete the file, or pass --config.data.on_bad_image={BAD_IMAGE_SKIP} "
               "to skip unreadable images.") from e
         with self._lock:
           first_time = i not in self._bad

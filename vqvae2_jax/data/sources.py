@@ -21,11 +21,11 @@ import ml_collections
 import numpy as np
 
 from vqvae2_jax.data.errors import DataError, no_skips
+from vqvae2_jax.registry import (DATA_SOURCES, SOURCE_DEMO, SOURCE_FOLDER, SOURCE_TFDS,
+                                 SPLITS, VAL)
 
 __all__ = ["DataError", "ImageSource", "Subset", "make_source", "read_item",
            "spread_indices", "spread_subset"]
-
-SPLITS = ("train", "val")
 
 
 @runtime_checkable
@@ -78,27 +78,26 @@ def make_source(data_config: ml_collections.ConfigDict, split: str) -> ImageSour
   size = int(c.image_size)
   if size < 1:
     raise ValueError(f"data.image_size={size}; it must be a positive int.")
-  is_val = split == "val"
+  is_val = split == VAL
   split_name = c.val_split if is_val else c.train_split
   kind = c.source
-  if kind == "demo":
+  if kind == SOURCE_DEMO:
     from vqvae2_jax.data import demo  # pylint: disable=g-import-not-at-top
     return demo.DemoSource(
         size, int(c.demo_val_size if is_val else c.demo_train_size),
         is_val=is_val, seed=int(c.seed))
-  if kind == "folder":
+  if kind == SOURCE_FOLDER:
     from vqvae2_jax.data import folders  # pylint: disable=g-import-not-at-top
     return folders.FolderSource(
         c.root, split_name, size, layout=c.layout, train_split=c.train_split,
         is_val=is_val, flat_val_count=int(c.flat_val_count),
         on_bad_image=c.on_bad_image)
-  if kind == "tfds":
+  if kind == SOURCE_TFDS:
     from vqvae2_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
     return tfds_source.TfdsSource(
         c.tfds_name, split_name, size, data_dir=c.tfds_data_dir,
         on_bad_image=c.on_bad_image)
-  raise ValueError(
-      f"data.source={kind!r} is not one of 'demo', 'folder', 'tfds'.")
+  raise ValueError(f"data.source={kind!r} is not one of {DATA_SOURCES}.")
 
 
 class Subset:

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from vqvae2_jax import storage
+from vqvae2_jax.registry import SPLITS, TRAIN, VAL
 from vqvae2_jax.eval import rate_distortion
 
 MSE_NOTE = ("MSE is per pixel and channel on the [-1, 1] scale the models use; in brackets "
@@ -61,18 +62,18 @@ def _table1(t1: dict) -> list[str]:
     def nll(split, p=p):
       v = p.get(split)
       return f"{_f(v['nll_nats'])} nats / {_f(v['nll_bits'])} bits" if v else "-"
-    rows.append([f"{level.capitalize()} prior ({p['params']} params)", nll("train"),
-                 nll("val"), "-", "-"])
+    rows.append([f"{level.capitalize()} prior ({p['params']} params)", nll(TRAIN),
+                 nll(VAL), "-", "-"])
   v = t1.get("vqvae", {})
   def mse(split):
     m = v.get(split)
     return f"{_f(m['mse'])} [{_f(m['mse_01'])}]" if m else "-"
-  rows.append(["VQ decoder", "-", "-", mse("train"), mse("val")])
+  rows.append(["VQ decoder", "-", "-", mse(TRAIN), mse(VAL)])
   lines += _table(["", "Train NLL", "Validation NLL", "Train MSE", "Validation MSE"], rows)
   counts = []
   for level, p in t1.get("priors", {}).items():
     counts.append(f"{level}: " + ", ".join(
-        f"{s} {p[s]['num_examples']}" for s in ("train", "val") if s in p))
+        f"{s} {p[s]['num_examples']}" for s in SPLITS if s in p))
   if v:
     counts.append("VQ-VAE: " + ", ".join(f"{s} {v[s]['num_images']} images" for s in v))
   lines += ["", "NLL is the mean per latent on the extracted code shards (nats and bits). "

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping, NamedTuple
 
+from vqvae2_jax import registry
 from vqvae2_jax.data import codes as codes_lib
 from vqvae2_jax.data.sources import spread_subset
 from vqvae2_jax.eval import likelihood
@@ -47,7 +48,7 @@ def prior_nll(level: str, prior: LevelPrior, shards: Mapping[str, codes_lib.Code
   nll_fn = likelihood.make_nll_fn(prior.module, level, prior.upper)
   row: dict[str, Any] = {"params": prior.params_kind}
   for split, codes in shards.items():
-    log(f"prior_{level} NLL on the {split} codes")
+    log(f"{registry.prior_stage(level)} NLL on the {split} codes")
     row[split] = likelihood.dataset_nll(nll_fn, prior.params, codes, opts.batch_size,
                                         opts.nll_max_batches)
   return row

@@ -13,6 +13,8 @@ from typing import Sequence
 
 import numpy as np
 
+from vqvae2_jax.registry import EFFICIENTNET_LITE0
+
 
 def intended_class_scores(probs: np.ndarray, labels: np.ndarray,
                           class_map: np.ndarray | None = None) -> np.ndarray:
@@ -26,7 +28,7 @@ def intended_class_scores(probs: np.ndarray, labels: np.ndarray,
   if len(target) and target.max() >= probs.shape[1]:
     raise ValueError(f"class {int(target.max())} is out of range for a classifier with "
                      f"{probs.shape[1]} classes: sample.rejection.class_map maps labels to "
-                     "the ImageNet-1k classes of efficientnet_lite0 only")
+                     f"the ImageNet-1k classes of {EFFICIENTNET_LITE0} only")
   return probs[np.arange(len(labels)), target]
 
 
@@ -35,7 +37,7 @@ def class_map_for(classifier: str, class_map) -> np.ndarray | None:
   sample.rejection.class_map for 'efficientnet_lite0' (ImageNet-1k classes; None, i.e.
   labels taken as ImageNet indices, when empty) and None (identity) for the experiment's
   own classifier ('trained'), whose classes are the data's."""
-  if classifier == "efficientnet_lite0" and class_map:
+  if classifier == EFFICIENTNET_LITE0 and class_map:
     return np.asarray(class_map, np.int64)
   return None
 
