@@ -8,8 +8,8 @@ default 8 MB limit). Under `nn.scan` the block is traced and compiled once, as t
 a loop, whatever the depth (maxtext's `scan_layers`).
 
 Parameters of a scanned stack carry a leading [length] axis (logical name 'layers',
-never sharded); `models/prior.py` maps between this layout and the unrolled one that the
-decoding step (`models/prior_decoding.py`) goes through one layer at a time.
+never sharded); the prior's decoding step scans over them the same way
+(`models/prior_decoding_scanned.py`).
 """
 from __future__ import annotations
 

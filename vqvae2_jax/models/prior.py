@@ -59,7 +59,6 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from vqvae2_jax.models import causal, prior_decoding, prior_decoding_scanned
 from vqvae2_jax.models.prior_blocks import (CondStack, GatedLayer, GatedStack, OutputStack,
@@ -108,9 +107,8 @@ class PixelSNAILPrior(nn.Module):
   null_label: bool = False
   label_dropout: float = 0.0
   # Each repeated stack as one nn.scan over stacked parameters (models/prior_blocks.py):
-  # compile time and program size independent of depth. False: one module per block,
-  # the layout of runs recorded before the field and of the decoding step
-  # (`decoding_view` converts).
+  # compile time and program size independent of depth, in training and in decoding.
+  # False: one module per block, the layout of runs recorded before the field.
   scan_layers: bool = True
 
   def setup(self):
@@ -284,11 +282,6 @@ class PixelSNAILPrior(nn.Module):
   # (models/prior_decoding_scanned.py); False goes through them one module at a time.
 
   @nn.nowrap
-  def decoding_view(self, params: Any) -> tuple[PixelSNAILPrior, Any]:
-    """(prior, params) to decode with: both layouts decode as they are."""
-    return self, params
-
-  @nn.nowrap
   def _decoding(self):
     """The module of decoding functions for this layout."""
     return prior_decoding_scanned if self.scan_layers else prior_decoding
@@ -321,82 +314,3 @@ class PixelSNAILPrior(nn.Module):
            *, span: int) -> prior_decoding.DecodeCache:
     """The code int32 [B] at `position` (after decode_step there) enters the cache."""
     return self._decoding().feed(self, cache, position, code, span)
-
-# ---- the two parameter layouts (scan_layers True / False) ----
-
-def _layout(prior: PixelSNAILPrior) -> list[tuple[tuple[str, ...], tuple[int, ...], Any]]:
-  """[(scanned path, stacked index shape, index -> unrolled path)] of every stack."""
-  every = max(prior.attention_every, 0)
-  segments = prior.num_layers // every if every else 0
-  rest = prior.num_layers - segments * every
-  rules = [
-      (("stack", "segments", "layers"), (segments, every),
-       lambda s, e: (f"layers_{s * every + e}",)),
-      (("stack", "segments", "attn"), (segments,), lambda s: (f"attn_{s}",)),
-      (("stack", "tail"), (rest,), lambda r: (f"layers_{segments * every + r}",)),
-      (("out_stack", "blocks"), (prior.num_output_layers,), lambda i: (f"out_blocks_{i}",)),
-  ]
-  if prior.num_cond_levels:
-    rules.append((("cond_stack", "blocks"), (prior.num_cond_layers,),
-                  lambda i: ("cond_stack", f"ResBlock_{i}")))
-  return [r for r in rules if all(r[1])]
-
-
-def _get(tree, path):
-  for key in path:
-    tree = tree[key]
-  return tree
-
-
-def _set(tree: dict, path, value) -> None:
-  for key in path[:-1]:
-    tree = tree.setdefault(key, {})
-  tree[path[-1]] = value
-
-
-def _pop(tree: dict, path) -> None:
-  """Removes path from tree, and the parents it leaves empty."""
-  parents = [tree]
-  for key in path[:-1]:
-    parents.append(parents[-1][key])
-  del parents[-1][path[-1]]
-  for parent, key in zip(reversed(parents[:-1]), reversed(path[:-1])):
-    if parent[key]:
-      break
-    del parent[key]
-
-
-def _copy(tree):
-  return {k: _copy(v) for k, v in tree.items()} if hasattr(tree, "items") else tree
-
-
-def unstack_layer_params(prior: PixelSNAILPrior, params: dict) -> dict:
-  """Plain (unboxed) params of a scan_layers=True prior -> the scan_layers=False layout
-  (`layers_<l>`, `attn_<a>`, `out_blocks_<i>`, `cond_stack/ResBlock_<i>`), same values."""
-  out = _copy(params)
-  for path, shape, name in _layout(prior):
-    stacked = _get(params, path)
-    for index in np.ndindex(*shape):
-      _set(out, name(*index), jax.tree.map(lambda x, i=index: x[i], stacked))
-    _pop(out, path)
-  return out
-
-
-def stack_layer_params(prior: PixelSNAILPrior, params: dict) -> dict:
-  """The inverse of `unstack_layer_params` (scan_layers=False params -> True layout)."""
-  out = _copy(params)
-  for path, shape, name in _layout(prior):
-    blocks = [_get(params, name(*index)) for index in np.ndindex(*shape)]
-    stacked = jax.tree.map(lambda *xs: jnp.stack(xs).reshape(shape + xs[0].shape), *blocks)
-    _set(out, path, stacked)
-    for index in np.ndindex(*shape):
-      _pop(out, name(*index))
-  return out
-
-
-def decoding_view(prior: PixelSNAILPrior, params: dict) -> tuple[PixelSNAILPrior, dict]:
-  """(prior, plain params) in the one-module-per-layer layout that the decoding step
-  goes through layer by layer; the same function of the codes."""
-  if not prior.scan_layers:
-    return prior, params
-  return prior.clone(scan_layers=False), unstack_layer_params(prior, params)

@@ -5,8 +5,9 @@ attention block after every `attention_every` of them), the 1x1 output blocks an
 conditioning blocks. With `scan_layers` a stack is one `nn.scan` over stacked parameters
 (`models/layer_scan.py`): one traced and compiled body per stack whatever its depth.
 Without it the blocks are separate modules (`layers_<l>`, `attn_<a>`, `out_blocks_<i>`,
-`cond_stack/ResBlock_<i>`), the layout the decoding step (`models/prior_decoding.py`)
-goes through one layer at a time; `models/prior.py` maps parameters between the two.
+`cond_stack/ResBlock_<i>`), which the decoding step (`models/prior_decoding.py`) goes
+through one layer at a time; a scanned stack's decoding step scans over its stacked
+parameters (`models/prior_decoding_scanned.py`).
 """
 from __future__ import annotations
 

@@ -25,7 +25,9 @@ in the layout the score contraction reads ([B, heads, n, d]) as one chunk per ro
 of the cache, and span s is a static argument of the step (one compiled copy each).
 
 The functions take the bound prior `m` (they run inside `PixelSNAILPrior`'s methods of
-the same names, through `prior.apply(..., method=...)`).
+the same names, through `prior.apply(..., method=...)`). These are the functions of a
+`scan_layers=False` prior; `models/prior_decoding_scanned.py` does the same work for a
+scanned one, on its stacked parameters.
 """
 from __future__ import annotations
 
@@ -71,6 +73,10 @@ class DecodeCache:
       values are computed once the code there is known).
     keys, values: per attention block, one chunk [B, heads, span rows * W, d] per row span.
     shape: (B, H, W) of the code map (static).
+
+  A scanned prior's cache (models/prior_decoding_scanned.py) holds each per-layer field
+  as one pair (segments' layers [S, E, ...], tail [R, ...]) of stacked arrays, attn_in as
+  [S, B, C] and every key/value chunk as [S, B, heads, n, d].
   """
   cond: Any
   positions: Any
