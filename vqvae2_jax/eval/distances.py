@@ -18,6 +18,7 @@ import jax
 import numpy as np
 
 from vqvae2_jax import parallel
+from vqvae2_jax import registry
 from vqvae2_jax import storage
 from vqvae2_jax.eval import feature_networks as features_lib
 from vqvae2_jax.eval import metrics
@@ -71,8 +72,8 @@ def resolve_networks(opts: EvalOptions, log=print
   pr, more = load_network("vgg16", opts.vgg16_weights, log)
   notes += more
   fallback = None
-  if (fid is None or pr is None) and opts.fallback_network == "efficientnet_lite0":
-    fallback, more = load_network("efficientnet_lite0", opts.efficientnet_weights, log)
+  if (fid is None or pr is None) and opts.fallback_network == registry.EFFICIENTNET_LITE0:
+    fallback, more = load_network(registry.EFFICIENTNET_LITE0, opts.efficientnet_weights, log)
     notes += more
   if fid is None and fallback is not None:
     fid = fallback
@@ -152,17 +153,16 @@ class SetStats:
     return (x - x.mean(axis=0)) / np.sqrt(len(x) - 1)
 
 
-def fid_between(a: SetStats, b_stats, what: str, method: str = "eigh"
+def fid_between(a: SetStats, b_stats, what: str, method: str = registry.FID_EIGH
                 ) -> tuple[float | None, list[str]]:
   """(FID of set `a` against (mu, sigma) `b_stats`, notes): None and a note naming `what`
   when not computable."""
   if a.moments is None or b_stats is None:
     return None, []
   stats = a.moments.stats()  # raises eval.metrics' error for a set of < 2 images
+  factor = a.covariance_factor() if method == registry.FID_EIGH else None
   try:
-    return metrics.frechet_distance(*stats, *b_stats, method=method,
-                                    factor1=a.covariance_factor() if method == "eigh" else None
-                                    ), []
+    return metrics.frechet_distance(*stats, *b_stats, method=method, factor1=factor), []
   except (ValueError, np.linalg.LinAlgError) as err:
     return None, [f"{what}: not computable ({err})"]
 

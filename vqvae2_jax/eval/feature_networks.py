@@ -25,6 +25,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from vqvae2_jax import parallel
+from vqvae2_jax import registry
 from vqvae2_jax.eval import convert
 from vqvae2_jax.eval.metrics import StreamingMoments
 
@@ -39,17 +40,17 @@ _FILE_NAMES = {
     "inception": ("pt_inception-2015-12-05-6726825d.pth",
                   "weights-inception-2015-12-05-6726825d.pth", "inception.npz"),
     "vgg16": ("vgg16-397923af.pth", "vgg16.npz"),
-    "efficientnet_lite0": ("efficientnet-lite0-57934424.pth", "efficientnet_lite0.npz"),
+    registry.EFFICIENTNET_LITE0: ("efficientnet-lite0-57934424.pth", "efficientnet_lite0.npz"),
 }
 _DEFAULT_KEYS = {  # (features for FID-like statistics, logits or None)
     "inception": ("pool3", "logits_unbiased"),
     "vgg16": ("fc2_relu", None),
-    "efficientnet_lite0": ("features", "logits"),
+    registry.EFFICIENTNET_LITE0: ("features", "logits"),
 }
 _PREPROCESSING = {
     "inception": "uint8 -> float32, TF1 bilinear resize to 299x299, (x - 128) / 128",
     "vgg16": "uint8 -> float32, TF1 bilinear resize to 224x224, (x - 255*mean) / (255*std)",
-    "efficientnet_lite0": "uint8 -> float32, antialiased bilinear resize to 224x224, (x - 127) / 128",
+    registry.EFFICIENTNET_LITE0: "uint8 -> float32, antialiased bilinear resize to 224x224, (x - 127) / 128",
 }
 
 
@@ -186,7 +187,7 @@ def candidate_weight_paths(name: str) -> list[str]:
   dirs.append(os.path.join(os.environ.get("TORCH_HOME", os.path.expanduser("~/.cache/torch")),
                            "hub", "checkpoints"))
   paths = [os.path.join(d, f) for d in dirs for f in _FILE_NAMES[name]]
-  if name == "efficientnet_lite0":
+  if name == registry.EFFICIENTNET_LITE0:
     pkg = _package_efficientnet_file()
     if pkg:
       paths.insert(0, pkg)
@@ -249,7 +250,7 @@ def load_feature_network(name: str, weights_path: str | None = None, *,
                     "weights (SHA-256 prefix differs): scores are not comparable "
                     "with published FID/IS")
   feature_key, logits_key = _DEFAULT_KEYS[name]
-  dims = {"inception": 2048, "vgg16": 4096, "efficientnet_lite0": 1280}
+  dims = {"inception": 2048, "vgg16": 4096, registry.EFFICIENTNET_LITE0: 1280}
   info = {"name": name, "weights_path": path, "feature_key": feature_key,
           "feature_dim": dims[name], "logits_key": logits_key,
           "input_size": spec.input_size, "preprocessing": _PREPROCESSING[name],

@@ -24,11 +24,12 @@ import numpy as np
 import scipy.linalg
 import scipy.special
 
+from vqvae2_jax import registry
 from vqvae2_jax import storage
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray,
-                     sigma2: np.ndarray, eps: float = 1e-6, *, method: str = "sqrtm",
+                     sigma2: np.ndarray, eps: float = 1e-6, *, method: str = registry.FID_SQRTM,
                      factor1: np.ndarray | None = None) -> float:
   """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2).
 
@@ -54,11 +55,11 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray,
   if sigma1.shape != sigma2.shape or sigma1.shape != (mu1.size, mu1.size):
     raise ValueError(f"covariances {sigma1.shape}, {sigma2.shape} do not match means {mu1.shape}")
   diff = mu1 - mu2
-  if method == "eigh":
+  if method == registry.FID_EIGH:
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2)
                  - 2.0 * _trace_sqrt_product(sigma1, sigma2, factor1))
-  if method != "sqrtm":
-    raise ValueError(f"method={method!r}: use 'eigh' or 'sqrtm'")
+  if method != registry.FID_SQRTM:
+    raise ValueError(f"method={method!r}: use one of {registry.FID_METHODS}")
   covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
   if not np.isfinite(covmean).all():
     warnings.warn(f"fid calculation produces singular product; adding {eps} to "

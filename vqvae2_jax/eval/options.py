@@ -7,6 +7,10 @@ from __future__ import annotations
 import dataclasses
 import os
 
+from vqvae2_jax import registry
+
+_DEFAULTS = registry.EVALUATE_DEFAULTS
+
 
 @dataclasses.dataclass(frozen=True)
 class EvalOptions:
@@ -28,24 +32,27 @@ class EvalOptions:
     the default places); fallback_network: 'efficientnet_lite0' or 'none', standing in
     for missing Inception / VGG-16 weights.
   """
-  num_images: int = 512
-  batch_size: int = 32
-  keep_fractions: tuple[float, ...] = (1.0, 0.5, 0.25)
-  seed: int = 1
-  max_real_images: int = 0
-  mse_max_images: int = 10_000
-  nll_max_batches: int = 0
-  pr_max_images: int = 10_000
-  pr_k: int = 3
-  is_splits: int = 10
-  fid_method: str = "eigh"
-  cas: bool = True
-  cas_per_point: bool = False
+  num_images: int = _DEFAULTS["num_images"]
+  batch_size: int = _DEFAULTS["batch_size"]
+  keep_fractions: tuple[float, ...] = _DEFAULTS["keep_fractions"]
+  seed: int = _DEFAULTS["seed"]
+  max_real_images: int = _DEFAULTS["max_real_images"]
+  mse_max_images: int = _DEFAULTS["mse_max_images"]
+  nll_max_batches: int = _DEFAULTS["nll_max_batches"]
+  pr_max_images: int = _DEFAULTS["pr_max_images"]
+  pr_k: int = _DEFAULTS["pr_k"]
+  is_splits: int = _DEFAULTS["is_splits"]
+  fid_method: str = _DEFAULTS["fid_method"]
+  cas: bool = _DEFAULTS["cas"]
+  cas_per_point: bool = _DEFAULTS["cas_per_point"]
+  # Not the config's (1.0,): without the key (a mapping from before guidance scales)
+  # no guided samples are drawn. The two agree for an unguided sampler, since the
+  # sampler's own scale is left out (the keep-1 row measures it).
   guidance_scales: tuple[float, ...] = ()
-  inception_weights: str = ""
-  vgg16_weights: str = ""
-  efficientnet_weights: str = ""
-  fallback_network: str = "efficientnet_lite0"
+  inception_weights: str = _DEFAULTS["inception_weights"]
+  vgg16_weights: str = _DEFAULTS["vgg16_weights"]
+  efficientnet_weights: str = _DEFAULTS["efficientnet_weights"]
+  fallback_network: str = _DEFAULTS["fallback_network"]
 
   def __post_init__(self):
     object.__setattr__(self, "keep_fractions", tuple(float(f) for f in self.keep_fractions))
@@ -59,11 +66,12 @@ class EvalOptions:
     if not self.keep_fractions or not all(0 < f <= 1 for f in self.keep_fractions):
       raise ValueError(f"evaluate.keep_fractions={self.keep_fractions}: each must be in "
                        "(0, 1]")
-    if self.fid_method not in ("eigh", "sqrtm"):
-      raise ValueError(f"evaluate.fid_method={self.fid_method!r}: use 'eigh' or 'sqrtm'")
-    if self.fallback_network not in ("efficientnet_lite0", "none", ""):
-      raise ValueError(f"evaluate.fallback_network={self.fallback_network!r}: use "
-                       "'efficientnet_lite0' or 'none'")
+    if self.fid_method not in registry.FID_METHODS:
+      raise ValueError(f"evaluate.fid_method={self.fid_method!r}: use one of "
+                       f"{registry.FID_METHODS}")
+    if self.fallback_network not in registry.FALLBACK_NETWORKS + ("",):  # '' = none
+      raise ValueError(f"evaluate.fallback_network={self.fallback_network!r}: use one of "
+                       f"{registry.FALLBACK_NETWORKS}")
     for key in ("inception_weights", "vgg16_weights", "efficientnet_weights"):
       path = getattr(self, key)
       if path and not os.path.isfile(path):

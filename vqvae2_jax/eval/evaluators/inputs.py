@@ -105,13 +105,13 @@ class EvalInputs:
   @functools.cached_property
   def val_source(self):
     """The real validation images (up to opts.max_real_images, spread over the split)."""
-    return spread_subset(make_source(self.config.data, "val"), self.opts.max_real_images)
+    return spread_subset(make_source(self.config.data, registry.VAL), self.opts.max_real_images)
 
   def train_classifier(self, model, source, stage: str):
     """Params of `model` trained (or resumed) on `source` into the folder of `stage`."""
     c, w = self.config, self.run.workdir
     return cas.train_classifier(
-        model, source, make_source(c.data, "val"), c.classifier.train, name=stage,
+        model, source, make_source(c.data, registry.VAL), c.classifier.train, name=stage,
         directory=w.stage_dir(stage), checkpoint_dir=w.checkpoint_dir(stage),
         image_size=c.data.image_size, seed=c.seed,
         data_seed=c.data.seed, num_threads=c.data.num_threads)
@@ -130,7 +130,7 @@ class EvalInputs:
     where = CAS_REAL
     self.log(f"no '{registry.CLASSIFIER}' checkpoint: training the real-data classifier "
              f"into {where}")
-    train_source = make_source(self.config.data, "train")
+    train_source = make_source(self.config.data, registry.TRAIN)
     model = self.builders.classifier(train_source.num_classes)
     return model, self.train_classifier(model, train_source, where), where
 

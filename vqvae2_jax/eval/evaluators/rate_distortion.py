@@ -9,6 +9,7 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
+from vqvae2_jax import registry
 from vqvae2_jax.codec import stream as codec_stream
 from vqvae2_jax.data.sources import make_source, spread_subset
 from vqvae2_jax.eval import rate_distortion
@@ -34,7 +35,7 @@ class RateDistortion:
     if inputs.sampler is None:  # (the codec models the codes with every prior)
       inputs.log.note("rate-distortion skipped: the codec needs every prior trained")
       return
-    source = spread_subset(make_source(inputs.config.data, "val"), self.num_images)
+    source = spread_subset(make_source(inputs.config.data, registry.VAL), self.num_images)
     images = np.stack([source.get(i)[0] for i in range(len(source))])
     run = inputs.run
     inputs.log(f"rate-distortion of the codec on {len(images)} validation images")
