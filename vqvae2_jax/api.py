@@ -38,8 +38,8 @@ from vqvae2_jax import codec as codec_lib
 from vqvae2_jax.eval.feature_networks import load_feature_network
 from vqvae2_jax.sampling import scorers
 from vqvae2_jax.sampling.hierarchical import HierarchicalSampler, SampleOptions
-from vqvae2_jax.registry import (CLASSIFIER, EFFICIENTNET_LITE0, REJECT_TRAINED, VQVAE,
-                                 prior_stage)
+from vqvae2_jax.registry import (CLASSIFIER, EFFICIENTNET_LITE0, EXTRACT, REJECT_TRAINED,
+                                 VQVAE, prior_stage)
 from vqvae2_jax.workdir import StageMissingError, Workdir
 
 
@@ -58,7 +58,7 @@ def recorded_run_config(workdir: Workdir) -> ml_collections.ConfigDict:
   Starts from the newest-written stage record that holds a whole config, then overlays
   the model fields of every trained stage.
   """
-  for stage in (VQVAE, "extract", CLASSIFIER):
+  for stage in (VQVAE, EXTRACT, CLASSIFIER):
     record = workdir.recorded_config(stage)
     if record is not None:
       break

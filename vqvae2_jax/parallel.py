@@ -22,7 +22,9 @@ import numpy as np
 import flax.linen as nn
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-BATCH_AXES = ("data", "fsdp")
+from vqvae2_jax import registry
+
+BATCH_AXES = registry.MESH_AXES  # the mesh's axes, all of which split the batch
 
 
 def maybe_initialize_distributed(dist_config) -> None:
@@ -271,5 +273,7 @@ def logical_shardings(abstract_boxed: Any) -> Any:
 
 
 def to_dtype(name: str):
-  """'bfloat16' -> jnp.bfloat16."""
-  return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
+  """'bfloat16' -> jnp.bfloat16, for each of registry.DTYPES."""
+  if name not in registry.DTYPES:
+    raise KeyError(name)
+  return getattr(jnp, name)

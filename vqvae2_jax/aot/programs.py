@@ -23,16 +23,13 @@ from vqvae2_jax import builders
 from vqvae2_jax import config_lib
 from vqvae2_jax import images as image_lib
 from vqvae2_jax import parallel
+from vqvae2_jax import registry
 from vqvae2_jax.eval import convert
 from vqvae2_jax.models import vqvae as vqvae_lib
-from vqvae2_jax.models.vqvae import level_names
 from vqvae2_jax.sampling import incremental
 from vqvae2_jax.train import losses
 from vqvae2_jax.train import state as state_lib
 from vqvae2_jax.train import step as step_lib
-
-LEVERS = ("remat", "grad_accum_steps", "fsdp")
-
 
 @dataclasses.dataclass
 class Program:
@@ -44,7 +41,8 @@ class Program:
     args: abstract arguments (ShapeDtypeStruct with shardings).
     examples: global images (or latents) one call processes.
     unit: 'images' or 'latents'.
-    levers: the train step's remat / grad_accum_steps / fsdp (empty for other programs).
+    levers: the train step's remat / grad_accum_steps / fsdp (report.LEVER_KEYS; empty for
+      other programs).
     model_fn: the same computation without rematerialisation (model FLOPs), or None when
       the program recomputes nothing.
     context: entered around tracing: the program's mesh and logical axis rules
@@ -75,7 +73,7 @@ def _abstract(tree, shardings):
 def _train_parts(config, stage: str, manifest: dict, remat: str):
   """(init_variables, loss_fn, finalize_state, batch shapes, train section, examples,
   unit) of a training stage with `remat`."""
-  if stage == "vqvae":
+  if stage == registry.VQVAE:
     config = config_lib.with_fields(config, {"vqvae_train.remat": remat})
     t = config.vqvae_train
     model = builders.build_vqvae(config)
@@ -85,7 +83,7 @@ def _train_parts(config, stage: str, manifest: dict, remat: str):
     finalize = vqvae_lib.finalize_codebooks(model) if accumulate else None
     return (builders.vqvae_init_fn(model, size), loss, finalize,
             {"image": ((size, size, 3), jnp.uint8)}, t, t.batch_size, "images")
-  level = stage[len("prior_"):]
+  level = registry.prior_level(stage)
   config = config_lib.with_fields(config, {f"priors.{level}.train.remat": remat})
   t = config.priors[level].train
   prior = builders.build_prior(config, level, manifest)
@@ -115,7 +113,8 @@ def train_program(config, stage: str, devices, manifest: dict) -> Program:
 
 
 def _train_program(config, stage: str, manifest: dict, on_mesh) -> Program:
-  t = config.vqvae_train if stage == "vqvae" else config.priors[stage[len("prior_"):]].train
+  t = (config.vqvae_train if stage == registry.VQVAE else
+       config.priors[registry.prior_level(stage)].train)
   init, loss, finalize, shapes, t, examples, unit = _train_parts(config, stage, manifest,
                                                                  t.remat)
   tx = state_lib.make_optimizer(t)
@@ -126,8 +125,9 @@ def _train_program(config, stage: str, manifest: dict, on_mesh) -> Program:
            for k, (s, d) in shapes.items()}
   jitted = step_lib.jit_train_step(loss, tx, t, shardings, batch_sharding, finalize)
   model_fn = None
-  if t.remat != "none":
-    _, plain_loss, plain_finalize, *_ = _train_parts(config, stage, manifest, "none")
+  if t.remat != registry.REMAT_NONE:
+    _, plain_loss, plain_finalize, *_ = _train_parts(config, stage, manifest,
+                                                     registry.REMAT_NONE)
     model_fn = step_lib.make_train_step(plain_loss, tx, t.param_ema_decay,
                                         t.grad_accum_steps, plain_finalize)
   return Program(f"train {stage}", jitted, (state, batch), examples, unit,
@@ -213,19 +213,20 @@ def feature_program(config, devices, name: str = "inception") -> Program:
 def stage_programs(config, stage: str, devices, num_classes: int) -> list[Program]:
   """Every program `stage` compiles ('pipeline': all stages' programs)."""
   manifest = manifest_from_config(config, num_classes)
-  levels = level_names(config.vqvae.num_levels)
+  levels = registry.level_names(config.vqvae.num_levels)
   out = []
-  if stage in ("vqvae", "pipeline"):
-    out.append(train_program(config, "vqvae", devices, manifest))
-  if stage in ("extract", "pipeline"):
+  everything = stage == registry.PIPELINE
+  if everything or stage == registry.VQVAE:
+    out.append(train_program(config, registry.VQVAE, devices, manifest))
+  if everything or stage == registry.EXTRACT:
     out.append(encoder_program(config, devices))
   for level in levels:
-    if stage in (f"prior_{level}", "pipeline") and level in config.priors:
-      out.append(train_program(config, f"prior_{level}", devices, manifest))
+    if (everything or stage == registry.prior_stage(level)) and level in config.priors:
+      out.append(train_program(config, registry.prior_stage(level), devices, manifest))
   for level in levels:
-    if stage in ("sample", "pipeline") and level in config.priors:
+    if (everything or stage == registry.SAMPLE) and level in config.priors:
       out.append(sampler_program(config, level, devices, manifest))
-  if stage in ("evaluate", "pipeline"):
+  if everything or stage == registry.EVALUATE:
     out.append(feature_program(config, devices))
   if not out:
     raise ValueError(f"the compile check has no program for stage {stage!r}; use vqvae, "

@@ -10,6 +10,7 @@ import json
 import sys
 
 from vqvae2_jax import config_lib
+from vqvae2_jax import registry
 from vqvae2_jax.aot import analysis
 from vqvae2_jax.aot import programs as programs_lib
 from vqvae2_jax.aot import topology as topology_lib
@@ -24,9 +25,9 @@ def default_num_classes(config, workdir: str | None) -> int:
     except Exception:  # pylint: disable=broad-except
       pass  # no extraction yet: fall back to the data set
   data = config.data
-  if data.source == "tfds" and data.tfds_name.startswith("imagenet2012"):
+  if data.source == registry.SOURCE_TFDS and data.tfds_name.startswith("imagenet2012"):
     return 1000
-  if data.source == "demo":
+  if data.source == registry.SOURCE_DEMO:
     from vqvae2_jax.data import demo  # pylint: disable=g-import-not-at-top
     return len(demo.load_photos()[0])
   return 0
@@ -44,7 +45,7 @@ def one_line(e: BaseException) -> str:
 def compile_and_print(config, topology: str, num_classes: int, workdir: str | None) -> None:
   """Compiles every program of config.stage for `topology`; JSON lines on stdout."""
   try:
-    if config.data.source == "folder" and not config.data.root:
+    if config.data.source == registry.SOURCE_FOLDER and not config.data.root:
       # The programs see shapes only; no image is read, so no folder is needed.
       config = config_lib.with_fields(config, {"data.root": "(not read by the compile check)"})
     config_lib.validate(config)

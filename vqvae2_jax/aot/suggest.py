@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 from typing import Callable
 
+from vqvae2_jax import registry
 from vqvae2_jax.aot import report
 from vqvae2_jax.aot.topology import Slice
 
@@ -22,10 +23,10 @@ CompileFn = Callable[[list[str]], tuple[list[dict], str]]
 
 
 def _section(config) -> tuple[str, object]:
-  if config.stage == "vqvae":
+  if config.stage == registry.VQVAE:
     return "vqvae_train", config.vqvae_train
-  if config.stage.startswith("prior_"):
-    level = config.stage[len("prior_"):]
+  level = registry.prior_level(config.stage)
+  if level is not None:
     return f"priors.{level}.train", config.priors[level].train
   raise ValueError(f"--suggest searches the levers of a training stage (vqvae, prior_*), "
                    f"not {config.stage!r}")
@@ -80,7 +81,7 @@ def search(config, slice_: Slice, compile_fn: CompileFn, log=print
           f"{'':18} {remat:<5} {accum:>5} {fsdp:>4} -- {failure[:160]}")
     return tried[key]
 
-  for remat in ("none", "block"):
+  for remat in registry.REMAT_MODES:  # none first: the cheaper step when both fit
     for fsdp in fsdps:
       index = 0 if fits(remat, fsdp, accums[0]) else None
       temp_one = last_failure.get("temp")  # what the whole batch per chip asked for

@@ -24,6 +24,7 @@ from absl import app
 from absl import flags
 import numpy as np
 
+from vqvae2_jax import registry
 from vqvae2_jax import storage
 
 FLAGS = flags.FLAGS
@@ -32,7 +33,7 @@ flags.DEFINE_string("out", None, "Output folder (compress, decompress).")
 flags.DEFINE_integer("batch_size", 8, "Images per device call.")
 flags.DEFINE_integer("label", -1, "Class label for class-conditional priors (compress, "
                      "likelihood); -1: each image's cheapest class.")
-flags.DEFINE_enum("on_bad_input", "error", ["error", "skip"],
+flags.DEFINE_enum("on_bad_input", registry.BAD_IMAGE_ERROR, list(registry.ON_BAD_IMAGE),
                   "A missing/unreadable image or a bad stream: stop, or report and skip.")
 flags.DEFINE_string("json", None, "likelihood: also write the figures to this JSON file.")
 
@@ -58,7 +59,7 @@ def _fail(message: str) -> None:
 
 def _bad(message: str) -> None:
   """A bad input under --on_bad_input."""
-  if FLAGS.on_bad_input == "error":
+  if FLAGS.on_bad_input == registry.BAD_IMAGE_ERROR:
     _fail(message + " (--on_bad_input=skip leaves such inputs out)")
   print(f"skipped: {message}", file=sys.stderr)
 
@@ -180,7 +181,7 @@ def main(argv) -> None:
   if FLAGS.batch_size < 1:
     _fail(f"--batch_size must be >= 1, got {FLAGS.batch_size}")
   missing = [p for p in paths if not storage.isfile(p)]
-  if missing and FLAGS.on_bad_input == "error":  # before the (slow) model load
+  if missing and FLAGS.on_bad_input == registry.BAD_IMAGE_ERROR:  # before the (slow) model load
     _bad(f"{missing[0]}: no such {'stream' if command == 'decompress' else 'image'} file")
   import vqvae2_jax  # pylint: disable=g-import-not-at-top
   from vqvae2_jax.workdir import StageMissingError  # pylint: disable=g-import-not-at-top

@@ -19,10 +19,9 @@ import numpy as np
 
 from vqvae2_jax import images as image_lib
 from vqvae2_jax import parallel
+from vqvae2_jax import registry
 from vqvae2_jax.sampling.incremental import sample_incremental
 from vqvae2_jax.sampling.reference import has_incremental_loop, sample_reference
-
-SAMPLERS = ("incremental", "reference")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,15 +34,15 @@ class SampleOptions:
   temperature: float = 1.0
   top_k: int = 0
   top_p: float = 1.0
-  sampler: str = "incremental"
+  sampler: str = registry.INCREMENTAL
   batch_size: int = 16
   guidance: float = 1.0
 
   def __post_init__(self):
     if self.guidance < 0:
       raise ValueError(f"guidance={self.guidance} must be >= 0 (1 = off)")
-    if self.sampler not in SAMPLERS:
-      raise ValueError(f"sampler={self.sampler!r}: use one of {SAMPLERS}")
+    if self.sampler not in registry.SAMPLERS:
+      raise ValueError(f"sampler={self.sampler!r}: use one of {registry.SAMPLERS}")
     if self.batch_size < 1:
       raise ValueError(f"batch_size={self.batch_size} must be >= 1")
 
@@ -104,7 +103,7 @@ class HierarchicalSampler:
                     labels=labels_arr if prior.num_classes else None,
                     temperature=o.temperature, top_k=o.top_k, top_p=o.top_p,
                     guidance=o.guidance if prior.num_classes else 1.0)
-      if o.sampler == "incremental" and has_incremental_loop(prior):
+      if o.sampler == registry.INCREMENTAL and has_incremental_loop(prior):
         codes[level] = sample_incremental(prior, params, jax.random.fold_in(rng, i),
                                           sharding=sharding, **kwargs)
       else:

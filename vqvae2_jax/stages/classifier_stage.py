@@ -12,7 +12,7 @@ from vqvae2_jax import parallel
 from vqvae2_jax.data.sources import make_source
 from vqvae2_jax.eval.classifier_training import classifier_task
 from vqvae2_jax.train import loop
-from vqvae2_jax.registry import CLASSIFIER
+from vqvae2_jax.registry import CLASSIFIER, TRAIN, VAL
 from vqvae2_jax.workdir import Workdir
 
 NAME = CLASSIFIER
@@ -21,9 +21,9 @@ NAME = CLASSIFIER
 def run(config, workdir: str) -> None:
   """Trains the classifier stage into <workdir>/classifier."""
   w = Workdir(workdir)
-  train_source = make_source(config.data, "train")
+  train_source = make_source(config.data, TRAIN)
   model = builders.build_classifier(config, train_source.num_classes)
-  task = classifier_task(model, train_source, make_source(config.data, "val"),
+  task = classifier_task(model, train_source, make_source(config.data, VAL),
                          config.classifier.train, name=NAME,
                          image_size=config.data.image_size, seed=config.data.seed,
                          num_threads=config.data.num_threads,

@@ -12,21 +12,21 @@ from vqvae2_jax import parallel
 from vqvae2_jax.data import codes as codes_lib
 from vqvae2_jax.eval import likelihood
 from vqvae2_jax.train import loop, losses
-from vqvae2_jax.registry import prior_level, prior_stage
+from vqvae2_jax.registry import TRAIN, VAL, prior_level, prior_stage
 from vqvae2_jax.workdir import Workdir
 
 
 def build_task(config, level: str, workdir: Workdir) -> loop.TrainTask:
   """The TrainTask of prior_<level> on the code shards in <workdir>/extract."""
   manifest = workdir.manifest()
-  train_codes = codes_lib.CodeShards(workdir.extract_dir, "train")
+  train_codes = codes_lib.CodeShards(workdir.extract_dir, TRAIN)
   _, upper, _ = builders.prior_level_info(manifest, level)
   prior = builders.build_prior(config, level, manifest)
   t = config.priors[level].train
   loader = codes_lib.CodeLoader(train_codes, t.batch_size, seed=config.data.seed)
   nll_fn = likelihood.make_nll_fn(prior, level, upper)
-  has_val = "val" in manifest["splits"]
-  val_codes = codes_lib.CodeShards(workdir.extract_dir, "val") if has_val else None
+  has_val = VAL in manifest["splits"]
+  val_codes = codes_lib.CodeShards(workdir.extract_dir, VAL) if has_val else None
 
   def evaluate(state):
     params = state.ema_params if t.param_ema_decay > 0 else state.params

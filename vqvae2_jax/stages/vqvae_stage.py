@@ -15,13 +15,13 @@ from vqvae2_jax import parallel
 from vqvae2_jax.data.loader import BatchLoader, iterate_once
 from vqvae2_jax.data.sources import make_source, spread_subset
 from vqvae2_jax.models import vqvae as vqvae_model
-from vqvae2_jax.models.vqvae import level_names
 from vqvae2_jax import builders
 from vqvae2_jax.eval.reconstruction import make_reconstruct_fn, reconstruction_mse
 from vqvae2_jax.train import loop, losses
+from vqvae2_jax.registry import TRAIN, VAL, VQVAE, level_names
 from vqvae2_jax.workdir import Workdir
 
-NAME = "vqvae"
+NAME = VQVAE
 
 
 class UsageWarning:
@@ -81,8 +81,8 @@ def build_task(config, workdir: Workdir) -> loop.TrainTask:
   t = config.vqvae_train
   model = builders.build_vqvae(config)
   accumulate = t.grad_accum_steps > 1
-  train_source = make_source(config.data, "train")
-  val_source = make_source(config.data, "val")
+  train_source = make_source(config.data, TRAIN)
+  val_source = make_source(config.data, VAL)
   loader = BatchLoader(train_source, t.batch_size, seed=config.data.seed,
                        num_threads=config.data.num_threads,
                        worker_count=config.data.worker_count)

@@ -17,6 +17,7 @@ import numpy as np
 from vqvae2_jax import checkpoint as ckpt_lib
 from vqvae2_jax import parallel
 from vqvae2_jax import plots
+from vqvae2_jax import registry
 from vqvae2_jax.train import state as state_lib
 from vqvae2_jax.train.guard import CheckpointGuard, NonFiniteLossError  # noqa: F401
 from vqvae2_jax.train.step import jit_train_step, make_train_step  # noqa: F401
@@ -120,7 +121,7 @@ def train(task: TrainTask, train_config, *, directory: str, checkpoint_dir: str,
       if guard.should_stop(step):
         guard.preempt(step, state, step_fn, next_batch, pending=work[i:])
       if kind == "evaluate":
-        row = writer.write(step, task.evaluate(state), split="val")
+        row = writer.write(step, task.evaluate(state), split=registry.VAL)
         writer.progress(step, row, tuple(k for k in row if k not in ("step", "split")))
       else:
         task.pictures(state, step)

@@ -16,6 +16,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from vqvae2_jax import registry
 from vqvae2_jax import storage
 
 
@@ -54,7 +55,7 @@ class MetricWriter:
             if line.strip() and json.loads(line).get("step", 0) <= step]
     storage.write_text(self.path, "".join(rows))
 
-  def write(self, step: int, metrics: dict[str, Any], split: str = "train") -> dict:
+  def write(self, step: int, metrics: dict[str, Any], split: str = registry.TRAIN) -> dict:
     """Writes and returns the row; scalars and per-level lists are both accepted."""
     row = {"step": int(step), "split": split}
     row.update({k: _plain(v) for k, v in metrics.items()})
