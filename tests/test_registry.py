@@ -1,5 +1,8 @@
-"""vqvae2_jax.registry: the names the package shares, and the modules that still state
-them beside it agreeing with it."""
+"""vqvae2_jax.registry: the names the package shares, and that no other module spells
+its tuples of them again."""
+import ast
+import pathlib
+
 import pytest
 
 from vqvae2_jax import config_lib
@@ -62,10 +65,38 @@ def test_evaluate_defaults_are_the_configs():
   assert config_lib.base_config().evaluate.to_dict() == registry.EVALUATE_DEFAULTS
 
 
-def test_library_copies_agree_with_the_registry():
-  """Modules that still spell a registry tuple themselves state the same values."""
-  from vqvae2_jax.sampling import hierarchical  # pylint: disable=g-import-not-at-top
-  assert hierarchical.SAMPLERS == registry.SAMPLERS
+def _registry_tuples() -> dict[frozenset, str]:
+  """{values: registry name} of every tuple of two or more names the registry spells."""
+  named = {f"LEVEL_NAMES[{n}]": v for n, v in registry.LEVEL_NAMES.items()}
+  named.update((k, v) for k, v in vars(registry).items() if isinstance(v, tuple))
+  return {frozenset(v): k for k, v in named.items()
+          if len(v) >= 2 and all(isinstance(x, str) for x in v)}
+
+
+def _redeclared(source: str, tuples: dict[frozenset, str]) -> list[tuple[int, str]]:
+  """(line, registry name) of each tuple / list / set literal of strings in `source`
+  holding the same names as a registry tuple (in any order)."""
+  found = []
+  for node in ast.walk(ast.parse(source)):
+    if isinstance(node, (ast.Tuple, ast.List, ast.Set)) and all(
+        isinstance(e, ast.Constant) and isinstance(e.value, str) for e in node.elts):
+      name = tuples.get(frozenset(e.value for e in node.elts))
+      if name:
+        found.append((node.lineno, name))
+  return found
+
+
+def test_no_module_redeclares_a_registry_tuple():
+  """A module states a shared tuple of names by importing it, never as its own literal."""
+  tuples = _registry_tuples()
+  assert _redeclared('SAMPLERS = ("reference", "incremental")\nx = ["val", "train"]',
+                     tuples) == [(1, "SAMPLERS"), (2, "SPLITS")]
+  package = pathlib.Path(registry.__file__).parent
+  homes = {package / "registry.py", package / "models" / "names.py"}
+  found = [f"{path.relative_to(package)}:{line} re-spells {name}"
+           for path in sorted(package.rglob("*.py")) if path not in homes
+           for line, name in _redeclared(path.read_text(), tuples)]
+  assert not found
 
 
 def test_every_remat_mode_but_none_has_a_policy():
