@@ -1,6 +1,7 @@
 """Shared test utilities: configs by path, random prior parameters without PRNG kernels."""
 import importlib.util
 import os
+import re
 
 from vqvae2_jax.train import state as state_lib
 
@@ -28,3 +29,23 @@ def numpy_params(model, codes, cond, labels, seed=0):
   """Random prior 'params' for these inputs, from NumPy (no PRNG kernels to compile)."""
   return state_lib.numpy_params(
       lambda k: model.init(k, codes, cond, labels, train=False), seed)
+
+
+# Report keys whose values are timings or paths, which differ between equal runs.
+TIMINGS = re.compile(r"seconds|per_s$|^workdir$")
+
+
+def report_figures(report, path=""):
+  """{path: value} of every number and string of a report, timings left out."""
+  if isinstance(report, dict):
+    out = {}
+    for k, v in report.items():
+      if not TIMINGS.search(k):
+        out.update(report_figures(v, f"{path}/{k}"))
+    return out
+  if isinstance(report, list):
+    out = {f"{path}#len": len(report)}
+    for i, v in enumerate(report):
+      out.update(report_figures(v, f"{path}[{i}]"))
+    return out
+  return {path: report}

@@ -2,7 +2,6 @@
 the stage's report from evaluators run in any order."""
 import json
 import os
-import re
 import shutil
 
 import pytest
@@ -18,10 +17,7 @@ from vqvae2_jax.eval.evaluators import inputs as inputs_lib
 from vqvae2_jax.eval.options import EvalOptions
 from vqvae2_jax.stages import evaluate_stage
 
-from helpers import load_config
-
-# Figures that are wall-clock measurements, not results.
-TIMINGS = re.compile(r"seconds|per_s$|^workdir$")
+from helpers import load_config, report_figures
 
 
 class _Counter:
@@ -95,22 +91,6 @@ def test_rate_distortion_reads_its_own_key():
   assert list(off.run()) == []
 
 
-def _figures(report, path=""):
-  """{path: value} of every number and string of a report, timings left out."""
-  if isinstance(report, dict):
-    out = {}
-    for k, v in report.items():
-      if not TIMINGS.search(k):
-        out.update(_figures(v, f"{path}/{k}"))
-    return out
-  if isinstance(report, list):
-    out = {f"{path}#len": len(report)}
-    for i, v in enumerate(report):
-      out.update(_figures(v, f"{path}[{i}]"))
-    return out
-  return {path: report}
-
-
 @pytest.mark.xdist_group("tiny_pipeline")
 def test_evaluators_in_reverse_order_give_the_stage_report(tiny_pipeline, tmp_path,
                                                             monkeypatch):
@@ -156,5 +136,5 @@ def test_evaluators_in_reverse_order_give_the_stage_report(tiny_pipeline, tmp_pa
   again = report_lib.write(merged, str(tmp_path / "again"))
   assert sorted(again["notes"]) == sorted(stage_report["notes"])
   again["notes"] = stage_report["notes"]  # (their order follows the evaluators')
-  assert _figures(again) == _figures(stage_report)
+  assert report_figures(again) == report_figures(stage_report)
   assert counters["networks"].calls == 2 and counters["validation_pass"].calls == 2

@@ -11,7 +11,6 @@ and resumes several missing shards in one pass.
 import json
 import math
 import os
-import re
 import shutil
 import sys
 
@@ -22,7 +21,7 @@ from vqvae2_jax import main
 from vqvae2_jax.data import codes as codes_lib
 from vqvae2_jax.stages import extract_stage
 
-from helpers import load_config
+from helpers import load_config, report_figures
 from test_multihost import can_bind_localhost, run_side_by_side
 
 # Sharing the session-wide tiny pipeline: the tests of the group run in one xdist worker.
@@ -36,7 +35,6 @@ needs_localhost = pytest.mark.skipif(
 EVALUATE_FLAGS = ("--config.evaluate.cas_per_point=False",
                   "--config.evaluate.rate_distortion_images=0")
 # Figures that are wall-clock measurements, not results.
-TIMINGS = re.compile(r"seconds|per_s$|^workdir$")
 
 
 def stage(name, workdir, *flags):
@@ -102,24 +100,8 @@ def test_sample_on_two_processes_draws_and_rejects_the_same_images(runs):
   assert os.path.exists(os.path.join(multi, "sample", "rejection.png"))
 
 
-def _figures(report, path=""):
-  """{path: value} of every number and string of a report, timings left out."""
-  if isinstance(report, dict):
-    out = {}
-    for k, v in report.items():
-      if not TIMINGS.search(k):
-        out.update(_figures(v, f"{path}/{k}"))
-    return out
-  if isinstance(report, list):
-    out = {f"{path}#len": len(report)}
-    for i, v in enumerate(report):
-      out.update(_figures(v, f"{path}[{i}]"))
-    return out
-  return {path: report}
-
-
 @needs_localhost
-def test_evaluate_on_two_processes_reports_the_same_figures(runs):
+def test_evaluate_on_two_processes_reports_the_samereport_figures(runs):
   single, multi, _ = runs
   # The candidates each process drew its rows of are the single process's, image by image.
   cands = [np.load(os.path.join(w, "evaluate", "candidates", "images.npy"))
@@ -133,7 +115,7 @@ def test_evaluate_on_two_processes_reports_the_same_figures(runs):
                          "mean_class_score"))
   assert [r["keep_fraction"] for r in a["tradeoff"]] == [1.0, 0.5]
   assert a["tradeoff"][0]["cas_top1"] is not None and "sample_trained_on_real" in a["cas"]
-  fa, fb = _figures(a), _figures(b)
+  fa, fb = report_figures(a), report_figures(b)
   assert sorted(fa) == sorted(fb)
   for key, value in fa.items():
     if isinstance(value, float):
