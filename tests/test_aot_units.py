@@ -81,46 +81,52 @@ def test_suggest_bisects_microbatches_and_prefers_no_remat():
              "xla_bytes": 0, "xla_optimal_s": 0, "loop_multiplicity": 1, "step_s": 0,
              "compile_s": 0}], ""
 
-  class Train:
-    batch_size = 256
-
-  config = type("C", (), {"stage": "prior_top",
-                          "priors": {"top": type("P", (), {"train": Train})}})()
-  rows, failure = suggest.search(config, topology.parse("v5e-8"), compile_fn, log=lambda _: 0)
+  rows, failure = suggest.search(_top_prior_config(), topology.parse("v5e-8"), compile_fn,
+                                 log=lambda _: 0)
   assert failure == "" and (rows[0]["remat"], rows[0]["grad_accum_steps"]) == ("none", 8)
   assert calls[:2] == [("none", 1, 1), ("none", 32, 1)] and len(calls) <= 2 + 3  # bisection
 
 
-def test_suggest_reads_the_compilers_out_of_memory_bytes():
-  """Temporaries of 1 GiB per sample per chip plus 2 GiB of state on a 16 GiB chip: the
-  out-of-memory message of the one-microbatch compile predicts 4 microbatches (micro 8,
-  10 GiB in all), confirmed by one more compile."""
-  gib = 2**30
-  calls = []
+GIB = 2**30
 
+
+def _top_prior_config(batch_size: int = 256):
+  class Train:
+    pass
+  Train.batch_size = batch_size
+  return type("C", (), {"stage": "prior_top",
+                        "priors": {"top": type("P", (), {"train": Train})}})()
+
+
+def _fake_compiler(calls: list, fit_check_gib: float | None):
+  """A compiler of the top prior's step on 8 chips of 16 GiB: 2 GiB of arguments and
+  1 GiB of temporaries per sample per chip. With `fit_check_gib` it refuses, as XLA:TPU
+  does, temporaries above that many GiB (its out-of-memory message giving the bytes);
+  with None it accepts every setting."""
   def compile_fn(args):
     values = dict(a[len("--config."):].split("=") for a in args)
     accum = int(values["priors.top.train.grad_accum_steps"])
     calls.append(accum)
-    micro = 256 // 8 // accum
-    temp = micro * gib
-    if temp + 2 * gib > 15.5 * gib:
+    temp = 256 // 8 // accum * GIB
+    if fit_check_gib is not None and temp + 2 * GIB > fit_check_gib * GIB:
       return [], (f"train prior_top does not fit the chip's HBM: RESOURCE_EXHAUSTED: Ran out "
                   f"of memory on HBM, the total memory required for HLO temporaries "
-                  f"({temp / gib:.2f}G) exceeds available HBM (15.50G).")
+                  f"({temp / GIB:.2f}G) exceeds available HBM ({fit_check_gib:.2f}G).")
     return [{"program": "train prior_top", "remat": values["priors.top.train.remat"],
-             "grad_accum_steps": accum, "fsdp": 1, "argument": 2 * gib, "output": 0,
-             "alias": 0, "temp": temp, "peak": temp + 2 * gib, "hbm": 16 * gib,
+             "grad_accum_steps": accum, "fsdp": 1, "argument": 2 * GIB, "output": 0,
+             "alias": 0, "temp": temp, "peak": temp + 2 * GIB, "hbm": 16 * GIB,
              "flops": 0, "xla_bytes": 0, "xla_optimal_s": 0, "loop_multiplicity": 1,
              "step_s": 0, "compile_s": 0}], ""
+  return compile_fn
 
-  class Train:
-    batch_size = 256
 
-  config = type("C", (), {"stage": "prior_top",
-                          "priors": {"top": type("P", (), {"train": Train})}})()
-  rows, failure = suggest.search(config, topology.parse("v5e-8"), compile_fn, log=lambda _: 0)
-  assert failure == "" and rows[0]["grad_accum_steps"] == 4  # micro 8: 10 GiB fits 15.5
+def test_suggest_reads_the_compilers_out_of_memory_bytes():
+  """The out-of-memory message of the one-microbatch compile predicts 4 microbatches
+  (micro 8, 10 GiB in all, fitting 15.5), confirmed by one more compile."""
+  calls = []
+  rows, failure = suggest.search(_top_prior_config(), topology.parse("v5e-8"),
+                                 _fake_compiler(calls, 15.5), log=lambda _: 0)
+  assert failure == "" and rows[0]["grad_accum_steps"] == 4
   assert calls == [1, 32, 4]
   assert suggest.parse_out_of_memory(failure) == {}
 
@@ -130,26 +136,9 @@ def test_suggest_rejects_a_compiled_setting_whose_peak_exceeds_the_chip():
   paper prior step at 34.8 GiB on a 32 GiB v4 chip), but arguments plus temporaries of the
   whole batch per chip (2 + 32 GiB) exceed a 16 GiB chip: the search must go on to the
   microbatch count whose peak fits (4: 2 + 8 GiB), found from the compiled temporaries."""
-  gib = 2**30
   calls = []
-
-  def compile_fn(args):
-    values = dict(a[len("--config."):].split("=") for a in args)
-    accum = int(values["priors.top.train.grad_accum_steps"])
-    calls.append(accum)
-    temp = 256 // 8 // accum * gib
-    return [{"program": "train prior_top", "remat": values["priors.top.train.remat"],
-             "grad_accum_steps": accum, "fsdp": 1, "argument": 2 * gib, "output": 0,
-             "alias": 0, "temp": temp, "peak": temp + 2 * gib, "hbm": 16 * gib,
-             "flops": 0, "xla_bytes": 0, "xla_optimal_s": 0, "loop_multiplicity": 1,
-             "step_s": 0, "compile_s": 0}], ""
-
-  class Train:
-    batch_size = 256
-
-  config = type("C", (), {"stage": "prior_top",
-                          "priors": {"top": type("P", (), {"train": Train})}})()
-  rows, failure = suggest.search(config, topology.parse("v5e-8"), compile_fn, log=lambda _: 0)
+  rows, failure = suggest.search(_top_prior_config(), topology.parse("v5e-8"),
+                                 _fake_compiler(calls, None), log=lambda _: 0)
   assert failure == "" and rows[0]["grad_accum_steps"] == 4
   assert rows[0]["peak"] <= rows[0]["available"]
   assert calls == [1, 32, 4]
