@@ -105,7 +105,10 @@ def bench(name: str, model: PixelSNAILPrior, b: int, h: int, w: int, args,
 
 def priors(args) -> dict:
   """name -> (model, grid size) for every benchmarked prior shape."""
-  common = dict(num_codes=args.num_codes, kernel_size=5, dropout=0.0, attn_dropout=0.0)
+  # CPU-sized priors keep their layers unrolled, as the CPU configs do (config_lib.cpu_priors);
+  # --scan-layers times the paper configs' layout, whose decoding step scans the layers.
+  common = dict(num_codes=args.num_codes, kernel_size=5, dropout=0.0, attn_dropout=0.0,
+                scan_layers=args.scan_layers)
   d, th, ch = args.demo_hidden, args.top_hidden, args.cond_hidden
   return {
       "demo_top": (PixelSNAILPrior(hidden=d, res_hidden=d, num_layers=4, attention_every=2,
@@ -242,6 +245,9 @@ def main():
                   help="positions the reference sampler is timed on for large grids")
   ap.add_argument("--ref-full-max", type=int, default=256,
                   help="grids with at most this many positions run the reference fully")
+  ap.add_argument("--scan-layers", action="store_true",
+                  help="the paper configs' scanned layer stacks (a smaller program, slower "
+                       "on a CPU) instead of the CPU configs' unrolled ones")
   ap.add_argument("--repeats", type=int, default=3)
   ap.add_argument("--only", nargs="*", default=None,
                   help="subset of: demo_top demo_bottom top32 cond64")
