@@ -17,6 +17,7 @@ from typing import Any
 
 import flax.linen as nn
 
+from vqvae2_jax.models.names import REMAT_NONE
 from vqvae2_jax.models.remat import REMAT_POLICIES, check_mode
 
 # Logical names of the stacked-parameter axes (mapped to no mesh axis): one for a stack,
@@ -42,7 +43,7 @@ def scan_stack(block_cls: type[nn.Module], *, length: int, remat: str,
     A Module class with the same constructor as block_cls and the same call signature.
   """
   check_mode(remat)
-  if remat != "none":
+  if remat != REMAT_NONE:
     # prevent_cse=False: inside a scan the loop already keeps XLA from merging the
     # recomputation with the forward pass (the flax / jax guidance for scanned remat).
     block_cls = nn.remat(block_cls, policy=REMAT_POLICIES[remat], prevent_cse=False)

@@ -61,6 +61,7 @@ import jax
 import jax.numpy as jnp
 
 from vqvae2_jax.models import causal, prior_decoding, prior_decoding_scanned
+from vqvae2_jax.models.names import REMAT_NONE
 from vqvae2_jax.models.prior_blocks import (CondStack, GatedLayer, GatedStack, OutputStack,
                                             ResBlock, attention_inputs, one_hot_lookup,
                                             table_init)
@@ -100,7 +101,7 @@ class PixelSNAILPrior(nn.Module):
   num_classes: int = 0
   dtype: Dtype = jnp.float32
   head_init_scale: float = 0.01  # small output layer: NLL starts near ln(num_codes)
-  remat: str = "none"
+  remat: str = REMAT_NONE
   # Classifier-free guidance: null_label adds label row `num_classes` (the only effect on
   # the parameter shapes); label_dropout is the probability that training replaces a
   # row's label with it (train mode only). Both off keep the checkpoints of before.
@@ -218,7 +219,7 @@ class PixelSNAILPrior(nn.Module):
   # ---- blocks that remat='block' recomputes in the backward pass ----
 
   def _remat(self, train: bool) -> str:
-    return self.remat if train else "none"  # nothing to save without a backward pass
+    return self.remat if train else REMAT_NONE  # nothing to save without a backward pass
 
   def _out_block(self, i: int, h: jax.Array, train: bool) -> jax.Array:
     return self.out_blocks[i](h, train=train)

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from vqvae2_jax.models import causal
 from vqvae2_jax.models.layer_scan import NESTED_LAYER_AXIS, scan_stack
+from vqvae2_jax.models.names import REMAT_NONE
 from vqvae2_jax.models.remat import maybe_remat
 from vqvae2_jax.models.sharding import constrain_batch
 
@@ -176,7 +177,7 @@ class GatedStack(nn.Module):
   attention_every: int
   num_heads: int
   attn_dropout: float
-  remat: str = "none"
+  remat: str = REMAT_NONE
 
   @property
   def num_segments(self) -> int:
@@ -185,11 +186,11 @@ class GatedStack(nn.Module):
   @nn.compact
   def __call__(self, v, h, c, xf, pos, *, train: bool):
     """v, h [B, H, W, C]; c [B, H, W, C] or None; xf [B, H*W, C]; pos [B, H*W, P]."""
-    remat = self.remat if train else "none"
+    remat = self.remat if train else REMAT_NONE
     gated_args = (self.hidden, self.kernel_size, self.dropout, self.conditioned, self.dtype)
     carry = (v, h)
     if self.num_segments:
-      segments = scan_stack(_AttentionSegment, length=self.num_segments, remat="none",
+      segments = scan_stack(_AttentionSegment, length=self.num_segments, remat=REMAT_NONE,
                             broadcast_args=3)
       carry, _ = segments(*gated_args, self.attention_every, self.num_heads,
                           self.attn_dropout, remat, train=train, name="segments")(
@@ -205,7 +206,7 @@ def scanned_res_blocks(x: jax.Array, *, length: int, hidden: int, res_hidden: in
                        dropout: float, kernel: int, dtype: Dtype, remat: str, train: bool,
                        name: str) -> jax.Array:
   """`length` ResBlocks as one scan (call inside a compact method): x [B, H, W, C]."""
-  blocks = scan_stack(_ResStep, length=length, remat=remat if train else "none",
+  blocks = scan_stack(_ResStep, length=length, remat=remat if train else REMAT_NONE,
                       broadcast_args=0)
   x, _ = blocks(hidden, res_hidden, dropout, kernel, dtype, train=train, name=name)(x)
   return x
@@ -218,7 +219,7 @@ class OutputStack(nn.Module):
   num_layers: int
   dropout: float
   dtype: Dtype
-  remat: str = "none"
+  remat: str = REMAT_NONE
 
   @nn.compact
   def __call__(self, h: jax.Array, *, train: bool) -> jax.Array:
@@ -246,7 +247,7 @@ class CondStack(nn.Module):
   num_codes: int
   dropout: float
   dtype: Dtype = jnp.float32
-  remat: str = "none"
+  remat: str = REMAT_NONE
   scan_layers: bool = False
 
   @nn.compact
@@ -270,7 +271,7 @@ class CondStack(nn.Module):
                                res_hidden=self.res_hidden, dropout=self.dropout, kernel=3,
                                dtype=self.dtype, remat=self.remat, train=train, name="blocks")
       return x
-    block = maybe_remat(CondStack.block, self.remat if train else "none", static_argnums=(2,))
+    block = maybe_remat(CondStack.block, self.remat if train else REMAT_NONE, static_argnums=(2,))
     for _ in range(self.num_layers):
       x = block(self, x, train)
     return x
