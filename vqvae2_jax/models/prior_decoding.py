@@ -195,20 +195,30 @@ def _position_features(cache: DecodeCache, p: jax.Array) -> jax.Array:
   return jnp.broadcast_to(pos[p], (cache.shape[0], pos.shape[-1]))
 
 
-def decode_step(m, cache: DecodeCache, p: jax.Array, span: int
-                ) -> tuple[jax.Array, DecodeCache]:
-  """float32 logits [B, K] at raster position p (codes < p fed), and the cache holding
-  this position's horizontal-stream inputs."""
-  k, ch, dt = m.kernel_size, m.hidden, m.dtype
-  kh, kx = k // 2 + 1, k // 2
-  b, _, wid = cache.shape
+def step_inputs(m, cache: DecodeCache, p: jax.Array
+                ) -> tuple[jax.Array, jax.Array, jax.Array | None, jax.Array]:
+  """What both layouts' decode_step start from at raster position p: (p as int32, its
+  column j, the positional features at p [B, F] (None without attention), the first
+  layer's horizontal-stream input h [B, C])."""
+  kx = m.kernel_size // 2
   p = jnp.asarray(p, jnp.int32)
-  j = p % wid
+  j = p % cache.shape[2]
   pos_p = _position_features(cache, p)
   # in_h at (i, j-1) reads x(i, j-kx .. j-1) = xrow padded columns j-1 .. j+kx-2.
   hx = m.in_h(lax.dynamic_slice_in_dim(cache.xrow, jnp.maximum(j - 1, 0), kx, 1)[:, None],
               True)
   h = lax.dynamic_index_in_dim(cache.v0, j, 1, keepdims=False) + jnp.where(j > 0, hx, 0)
+  return p, j, pos_p, h
+
+
+def decode_step(m, cache: DecodeCache, p: jax.Array, span: int
+                ) -> tuple[jax.Array, DecodeCache]:
+  """float32 logits [B, K] at raster position p (codes < p fed), and the cache holding
+  this position's horizontal-stream inputs."""
+  k, ch, dt = m.kernel_size, m.hidden, m.dtype
+  kh = k // 2 + 1
+  b, _, wid = cache.shape
+  p, j, pos_p, h = step_inputs(m, cache, p)
   hrow, attn_in = list(cache.hrow), []
   start = _span_start(cache, span)
   a = 0

@@ -27,7 +27,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 from vqvae2_jax.models import causal
 from vqvae2_jax.models.prior_blocks import GatedLayer, attention_inputs
 from vqvae2_jax.models.prior_decoding import (DecodeCache, _conv_row, _pad_cols,
-                                              _position_features, _span_start, row_spans)
+                                              _position_features, _span_start, row_spans,
+                                              step_inputs)
 
 Groups = tuple[Any, Any]  # (segments [S, E, ...], tail [R, ...]); None where absent
 
@@ -199,14 +200,9 @@ def decode_step(m, cache: DecodeCache, p: jax.Array, span: int
                 ) -> tuple[jax.Array, DecodeCache]:
   """prior_decoding.decode_step over the stacked layers."""
   k, ch, dt = m.kernel_size, m.hidden, m.dtype
-  kh, kx = k // 2 + 1, k // 2
+  kh = k // 2 + 1
   b, _, wid = cache.shape
-  p = jnp.asarray(p, jnp.int32)
-  j = p % wid
-  pos_p = _position_features(cache, p)
-  hx = m.in_h(lax.dynamic_slice_in_dim(cache.xrow, jnp.maximum(j - 1, 0), kx, 1)[:, None],
-              True)
-  h = lax.dynamic_index_in_dim(cache.v0, j, 1, keepdims=False) + jnp.where(j > 0, hx, 0)
+  p, j, pos_p, h = step_inputs(m, cache, p)
   start = _span_start(cache, span)
   _, attn = _stack_params(m)
   attention = _attention(m)
