@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import types
 from typing import Any, Iterator, Sequence
 
 from absl import logging
@@ -145,8 +146,7 @@ def on_one_device(device: jax.Device) -> Iterator[Mesh]:
   rules unchanged): a computation pinned to one device (the codec's loop, whose host
   callbacks run in order) runs there under any ambient mesh, which jit would otherwise
   refuse for arguments on fewer devices than the mesh."""
-  auto = (jax.sharding.AxisType.Auto,) * 2
-  mesh = Mesh(np.asarray([device]).reshape(1, 1), BATCH_AXES, axis_types=auto)
+  mesh = make_mesh(types.SimpleNamespace(data=1, fsdp=1), [device])
   with jax.set_mesh(mesh):
     yield mesh
 
