@@ -42,6 +42,13 @@ def _analyse(config, stage, devices):
   rows = [analysis.analyse(p, chip, len(devices)) for p in programs]
   for row in rows:
     assert row["peak"] == row["argument"] + row["output"] - row["alias"] + row["temp"]
+    # The HLO walk sees the program XLA costed: with loop bodies once it is within 2x of
+    # XLA's own bytes accessed (which charges an asynchronous copy three times), and
+    # counting loops at their trips never lowers it.
+    assert 0.5 < row["hlo_bytes_once"] / row["xla_bytes"] < 2
+    assert row["bytes"] >= row["hlo_bytes_once"] and row["memory_s"] > 0
+    shares = [share for _, share in row["bytes_by_op"]]
+    assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1 + 1e-9
     assert 0 < row["peak"] < row["hbm"]
     assert row["flops"] > 0 and row["step_s"] > 0 and row["per_s_per_chip"] > 0
   return rows
@@ -57,6 +64,8 @@ def test_tiny_prior_train_step_compiles_for_tpu(devices, remat):
   assert row["remat"] == remat and row["program"] == "train prior_top"
   # Layers run under scan: XLA counts the body once, the jaxpr count knows the length.
   assert row["loop_multiplicity"] > 1
+  # ... and its bytes too: the two scanned stacks move more than one layer's worth.
+  assert row["bytes_loop_factor"] > 1.2
   # Rematerialisation recomputes the forward pass: more FLOPs than the model's.
   assert (row["flops"] > row["model_flops"]) == (remat == "block")
 
@@ -72,6 +81,9 @@ def test_tiny_stage_one_encoder_and_samplers_compile_for_tpu(devices):
                                           "sampler bottom"]
   # The sampler loops over rows and positions: XLA's count sees each body once.
   assert all(r["loop_multiplicity"] > 1 for r in rows[2:])
+  assert all(r["bytes_loop_factor"] > 2 for r in rows[2:])
+  # Stage 1 and the encoder run no loop: their bytes are XLA's, exactly.
+  assert [r["bytes_loop_factor"] for r in rows[:2]] == [1.0, 1.0]
 
 
 def _cli(*args, timeout=600):

@@ -9,11 +9,13 @@ XLA counts a loop body once, so with a scanned layer stack, gradient accumulatio
 sampler's loops those three figures cover a fraction of a call. `aot.flops` counts the
 traced program's matmul and convolution FLOPs with every scan at its length (exact for
 the MXU work; and with each body once: their ratio is the loop multiplicity shown);
-model FLOPs are those of the same program without rematerialisation. Every figure below
-is a lower bound of the call's time on the chip, so the bounds hold:
+model FLOPs are those of the same program without rematerialisation. `aot.hlo_bytes`
+walks the compiled HLO with every while body at its trip count: the call's bytes, and
+which ops move them (`bytes_by_op`). Every figure below is a lower bound of the call's
+time on the chip, so the bounds hold:
 
   step-time lower bound = max(FLOPs / peak, the compiler's roofline time,
-                              compiler bytes / HBM bandwidth)
+                              bytes with loops / HBM bandwidth)
   examples / s / chip   <= examples per call / chips / step-time bound
   MFU bound             = model FLOPs / (step-time bound x chip peak bf16 FLOP/s)
 
@@ -32,6 +34,7 @@ from jax._src import compilation_cache  # reset_cache: see _without_persistent_c
 from jax._src import config as jax_config
 
 from vqvae2_jax.aot import flops as flops_lib
+from vqvae2_jax.aot import hlo_bytes
 from vqvae2_jax.aot.programs import Program
 from vqvae2_jax.aot.topology import Chip
 
@@ -84,6 +87,11 @@ def analyse(program: Program, chip: Chip, num_chips: int) -> dict[str, Any]:
   row["xla_flops"] = float(cost.get("flops", 0.0))
   row["xla_bytes"] = float(cost.get("bytes accessed", 0.0))
   row["xla_optimal_s"] = float(cost.get("optimal_seconds", 0.0))
+  module = hlo_bytes.ModuleBytes(compiled.as_text())
+  row["bytes"] = module.total(loops=True)
+  row["hlo_bytes_once"] = module.total(loops=False)  # XLA's convention, to compare
+  row["bytes_loop_factor"] = row["bytes"] / max(row["hlo_bytes_once"], 1.0)
+  row["bytes_by_op"] = module.top_movers()
 
   true_flops, once_flops = _trace_flops(getattr(program.jitted, "__wrapped__",
                                                 program.jitted), program.args,
@@ -94,7 +102,7 @@ def analyse(program: Program, chip: Chip, num_chips: int) -> dict[str, Any]:
   row["flops"] = true_flops / num_chips
   row["model_flops"] = model_flops / num_chips
   row["compute_s"] = row["flops"] / chip.peak_bf16_flops
-  row["memory_s"] = row["xla_bytes"] / chip.hbm_bytes_per_s
+  row["memory_s"] = row["bytes"] / chip.hbm_bytes_per_s
   row["step_s"] = max(row["compute_s"], row["xla_optimal_s"], row["memory_s"])
   row["bound"] = "compute" if row["step_s"] == row["compute_s"] else "memory"
   if row["step_s"] > 0:

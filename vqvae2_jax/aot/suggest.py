@@ -22,14 +22,21 @@ from vqvae2_jax.aot.topology import Slice
 CompileFn = Callable[[list[str]], tuple[list[dict], str]]
 
 
-def _section(config) -> tuple[str, object]:
-  if config.stage == registry.VQVAE:
-    return "vqvae_train", config.vqvae_train
-  level = registry.prior_level(config.stage)
+def section_name(stage: str) -> str:
+  """The config section holding a training stage's levers ('priors.top.train', ...)."""
+  if stage == registry.VQVAE:
+    return "vqvae_train"
+  level = registry.prior_level(stage)
   if level is not None:
-    return f"priors.{level}.train", config.priors[level].train
+    return f"priors.{level}.train"
   raise ValueError(f"--suggest searches the levers of a training stage (vqvae, prior_*), "
-                   f"not {config.stage!r}")
+                   f"not {stage!r}")
+
+
+def _section(config) -> tuple[str, object]:
+  name = section_name(config.stage)
+  level = registry.prior_level(config.stage)
+  return name, (config.vqvae_train if level is None else config.priors[level].train)
 
 
 def overrides(section: str, remat: str, accum: int, fsdp: int) -> list[str]:

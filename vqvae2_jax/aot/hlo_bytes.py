@@ -1,0 +1,306 @@
+"""HBM bytes of a compiled program with every loop counted at its trip count.
+
+XLA's `cost_analysis()['bytes accessed']` adds each while body once, so for a train step
+with gradient accumulation and scanned layer stacks it sees one microbatch through one
+layer; a memory-time bound built on it is far too low. This walks the compiled HLO text
+(`compiled.as_text()`) from the entry computation, counting each instruction that runs on
+the chip as it reads and writes memory (operands + result, as XLA's cost model does) and
+multiplying while bodies by their trip counts. Fused computations are not entered: a
+fusion's insides stay on chip. Slices of a fusion's or a dynamic-(update-)slice's operand
+count only the slice, so the stacked buffers of a scan are not charged whole per step; an
+asynchronous copy or collective counts its source read and its destination written once
+(XLA's own count charges the start's whole (destination, source) tuple and the done's
+again). `breakdown()` attributes the bytes to the source ops (metadata op_name).
+
+The count is a lower bound in the same sense as XLA's: where a trip count cannot be read
+from the loop's condition (`i < constant`) the body counts once, and a conditional counts
+its cheapest branch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+
+_ITEM_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2,
+               "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8,
+               "f64": 8, "c64": 8, "c128": 16}
+_ARRAY = re.compile(r"\b(pred|[suf]\d+|bf16|c64|c128|f8\w*)\[([\d,]*)\]"
+                    r"(?:\{([\d,]*)(?::T\(([\d,]+)\))?[^}]*\})?")
+_HEADER = re.compile(r"^(ENTRY )?%?([\w.\-]+) \(.*\{\s*$")
+_INSTRUCTION = re.compile(r"^\s*(ROOT )?%([\w.\-]+) = ")
+_OPCODE = re.compile(r"\s*([a-z][\w\-]*)\(")
+_CALLED = re.compile(r"\b(calls|body|condition|to_apply)=%([\w.\-]+)")
+_BRANCHES = re.compile(r"branch_computations=\{[^}]*\}|(?:true|false)_computation=%[\w.\-]+")
+_TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+# Bookkeeping that moves no data: tuples, views and values known at compile time.
+_FREE = frozenset({"parameter", "constant", "get-tuple-element", "tuple", "bitcast",
+                   "after-all", "add-dependency", "opt-barrier", "partition-id",
+                   "replica-id"})
+_SLICES = frozenset({"slice", "dynamic-slice"})
+
+
+def shape_bytes(shape: str) -> float:
+  """Bytes of an HLO shape ('f32[2,3]{1,0:T(8,128)}' or a tuple of them) as laid out in
+  memory: the minor dimensions rounded up to the layout's tile (T(8,128) pads a 16-wide
+  minor dimension to 128 lanes), as the chip moves them. Scalars count their own bytes."""
+  total = 0.0
+  for dtype, dims, minor_to_major, tile in _ARRAY.findall(shape):
+    sizes = [int(d) for d in dims.split(",") if d]
+    order = [int(d) for d in minor_to_major.split(",") if d]
+    if tile and len(order) == len(sizes):
+      for dim, t in zip(order, reversed([int(t) for t in tile.split(",")])):
+        sizes[dim] = -(-sizes[dim] // t) * t
+    total += math.prod(sizes) * _ITEM_BYTES.get(dtype, 1)
+  return total
+
+
+@dataclasses.dataclass
+class Instruction:
+  name: str
+  shape: str
+  opcode: str
+  operands: list[str]  # names of the operand instructions
+  args: str  # the text inside the opcode's parentheses ('0' of parameter(0), '2' of constant(2))
+  attributes: str  # what follows: calls=, body=, backend_config=, ...
+  root: bool = False
+
+
+def _split_balanced(text: str, start: int) -> int:
+  """Index just past the bracket group opening at text[start] ('(' or '{')."""
+  depth = 0
+  for i in range(start, len(text)):
+    if text[i] in "({":
+      depth += 1
+    elif text[i] in ")}":
+      depth -= 1
+      if depth == 0:
+        return i + 1
+  return len(text)
+
+
+def _parse_instruction(line: str) -> Instruction | None:
+  head = _INSTRUCTION.match(line)
+  if not head:
+    return None
+  rest = line[head.end():]
+  if rest.startswith("("):  # a tuple shape
+    end = _split_balanced(rest, 0)
+  else:
+    end = rest.find(" ")
+  shape, rest = rest[:end], rest[end:]
+  if rest.startswith("{"):  # a layout after a tuple shape
+    rest = rest[_split_balanced(rest, 0):]
+  op = _OPCODE.match(rest)
+  if not op:
+    return None
+  close = _split_balanced(rest, op.end() - 1)
+  args = rest[op.end():close - 1]
+  return Instruction(head.group(2), shape, op.group(1), re.findall(r"%([\w.\-]+)", args),
+                     args, rest[close:], root=bool(head.group(1)))
+
+
+def parse_module(text: str) -> tuple[dict[str, list[Instruction]], str]:
+  """({computation name: its instructions}, the entry computation's name)."""
+  computations: dict[str, list[Instruction]] = {}
+  entry, current = "", None
+  for line in text.splitlines():
+    header = _HEADER.match(line)
+    if header:
+      current = computations.setdefault(header.group(2), [])
+      if header.group(1):
+        entry = header.group(2)
+      continue
+    if line.startswith("}"):
+      current = None
+      continue
+    if current is not None:
+      inst = _parse_instruction(line)
+      if inst is not None:
+        current.append(inst)
+  if not entry:
+    raise ValueError("no ENTRY computation in the HLO text")
+  return computations, entry
+
+
+class ModuleBytes:
+  """Loop-aware bytes of one parsed HLO module."""
+
+  def __init__(self, text: str):
+    self.computations, self.entry = parse_module(text)
+    self._shapes = {c: {i.name: i for i in insts} for c, insts in self.computations.items()}
+    self._totals: dict[tuple[str, bool], float] = {}
+
+  def _constant(self, computation: str, name: str) -> int | None:
+    inst = self._shapes.get(computation, {}).get(name)
+    if inst is None or inst.opcode != "constant" or not re.fullmatch(r"-?\d+", inst.args.strip()):
+      return None
+    return int(inst.args)
+
+  def trip_count(self, computation: str, loop: Instruction) -> int:
+    """The trip count of while instruction `loop` in `computation`: XLA's
+    known_trip_count, else that of its counter (condition `i < N`, the body's `i + step`,
+    the initial value when it is a constant, else 0 as in every jax loop), else 1."""
+    known = _TRIP.search(loop.attributes)
+    if known:
+      return int(known.group(1))
+    called = dict(_CALLED.findall(loop.attributes))
+    condition, body = called.get("condition"), called.get("body")
+    root = self._root(condition)
+    if (root is None or root.opcode != "compare" or "direction=LT" not in root.attributes
+        or len(root.operands) != 2):
+      return 1
+    limit = self._constant(condition, root.operands[1])
+    counter = self._shapes[condition].get(root.operands[0])
+    if limit is None or counter is None or counter.opcode != "get-tuple-element":
+      return 1
+    index = int(re.search(r"index=(\d+)", counter.attributes).group(1))
+    step, start = 1, 0
+    body_root = self._root(body)
+    if body_root is not None and body_root.opcode == "tuple" and index < len(body_root.operands):
+      update = self._shapes[body].get(body_root.operands[index])
+      if update is not None and update.opcode == "add" and len(update.operands) == 2:
+        step = self._constant(body, update.operands[1]) or 1
+    init = self._shapes[computation].get(loop.operands[0]) if loop.operands else None
+    if init is not None and init.opcode == "tuple" and index < len(init.operands):
+      start = self._constant(computation, init.operands[index]) or 0
+    return max(-(-(limit - start) // max(step, 1)), 1)
+
+  def _root(self, computation: str | None) -> Instruction | None:
+    return next((i for i in self.computations.get(computation, []) if i.root), None)
+
+  def _fused_read_bytes(self, fusion: Instruction, index: int, full: float) -> float:
+    """Bytes a fusion reads of operand `index`: the slices taken of it when slices are all
+    its uses inside the fusion, else all of it."""
+    called = dict(_CALLED.findall(fusion.attributes)).get("calls")
+    insts = self.computations.get(called, [])
+    param = next((i for i in insts if i.opcode == "parameter"
+                  and i.args.strip() == str(index)), None)
+    if param is None:
+      return full
+    users = [i for i in insts if param.name in i.operands]
+    if users and all(u.opcode in _SLICES and u.operands[0] == param.name for u in users):
+      return sum(shape_bytes(u.shape) for u in users)
+    if users and all(u.opcode == "dynamic-update-slice" and u.operands[0] == param.name
+                     for u in users):
+      return 0.0  # updated in place: only the update is written (counted as output)
+    return full
+
+  def _fusion_write_bytes(self, fusion: Instruction) -> float:
+    called = dict(_CALLED.findall(fusion.attributes)).get("calls")
+    insts = self._shapes.get(called, {})
+    root = self._root(called)
+    if root is not None and root.opcode == "dynamic-update-slice":
+      update = insts.get(root.operands[1])
+      if update is not None:
+        return shape_bytes(update.shape)
+    return shape_bytes(fusion.shape)
+
+  def instruction_bytes(self, computation: str, inst: Instruction) -> float:
+    """Bytes one (unfused) instruction moves: its operands read and its result written."""
+    if inst.opcode in _FREE:
+      return 0.0
+    shapes = self._shapes[computation]
+    operand = [shape_bytes(shapes[o].shape) if o in shapes else 0.0 for o in inst.operands]
+    if inst.opcode in _SLICES:
+      return 2 * shape_bytes(inst.shape)
+    if inst.opcode.endswith("-done"):
+      return 0.0  # the end of an asynchronous op: its bytes are counted at its start
+    if inst.opcode.endswith("-start"):
+      # Returns (destination, source, context): the source is read, the destination written.
+      first = _ARRAY.search(inst.shape)
+      return sum(operand) + (shape_bytes(first.group(0)) if first else 0.0)
+    if inst.opcode == "dynamic-update-slice":
+      return 2 * operand[1] if len(operand) > 1 else 0.0
+    if inst.opcode == "fusion":
+      reads = sum(self._fused_read_bytes(inst, k, b) for k, b in enumerate(operand))
+      return reads + self._fusion_write_bytes(inst)
+    return sum(operand) + shape_bytes(inst.shape)
+
+  def computation_bytes(self, name: str, loops: bool = True) -> float:
+    """Bytes of one run of computation `name`; loops=False counts each body once (XLA's
+    convention, for comparison with cost_analysis)."""
+    if (name, loops) not in self._totals:
+      self._totals[name, loops] = self._computation_bytes(name, loops)
+    return self._totals[name, loops]
+
+  def _computation_bytes(self, name: str, loops: bool) -> float:
+    total = 0.0
+    for inst in self.computations.get(name, []):
+      called = dict(_CALLED.findall(inst.attributes))
+      if inst.opcode == "while":
+        trips = self.trip_count(name, inst) if loops else 1
+        total += trips * (self.computation_bytes(called["body"], loops)
+                          + self.computation_bytes(called["condition"], loops))
+      elif inst.opcode == "conditional":
+        branches = re.findall(r"%([\w.\-]+)", " ".join(_BRANCHES.findall(inst.attributes)))
+        total += min((self.computation_bytes(b, loops) for b in branches), default=0.0)
+      elif inst.opcode == "call":
+        total += self.computation_bytes(called["to_apply"], loops)
+      else:
+        total += self.instruction_bytes(name, inst)
+    return total
+
+  def total(self, loops: bool = True) -> float:
+    return self.computation_bytes(self.entry, loops)
+
+  def breakdown(self) -> dict[str, float]:
+    """{op_label: bytes}, loops at their trip counts; the values sum to total()."""
+    out: dict[str, float] = {}
+
+    def walk(name: str, times: float) -> None:
+      for inst in self.computations.get(name, []):
+        called = dict(_CALLED.findall(inst.attributes))
+        if inst.opcode == "while":
+          trips = times * self.trip_count(name, inst)
+          walk(called["body"], trips)
+          walk(called["condition"], trips)
+        elif inst.opcode == "conditional":
+          branches = re.findall(r"%([\w.\-]+)", " ".join(_BRANCHES.findall(inst.attributes)))
+          if branches:
+            walk(min(branches, key=self.computation_bytes), times)
+        elif inst.opcode == "call":
+          walk(called["to_apply"], times)
+        else:
+          label = op_label(inst.attributes, inst.opcode)
+          out[label] = out.get(label, 0.0) + times * self.instruction_bytes(name, inst)
+
+    walk(self.entry, 1.0)
+    return out
+
+  def top_movers(self, count: int = 8) -> list[tuple[str, float]]:
+    """The `count` op labels moving most bytes (loops at their trip counts) with their
+    share of the total: [(label, fraction)], largest first."""
+    parts = self.breakdown()
+    total = sum(parts.values()) or 1.0
+    ranked = sorted(parts.items(), key=lambda kv: -kv[1])[:count]
+    return [(label, value / total) for label, value in ranked]
+
+
+def op_label(attributes: str, opcode: str = "") -> str:
+  """Where an instruction comes from, from its metadata's op_name: the pass ('fwd' in the
+  model's forward, 'bwd' in its transpose, 'step' outside it: optimizer, accumulation),
+  the innermost Flax module path part ('layers.vertical', 'attn.attend') and the
+  primitive, with the dropout masks' random bits as one label; the compiler's own
+  instructions (no op_name) by their opcode, in parentheses."""
+  found = _OP_NAME.search(attributes)
+  if not found:  # the compiler's own: prefetches, layout copies, collectives
+    return f"({opcode or 'unnamed'})"
+  parts = found.group(1).split("/")
+  stage = ("bwd" if any(p.startswith("transpose(") for p in parts) else
+           "fwd" if any(p.startswith("jvp(") for p in parts) else "step")
+  if "jit(_bernoulli)" in parts:
+    return f"{stage} dropout mask"
+  module = next((p for p in reversed(parts[:-1]) if "." in p and "(" not in p
+                 and "<" not in p), "")
+  return " ".join(x for x in (stage, module, parts[-1]) if x)
+
+
+def loop_bytes(hlo_text: str) -> tuple[float, float]:
+  """(bytes with loops at their trip counts, bytes with each body once) of a module."""
+  module = ModuleBytes(hlo_text)
+  return module.total(loops=True), module.total(loops=False)
+
+
+
