@@ -10,7 +10,7 @@ batches, keeps each JSON, and prints a Markdown table: per-chip peak against HBM
 step-time lower bound, throughput and MFU bound of the suggested setting, and whether the
 step is bound by memory traffic (the compiler's bytes / HBM bandwidth > FLOPs / peak).
 Steps already in --out are not searched again (the plan resumes); a step whose figures
-predate the loop-aware bytes (`aot/hlo_bytes.py`: no 'bytes_by_op' in its row) is compiled once
+were counted before the current loop-aware walk (`aot/hlo_bytes.py`, WALK_VERSION) is compiled once
 more at the levers its search picked, and its row replaced.
 """
 from __future__ import annotations
@@ -25,6 +25,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from vqvae2_jax.aot import hlo_bytes  # noqa: E402
 from vqvae2_jax.aot import suggest  # noqa: E402
 from vqvae2_jax.aot import topology as topology_lib  # noqa: E402
 STEPS = (("imagenet256", "vqvae"), ("imagenet256", "prior_top"), ("imagenet256", "prior_bottom"),
@@ -66,7 +67,8 @@ def run_one(experiment: str, stage: str, topology: str, out_dir: str) -> dict:
   if os.path.exists(path):
     with open(path) as f:
       result = json.load(f)
-    if result.get("rows") and "bytes_by_op" not in result["rows"][0]:
+    if (result.get("rows")
+        and result["rows"][0].get("bytes_walk") != hlo_bytes.WALK_VERSION):
       result = refresh(experiment, stage, topology, path, result)
     return result
   start = time.time()

@@ -99,14 +99,16 @@ def test_unreadable_trip_count_counts_the_body_once(condition):
 
 
 def test_a_whole_operand_read_counts_whole():
-  # The fusion reads the whole stack (no slice inside it): all 4 layers are charged.
+  # The fusion reads the whole stack (no slice inside it): all 4 layers are charged, and
+  # it writes all 4.
   text = LOOP_MODULE.replace(
       "ROOT %dynamic-update-slice.1 = f32[4,8,128]{2,1,0:T(8,128)} dynamic-update-slice("
       "%param_0.2, %param_1.2, %param_2.2, %constant.9, %constant.9)",
       "ROOT %mul.1 = f32[4,8,128]{2,1,0:T(8,128)} multiply(%param_0.2, %param_0.2)")
   _, once = hlo_bytes.loop_bytes(text)
-  assert once == pytest.approx(STEP - (LAYER + SCALAR + LAYER) + (4 * LAYER + LAYER + SCALAR
-                                                                  + 4 * LAYER) + ENTRY)
+  # The update and the index it no longer uses are not read at all.
+  assert once == pytest.approx(STEP - (LAYER + SCALAR + LAYER) + (4 * LAYER + 4 * LAYER)
+                               + ENTRY)
 
 
 def test_text_without_an_entry_computation_is_refused():
@@ -165,3 +167,35 @@ def test_breakdown_names_the_source_ops_and_sums_to_the_total():
   assert share == pytest.approx(parts[label] / module.total())
   assert hlo_bytes.op_label('op_name="jit(step)/jvp(P)/drop/jit(_bernoulli)/xor"') == (
       "fwd dropout mask")
+
+
+def test_in_place_updates_inside_tuples_and_slices_inside_nested_fusions():
+  # The update fusion returns its in-place result inside a tuple: still only the layer
+  # is written.
+  text = LOOP_MODULE.replace(
+      "ROOT %dynamic-update-slice.1 = f32[4,8,128]{2,1,0:T(8,128)} dynamic-update-slice(",
+      "%dynamic-update-slice.1 = f32[4,8,128]{2,1,0:T(8,128)} dynamic-update-slice(")
+  text = text.replace(
+      "%param_2.2, %constant.9, %constant.9)\n}",
+      "%param_2.2, %constant.9, %constant.9)\n"
+      "  ROOT %out = (f32[4,8,128]{2,1,0:T(8,128)}) tuple(%dynamic-update-slice.1)\n}")
+  assert hlo_bytes.loop_bytes(text)[1] == pytest.approx(STEP + ENTRY)
+  # The layer fusion reads the stack through a nested fusion that slices it: one layer.
+  nested = ("%inner (param_0.7: f32[4,8,128], param_1.7: s32[]) -> f32[8,128] {\n"
+            "  %param_0.7 = f32[4,8,128]{2,1,0:T(8,128)} parameter(0)\n"
+            "  %param_1.7 = s32[]{:T(128)} parameter(1)\n"
+            "  %z = s32[]{:T(128)} constant(0)\n"
+            "  %ds = f32[1,8,128]{2,1,0:T(8,128)} dynamic-slice(%param_0.7, %param_1.7, %z, %z)"
+            ", dynamic_slice_sizes={1,8,128}\n"
+            "  ROOT %b = f32[8,128]{1,0:T(8,128)} bitcast(%ds)\n}\n\n"
+            "%outer (param_0.8: f32[4,8,128], param_1.8: s32[]) -> f32[8,128] {\n"
+            "  %param_0.8 = f32[4,8,128]{2,1,0:T(8,128)} parameter(0)\n"
+            "  %param_1.8 = s32[]{:T(128)} parameter(1)\n"
+            "  %f = f32[8,128]{1,0:T(8,128)} fusion(%param_0.8, %param_1.8), kind=kLoop, "
+            "calls=%inner\n"
+            "  ROOT %a = f32[8,128]{1,0:T(8,128)} add(%f, %f)\n}\n\n")
+  text = nested + LOOP_MODULE.replace(
+      "%new = f32[8,128]{1,0:T(8,128)} fusion(%flat), kind=kLoop, calls=%fused_add",
+      "%new = f32[8,128]{1,0:T(8,128)} fusion(%stack, %i), kind=kLoop, calls=%outer")
+  # The fusion now reads one layer of the stack and the index instead of the slice.
+  assert hlo_bytes.loop_bytes(text)[1] == pytest.approx(STEP + SCALAR + ENTRY)

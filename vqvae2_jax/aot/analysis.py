@@ -92,6 +92,7 @@ def analyse(program: Program, chip: Chip, num_chips: int) -> dict[str, Any]:
   row["hlo_bytes_once"] = module.total(loops=False)  # XLA's convention, to compare
   row["bytes_loop_factor"] = row["bytes"] / max(row["hlo_bytes_once"], 1.0)
   row["bytes_by_op"] = module.top_movers()
+  row["bytes_walk"] = hlo_bytes.WALK_VERSION
 
   true_flops, once_flops = _trace_flops(getattr(program.jitted, "__wrapped__",
                                                 program.jitted), program.args,

@@ -22,6 +22,9 @@ import dataclasses
 import math
 import re
 
+# Bumped whenever the counting rules change: figures counted by an older walk are stale.
+WALK_VERSION = 2
+
 _ITEM_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2,
                "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8,
                "f64": 8, "c64": 8, "c128": 16}
@@ -170,32 +173,57 @@ class ModuleBytes:
   def _root(self, computation: str | None) -> Instruction | None:
     return next((i for i in self.computations.get(computation, []) if i.root), None)
 
-  def _fused_read_bytes(self, fusion: Instruction, index: int, full: float) -> float:
-    """Bytes a fusion reads of operand `index`: the slices taken of it when slices are all
-    its uses inside the fusion, else all of it."""
-    called = dict(_CALLED.findall(fusion.attributes)).get("calls")
-    insts = self.computations.get(called, [])
-    param = next((i for i in insts if i.opcode == "parameter"
-                  and i.args.strip() == str(index)), None)
-    if param is None:
-      return full
-    users = [i for i in insts if param.name in i.operands]
-    if users and all(u.opcode in _SLICES and u.operands[0] == param.name for u in users):
-      return sum(shape_bytes(u.shape) for u in users)
-    if users and all(u.opcode == "dynamic-update-slice" and u.operands[0] == param.name
-                     for u in users):
-      return 0.0  # updated in place: only the update is written (counted as output)
-    return full
+  def _param(self, computation: str, index: int) -> Instruction | None:
+    return next((i for i in self.computations.get(computation, [])
+                 if i.opcode == "parameter" and i.args.strip() == str(index)), None)
 
-  def _fusion_write_bytes(self, fusion: Instruction) -> float:
+  def _read_bytes(self, computation: str, value: Instruction, full: float) -> float:
+    """Bytes read of `value` (a fused computation's parameter, `full` bytes in memory) by
+    its users: only the slices taken, nothing where it is updated in place, and what a
+    nested fusion reads of it; all of it as soon as one user reads it whole."""
+    total = 0.0
+    for user in self.computations[computation]:
+      if value.name not in user.operands:
+        continue
+      position = user.operands.index(value.name)
+      if user.opcode == "bitcast":
+        total += self._read_bytes(computation, user, full)
+      elif user.opcode in _SLICES and position == 0:
+        total += shape_bytes(user.shape)
+      elif user.opcode == "dynamic-update-slice" and position == 0:
+        continue  # updated in place: the update's bytes are the write
+      elif user.opcode == "fusion":
+        called = dict(_CALLED.findall(user.attributes)).get("calls")
+        param = self._param(called, position)
+        total += full if param is None else self._read_bytes(called, param, full)
+      else:
+        return full
+      if total >= full:
+        return full
+    return total
+
+  def _write_bytes(self, computation: str, value: Instruction) -> float:
+    """Bytes written by a fused computation's result `value`: a tuple's elements, through
+    views, and only the update of an in-place dynamic-update-slice."""
+    shapes = self._shapes[computation]
+    if value.opcode in ("tuple", "bitcast"):
+      return sum(self._write_bytes(computation, shapes[o]) for o in value.operands
+                 if o in shapes)
+    if value.opcode == "dynamic-update-slice" and len(value.operands) > 1:
+      update = shapes.get(value.operands[1])
+      return shape_bytes(update.shape) if update is not None else 0.0
+    return shape_bytes(value.shape)
+
+  def _fusion_bytes(self, fusion: Instruction, operand_bytes: list[float]) -> float:
     called = dict(_CALLED.findall(fusion.attributes)).get("calls")
-    insts = self._shapes.get(called, {})
     root = self._root(called)
-    if root is not None and root.opcode == "dynamic-update-slice":
-      update = insts.get(root.operands[1])
-      if update is not None:
-        return shape_bytes(update.shape)
-    return shape_bytes(fusion.shape)
+    if root is None:
+      return sum(operand_bytes) + shape_bytes(fusion.shape)
+    reads = 0.0
+    for index, full in enumerate(operand_bytes):
+      param = self._param(called, index)
+      reads += full if param is None else self._read_bytes(called, param, full)
+    return reads + self._write_bytes(called, root)
 
   def instruction_bytes(self, computation: str, inst: Instruction) -> float:
     """Bytes one (unfused) instruction moves: its operands read and its result written."""
@@ -214,8 +242,7 @@ class ModuleBytes:
     if inst.opcode == "dynamic-update-slice":
       return 2 * operand[1] if len(operand) > 1 else 0.0
     if inst.opcode == "fusion":
-      reads = sum(self._fused_read_bytes(inst, k, b) for k, b in enumerate(operand))
-      return reads + self._fusion_write_bytes(inst)
+      return self._fusion_bytes(inst, operand)
     return sum(operand) + shape_bytes(inst.shape)
 
   def computation_bytes(self, name: str, loops: bool = True) -> float:
