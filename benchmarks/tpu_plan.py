@@ -99,6 +99,28 @@ def table_line(experiment: str, stage: str, topology: str, result: dict) -> str:
           f"{100 * r.get('mfu_bound', 0):.0f}% ({bound}) |")
 
 
+def _grid_cell(r: dict, chip) -> str:
+  """'levers: peak / HBM, MFU <= x%' of one row, the bounds from its raw figures as
+  aot/analysis.py defines them today. Bytes: the loop-aware walk's where the row has the
+  current walk's, XLA's where the program runs no loop (the same thing), else unknown."""
+  if r.get("bytes_walk") == hlo_bytes.WALK_VERSION:
+    moved = r["bytes"]
+  elif r.get("loop_multiplicity", 1.0) == 1.0:
+    moved = r["xla_bytes"]
+  else:
+    moved = None
+  compute = r["flops"] / chip.peak_bf16_flops
+  step = max(compute, r["xla_optimal_s"], (moved or 0.0) / chip.hbm_bytes_per_s)
+  mfu = r["model_flops"] / (step * chip.peak_bf16_flops)
+  levers = ("remat" if r["remat"] == "block" else "no remat") + (
+      f", accum {r['grad_accum_steps']}" if r["grad_accum_steps"] > 1 else "") + (
+      f", fsdp {r['fsdp']}" if r["fsdp"] > 1 else "")
+  bound = ("bytes not counted" if moved is None else
+           "memory-bound" if step > compute else "compute-bound")
+  return (f"{levers}: {r['peak'] / 2**30:.1f} / {r['hbm'] / 2**30:.0f} GiB, "
+          f"MFU <= {100 * mfu:.0f}% ({bound})")
+
+
 def grid(out_dir: str, topologies: list[str]) -> str:
   """A Markdown grid (steps x slices) of what `out_dir` holds: the --suggest result of each
   cell, else the hand-set remat='block' compile (*_remat-block.json, marked *), else '-'."""
@@ -115,16 +137,7 @@ def grid(out_dir: str, topologies: list[str]) -> str:
         with open(path) as f:
           rows = json.load(f).get("rows")
         if rows:
-          r, chip = rows[0], topology_lib.parse(topology).chip
-          # The bounds from the raw figures, as aot/analysis.py defines them today.
-          step = max(r["flops"] / chip.peak_bf16_flops, r["xla_optimal_s"],
-                     r["xla_bytes"] / chip.hbm_bytes_per_s)
-          mfu = r["model_flops"] / (step * chip.peak_bf16_flops)
-          levers = ("remat" if r["remat"] == "block" else "no remat") + (
-              f", accum {r['grad_accum_steps']}" if r["grad_accum_steps"] > 1 else "") + (
-              f", fsdp {r['fsdp']}" if r["fsdp"] > 1 else "")
-          cell = (f"{levers}: {r['peak'] / 2**30:.1f} / {r['hbm'] / 2**30:.0f} GiB, "
-                  f"MFU <= {100 * mfu:.0f}%{mark}")
+          cell = _grid_cell(rows[0], topology_lib.parse(topology).chip) + mark
           break
       cells.append(cell)
     lines.append(f"| {experiment} {stage} | " + " | ".join(cells) + " |")

@@ -199,3 +199,15 @@ def test_in_place_updates_inside_tuples_and_slices_inside_nested_fusions():
       "%new = f32[8,128]{1,0:T(8,128)} fusion(%stack, %i), kind=kLoop, calls=%outer")
   # The fusion now reads one layer of the stack and the index instead of the slice.
   assert hlo_bytes.loop_bytes(text)[1] == pytest.approx(STEP + SCALAR + ENTRY)
+
+
+def test_an_asynchronous_slice_reads_and_writes_the_slice_only():
+  text = LOOP_MODULE.replace(
+      "ROOT %fusion.9 = f32[8,128]{1,0:T(8,128)} fusion(%Arg_1.1), kind=kLoop, calls=%fused_add",
+      "%ss = ((f32[4,8,128]{2,1,0:T(8,128)}), f32[1,8,128]{2,1,0:T(8,128)S(1)}, u32[]{:S(2)}) "
+      "slice-start(%Arg_0.1), slice={[1:2], [0:8], [0:128]}\n"
+      "  %sd = f32[1,8,128]{2,1,0:T(8,128)S(1)} slice-done(%ss)\n"
+      "  %cat = f32[2,8,128]{2,1,0:T(8,128)} custom-call(%sd, %sd), "
+      'custom_call_target="ConcatBitcast"\n'
+      "  ROOT %fusion.9 = f32[8,128]{1,0:T(8,128)} fusion(%Arg_1.1), kind=kLoop, calls=%fused_add")
+  assert hlo_bytes.loop_bytes(text)[1] == pytest.approx(STEP + 2 * LAYER + ENTRY)

@@ -23,7 +23,7 @@ import math
 import re
 
 # Bumped whenever the counting rules change: figures counted by an older walk are stale.
-WALK_VERSION = 2
+WALK_VERSION = 4
 
 _ITEM_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2,
                "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8,
@@ -42,6 +42,10 @@ _FREE = frozenset({"parameter", "constant", "get-tuple-element", "tuple", "bitca
                    "after-all", "add-dependency", "opt-barrier", "partition-id",
                    "replica-id"})
 _SLICES = frozenset({"slice", "dynamic-slice"})
+# Element-to-element ops: inside a fusion, a slice of their result reads only the
+# corresponding elements of their operand.
+_ON_DEMAND = frozenset({"bitcast", "copy", "convert", "reshape", "transpose", "negate",
+                        "not", "abs"})
 
 
 def shape_bytes(shape: str) -> float:
@@ -57,6 +61,25 @@ def shape_bytes(shape: str) -> float:
         sizes[dim] = -(-sizes[dim] // t) * t
     total += math.prod(sizes) * _ITEM_BYTES.get(dtype, 1)
   return total
+
+
+def tuple_elements(shape: str) -> list[str]:
+  """The top-level elements of a tuple shape '(a, (b, c), d)'; [] for an array shape."""
+  shape = re.sub(r"/\*[^*]*\*/", "", shape).strip()
+  if not shape.startswith("("):
+    return []
+  parts, depth, start = [], 0, 1
+  for i, ch in enumerate(shape):
+    if ch in "({[":
+      depth += 1
+    elif ch in ")}]":
+      depth -= 1
+    if (ch == "," and depth == 1) or (depth == 0 and ch == ")"):
+      parts.append(shape[start:i].strip())
+      start = i + 1
+    if depth == 0:
+      break
+  return [p for p in parts if p]
 
 
 @dataclasses.dataclass
@@ -177,17 +200,26 @@ class ModuleBytes:
     return next((i for i in self.computations.get(computation, [])
                  if i.opcode == "parameter" and i.args.strip() == str(index)), None)
 
-  def _read_bytes(self, computation: str, value: Instruction, full: float) -> float:
-    """Bytes read of `value` (a fused computation's parameter, `full` bytes in memory) by
-    its users: only the slices taken, nothing where it is updated in place, and what a
-    nested fusion reads of it; all of it as soon as one user reads it whole."""
+  def _read_bytes(self, computation: str, value: Instruction, full: float,
+                  outer: tuple[tuple[str, Instruction], ...] = ()) -> float:
+    """Bytes read of a fused computation's parameter (`full` bytes in memory), following
+    `value` to its users: a fused kernel computes each element on demand, so through
+    views, copies and converts only the slices taken are read, an in-place
+    dynamic-update-slice reads nothing, a nested fusion reads what its own users demand
+    (`outer`: the enclosing (computation, fusion) pairs); anything else reads it whole."""
     total = 0.0
+    root = self._root(computation)
+    if root is not None and root.name == value.name:
+      if not outer:
+        return full  # the fusion's own result: every element is computed, so read
+      parent, fusion = outer[-1]
+      return self._read_bytes(parent, fusion, full, outer[:-1])
     for user in self.computations[computation]:
       if value.name not in user.operands:
         continue
       position = user.operands.index(value.name)
-      if user.opcode == "bitcast":
-        total += self._read_bytes(computation, user, full)
+      if user.opcode in _ON_DEMAND and position == 0:
+        total += self._read_bytes(computation, user, full, outer)
       elif user.opcode in _SLICES and position == 0:
         total += shape_bytes(user.shape)
       elif user.opcode == "dynamic-update-slice" and position == 0:
@@ -195,7 +227,8 @@ class ModuleBytes:
       elif user.opcode == "fusion":
         called = dict(_CALLED.findall(user.attributes)).get("calls")
         param = self._param(called, position)
-        total += full if param is None else self._read_bytes(called, param, full)
+        total += full if param is None else self._read_bytes(
+            called, param, full, outer + ((computation, user),))
       else:
         return full
       if total >= full:
@@ -236,9 +269,15 @@ class ModuleBytes:
     if inst.opcode.endswith("-done"):
       return 0.0  # the end of an asynchronous op: its bytes are counted at its start
     if inst.opcode.endswith("-start"):
-      # Returns (destination, source, context): the source is read, the destination written.
-      first = _ARRAY.search(inst.shape)
-      return sum(operand) + (shape_bytes(first.group(0)) if first else 0.0)
+      # Returns (destination, source, context) for a copy, ((operands), destination,
+      # context) for a wrapped op: the destination is written, the operands read (of a
+      # slice, only the slice).
+      parts = tuple_elements(inst.shape)
+      written = shape_bytes(parts[1] if parts and parts[0].startswith("(") else
+                            parts[0] if parts else inst.shape)
+      return written + (written if inst.opcode == "slice-start" else sum(operand))
+    if inst.opcode == "custom-call" and "Bitcast\"" in inst.attributes:
+      return 0.0  # e.g. ConcatBitcast: reinterprets adjacent buffers, moves nothing
     if inst.opcode == "dynamic-update-slice":
       return 2 * operand[1] if len(operand) > 1 else 0.0
     if inst.opcode == "fusion":
