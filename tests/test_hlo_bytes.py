@@ -75,6 +75,9 @@ def test_shape_bytes_pads_minor_dimensions_to_the_layout_tile():
   assert hlo_bytes.shape_bytes("f32[16,128]{0,1:T(8,128)}") == 128 * 128 * 4
   assert hlo_bytes.shape_bytes("(s32[]{:T(128)}, pred[4]{0})") == SCALAR + 4
   assert hlo_bytes.shape_bytes("f32[]") == 4
+  on_chip = "(f32[8,128]{1,0:T(8,128)S(1)}, f32[8,128]{1,0:T(8,128)})"
+  assert hlo_bytes.shape_bytes(on_chip) == 2 * LAYER
+  assert hlo_bytes.shape_bytes(on_chip, hbm_only=True) == LAYER
 
 
 def test_loops_count_at_their_trip_count_and_slices_count_the_slice():
@@ -144,12 +147,15 @@ def test_a_conditional_counts_its_cheapest_branch():
 
 
 def test_an_asynchronous_copy_counts_one_read_and_one_write():
+  """Also: memory space S(1) is on chip, not HBM."""
   text = LOOP_MODULE.replace(
       "ROOT %fusion.9 = f32[8,128]{1,0:T(8,128)} fusion(%Arg_1.1), kind=kLoop, calls=%fused_add",
       "%cs = (f32[8,128]{1,0:T(8,128)S(1)}, f32[8,128]{1,0:T(8,128)}, u32[]{:S(2)}) "
       "copy-start(%Arg_1.1)\n"
       "  ROOT %cd = f32[8,128]{1,0:T(8,128)S(1)} copy-done(%cs)")
-  assert hlo_bytes.loop_bytes(text)[1] == pytest.approx(STEP + 2 * LAYER)
+  # A prefetch into on-chip memory (S(1)) reads HBM once and writes no HBM.
+  assert hlo_bytes.loop_bytes(text)[1] == pytest.approx(STEP + LAYER)
+  assert hlo_bytes.loop_bytes(text, hbm_only=False)[1] == pytest.approx(STEP + 2 * LAYER)
 
 
 def test_breakdown_names_the_source_ops_and_sums_to_the_total():
@@ -210,4 +216,13 @@ def test_an_asynchronous_slice_reads_and_writes_the_slice_only():
       "  %cat = f32[2,8,128]{2,1,0:T(8,128)} custom-call(%sd, %sd), "
       'custom_call_target="ConcatBitcast"\n'
       "  ROOT %fusion.9 = f32[8,128]{1,0:T(8,128)} fusion(%Arg_1.1), kind=kLoop, calls=%fused_add")
-  assert hlo_bytes.loop_bytes(text)[1] == pytest.approx(STEP + 2 * LAYER + ENTRY)
+  assert hlo_bytes.loop_bytes(text)[1] == pytest.approx(STEP + LAYER + ENTRY)
+  assert hlo_bytes.loop_bytes(text, hbm_only=False)[1] == pytest.approx(
+      STEP + 2 * LAYER + ENTRY)
+
+
+def test_a_fusion_result_kept_on_chip_writes_no_hbm():
+  text = LOOP_MODULE.replace("ROOT %fusion.9 = f32[8,128]{1,0:T(8,128)}",
+                             "ROOT %fusion.9 = f32[8,128]{1,0:T(8,128)S(1)}")
+  assert hlo_bytes.loop_bytes(text)[1] == pytest.approx(STEP + LAYER)
+  assert hlo_bytes.loop_bytes(text, hbm_only=False)[1] == pytest.approx(STEP + ENTRY)

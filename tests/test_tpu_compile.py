@@ -42,11 +42,11 @@ def _analyse(config, stage, devices):
   rows = [analysis.analyse(p, chip, len(devices)) for p in programs]
   for row in rows:
     assert row["peak"] == row["argument"] + row["output"] - row["alias"] + row["temp"]
-    # The HLO walk sees the program XLA costed: with loop bodies once it is within 2x of
-    # XLA's own bytes accessed (which charges an asynchronous copy three times), and
-    # counting loops at their trips never lowers it.
+    # The HLO walk sees the program XLA costed: counting every memory space with loop
+    # bodies once, as XLA does, it is within 2x of XLA's bytes accessed (which charges an
+    # asynchronous copy three times); counting loops at their trips never lowers it.
     assert 0.5 < row["hlo_bytes_once"] / row["xla_bytes"] < 2
-    assert row["bytes"] >= row["hlo_bytes_once"] and row["memory_s"] > 0
+    assert row["bytes_loop_factor"] >= 1 and row["memory_s"] > 0
     shares = [share for _, share in row["bytes_by_op"]]
     assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1 + 1e-9
     assert 0 < row["peak"] < row["hbm"]
@@ -65,7 +65,7 @@ def test_tiny_prior_train_step_compiles_for_tpu(devices, remat):
   # Layers run under scan: XLA counts the body once, the jaxpr count knows the length.
   assert row["loop_multiplicity"] > 1
   # ... and its bytes too: the two scanned stacks move more than one layer's worth.
-  assert row["bytes_loop_factor"] > 1.2
+  assert row["bytes_loop_factor"] > 1
   # Rematerialisation recomputes the forward pass: more FLOPs than the model's.
   assert (row["flops"] > row["model_flops"]) == (remat == "block")
 

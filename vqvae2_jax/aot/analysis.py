@@ -10,8 +10,8 @@ sampler's loops those three figures cover a fraction of a call. `aot.flops` coun
 traced program's matmul and convolution FLOPs with every scan at its length (exact for
 the MXU work; and with each body once: their ratio is the loop multiplicity shown);
 model FLOPs are those of the same program without rematerialisation. `aot.hlo_bytes`
-walks the compiled HLO with every while body at its trip count: the call's bytes, and
-which ops move them (`bytes_by_op`). Every figure below is a lower bound of the call's
+walks the compiled HLO with every while body at its trip count: the call's HBM bytes
+(on-chip buffers excluded), and which ops move them (`bytes_by_op`). Every figure below is a lower bound of the call's
 time on the chip, so the bounds hold:
 
   step-time lower bound = max(FLOPs / peak, the compiler's roofline time,
@@ -89,8 +89,9 @@ def analyse(program: Program, chip: Chip, num_chips: int) -> dict[str, Any]:
   row["xla_optimal_s"] = float(cost.get("optimal_seconds", 0.0))
   module = hlo_bytes.ModuleBytes(compiled.as_text())
   row["bytes"] = module.total(loops=True)
-  row["hlo_bytes_once"] = module.total(loops=False)  # XLA's convention, to compare
-  row["bytes_loop_factor"] = row["bytes"] / max(row["hlo_bytes_once"], 1.0)
+  row["bytes_loop_factor"] = row["bytes"] / max(module.total(loops=False), 1.0)
+  # Every memory space, bodies once: XLA's convention, to compare with its count.
+  row["hlo_bytes_once"] = module.every_memory().total(loops=False)
   row["bytes_by_op"] = module.top_movers()
   row["bytes_walk"] = hlo_bytes.WALK_VERSION
 
