@@ -97,6 +97,7 @@ def test_compile_cli_prints_the_table_and_fails_in_one_line():
             "--config.priors.bottom.train.batch_size=8")
   assert ok.returncode == 0, ok.stderr[-2000:]
   assert "train prior_bottom" in ok.stdout and "MFU<=" in ok.stdout
+  assert "HBM bytes of train prior_bottom by op: " in ok.stdout
   bad = _cli("--config=configs/demo.py:prior_bottom,tiny", f"--topology={SLICE}",
              "--config.mesh.fsdp=3")
   assert bad.returncode == 1

@@ -96,6 +96,9 @@ def main(argv):
     rows, failure = compile_in_child([])
     for row in rows:
       print(report.format_row(row), flush=True)
+  for row in rows:
+    if report.format_movers(row):
+      print(report.format_movers(row), flush=True)
   if _JSON.value:
     with open(_JSON.value, "w") as f:
       json.dump({"stage": config.stage, "topology": slice_.name, "rows": rows,

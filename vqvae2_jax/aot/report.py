@@ -20,8 +20,9 @@ def header(stage: str, slice_: Slice) -> str:
           f"({c.hbm_bytes / 2**30:.0f} GiB HBM, {c.peak_bf16_flops / 1e12:.0f} bf16 TFLOP/s, "
           f"{c.hbm_bytes_per_s / 1e9:.0f} GB/s each); per chip, from XLA's TPU compiler.\n"
           "TFLOP: matmul work of one call, loops at their length, recomputation included; "
-          "GB_acc: the compiler's bytes accessed, loops at their trip counts; opt_ms1: its "
-          "roofline time, loop bodies once; loops: the multiplicity of the matmul FLOPs; "
+          "GB_acc: HBM bytes of the compiled program, loops at their trip counts; opt_ms1: "
+          "the compiler's roofline time, loop bodies once; loops: the multiplicity of the "
+          "matmul FLOPs; "
           "step_ms>= max(TFLOP / peak, opt_ms1, GB_acc / bandwidth); MFU<= model FLOPs / "
           "(step_ms x peak).\n" + COLUMNS)
 
@@ -45,6 +46,13 @@ def format_row(r: dict) -> str:
           f"{r['loop_multiplicity']:6.1f} {1e3 * r['step_s']:9.2f} "
           f"{per_s:10.1f}{unit:>3} {100 * r.get('mfu_bound', 0.0):5.1f}% {r.get('bound', ''):<7} "
           f"{r['compile_s']:9.1f}")
+
+
+def format_movers(r: dict, count: int = 6) -> str:
+  """Which ops move the HBM bytes of a row (loops at their trip counts), one line."""
+  movers = r.get("bytes_by_op") or []
+  parts = [f"{100 * share:.0f}% {label}" for label, share in movers[:count]]
+  return f"  HBM bytes of {r['program']} by op: " + ", ".join(parts) if parts else ""
 
 
 def describe_levers(event: dict) -> str:
