@@ -8,10 +8,10 @@ the tpu extra) for the seven paper train steps (imagenet256 vqvae / prior_top /
 prior_bottom, ffhq1024 vqvae / prior_top / prior_mid / prior_bottom) at the configs'
 batches, keeps each JSON, and prints a Markdown table: per-chip peak against HBM, the
 step-time lower bound, throughput and MFU bound of the suggested setting, and whether the
-step is bound by memory traffic (the compiler's bytes / HBM bandwidth > FLOPs / peak).
-Steps already in --out are not searched again (the plan resumes); a step whose figures
-were counted before the current loop-aware walk (`aot/hlo_bytes.py`, WALK_VERSION) is compiled once
-more at the levers its search picked, and its row replaced.
+step is bound by memory traffic (HBM bytes, loops at their trip counts, / bandwidth >
+FLOPs / peak). Steps already in --out are not searched again (the plan resumes); a step
+whose bytes were counted by an older walk (`aot/hlo_bytes.py`, WALK_VERSION) is compiled
+once more at the levers its search picked, and its row replaced.
 """
 from __future__ import annotations
 
@@ -101,14 +101,8 @@ def table_line(experiment: str, stage: str, topology: str, result: dict) -> str:
 
 def _grid_cell(r: dict, chip) -> str:
   """'levers: peak / HBM, MFU <= x%' of one row, the bounds from its raw figures as
-  aot/analysis.py defines them today. Bytes: the loop-aware walk's where the row has the
-  current walk's, XLA's where the program runs no loop (the same thing), else unknown."""
-  if r.get("bytes_walk") == hlo_bytes.WALK_VERSION:
-    moved = r["bytes"]
-  elif r.get("loop_multiplicity", 1.0) == 1.0:
-    moved = r["xla_bytes"]
-  else:
-    moved = None
+  aot/analysis.py defines them today; a row whose bytes an older walk counted says so."""
+  moved = r["bytes"] if r.get("bytes_walk") == hlo_bytes.WALK_VERSION else None
   compute = r["flops"] / chip.peak_bf16_flops
   step = max(compute, r["xla_optimal_s"], (moved or 0.0) / chip.hbm_bytes_per_s)
   mfu = r["model_flops"] / (step * chip.peak_bf16_flops)

@@ -96,9 +96,8 @@ def main(argv):
     rows, failure = compile_in_child([])
     for row in rows:
       print(report.format_row(row), flush=True)
-  for row in rows:
-    if report.format_movers(row):
-      print(report.format_movers(row), flush=True)
+  for movers in filter(None, map(report.format_movers, rows)):
+    print(movers, flush=True)
   if _JSON.value:
     with open(_JSON.value, "w") as f:
       json.dump({"stage": config.stage, "topology": slice_.name, "rows": rows,

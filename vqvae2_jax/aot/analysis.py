@@ -11,8 +11,8 @@ traced program's matmul and convolution FLOPs with every scan at its length (exa
 the MXU work; and with each body once: their ratio is the loop multiplicity shown);
 model FLOPs are those of the same program without rematerialisation. `aot.hlo_bytes`
 walks the compiled HLO with every while body at its trip count: the call's HBM bytes
-(on-chip buffers excluded), and which ops move them (`bytes_by_op`). Every figure below is a lower bound of the call's
-time on the chip, so the bounds hold:
+(on-chip buffers excluded) and which ops move them (`bytes_by_op`). Every figure below
+is a lower bound of the call's time on the chip, so the bounds hold:
 
   step-time lower bound = max(FLOPs / peak, the compiler's roofline time,
                               bytes with loops / HBM bandwidth)

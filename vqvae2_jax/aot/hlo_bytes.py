@@ -181,7 +181,8 @@ class ModuleBytes:
 
   def _constant(self, computation: str, name: str) -> int | None:
     inst = self._shapes.get(computation, {}).get(name)
-    if inst is None or inst.opcode != "constant" or not re.fullmatch(r"-?\d+", inst.args.strip()):
+    if (inst is None or inst.opcode != "constant"
+        or not re.fullmatch(r"-?\d+", inst.args.strip())):
       return None
     return int(inst.args)
 
@@ -205,7 +206,8 @@ class ModuleBytes:
     index = int(re.search(r"index=(\d+)", counter.attributes).group(1))
     step, start = 1, 0
     body_root = self._root(body)
-    if body_root is not None and body_root.opcode == "tuple" and index < len(body_root.operands):
+    if (body_root is not None and body_root.opcode == "tuple"
+        and index < len(body_root.operands)):
       update = self._shapes[body].get(body_root.operands[index])
       if update is not None and update.opcode == "add" and len(update.operands) == 2:
         step = self._constant(body, update.operands[1]) or 1
@@ -324,29 +326,34 @@ class ModuleBytes:
       return self._fusion_bytes(inst, operand)
     return sum(operand) + self._bytes(inst.shape)
 
+  def _visit(self, name: str, times: float, loops: bool):
+    """Yields (computation, instruction, runs) for each instruction that moves data in a
+    run of computation `name` that itself runs `times` times, entering while bodies
+    (x trip count, or x1 with loops=False), calls and the cheapest conditional branch."""
+    for inst in self.computations.get(name, []):
+      called = dict(_CALLED.findall(inst.attributes))
+      if inst.opcode == "while":
+        trips = times * (self.trip_count(name, inst) if loops else 1)
+        yield from self._visit(called["body"], trips, loops)
+        yield from self._visit(called["condition"], trips, loops)
+      elif inst.opcode == "conditional":
+        branches = re.findall(r"%([\w.\-]+)", " ".join(_BRANCHES.findall(inst.attributes)))
+        if branches:
+          cheapest = min(branches, key=lambda b: self.computation_bytes(b, loops))
+          yield from self._visit(cheapest, times, loops)
+      elif inst.opcode == "call":
+        yield from self._visit(called["to_apply"], times, loops)
+      else:
+        yield name, inst, times
+
   def computation_bytes(self, name: str, loops: bool = True) -> float:
     """Bytes of one run of computation `name`; loops=False counts each body once (XLA's
     convention, for comparison with cost_analysis)."""
     if (name, loops) not in self._totals:
-      self._totals[name, loops] = self._computation_bytes(name, loops)
+      self._totals[name, loops] = sum(runs * self.instruction_bytes(computation, inst)
+                                      for computation, inst, runs
+                                      in self._visit(name, 1.0, loops))
     return self._totals[name, loops]
-
-  def _computation_bytes(self, name: str, loops: bool) -> float:
-    total = 0.0
-    for inst in self.computations.get(name, []):
-      called = dict(_CALLED.findall(inst.attributes))
-      if inst.opcode == "while":
-        trips = self.trip_count(name, inst) if loops else 1
-        total += trips * (self.computation_bytes(called["body"], loops)
-                          + self.computation_bytes(called["condition"], loops))
-      elif inst.opcode == "conditional":
-        branches = re.findall(r"%([\w.\-]+)", " ".join(_BRANCHES.findall(inst.attributes)))
-        total += min((self.computation_bytes(b, loops) for b in branches), default=0.0)
-      elif inst.opcode == "call":
-        total += self.computation_bytes(called["to_apply"], loops)
-      else:
-        total += self.instruction_bytes(name, inst)
-    return total
 
   def total(self, loops: bool = True) -> float:
     return self.computation_bytes(self.entry, loops)
@@ -354,25 +361,9 @@ class ModuleBytes:
   def breakdown(self) -> dict[str, float]:
     """{op_label: bytes}, loops at their trip counts; the values sum to total()."""
     out: dict[str, float] = {}
-
-    def walk(name: str, times: float) -> None:
-      for inst in self.computations.get(name, []):
-        called = dict(_CALLED.findall(inst.attributes))
-        if inst.opcode == "while":
-          trips = times * self.trip_count(name, inst)
-          walk(called["body"], trips)
-          walk(called["condition"], trips)
-        elif inst.opcode == "conditional":
-          branches = re.findall(r"%([\w.\-]+)", " ".join(_BRANCHES.findall(inst.attributes)))
-          if branches:
-            walk(min(branches, key=self.computation_bytes), times)
-        elif inst.opcode == "call":
-          walk(called["to_apply"], times)
-        else:
-          label = op_label(inst.attributes, inst.opcode)
-          out[label] = out.get(label, 0.0) + times * self.instruction_bytes(name, inst)
-
-    walk(self.entry, 1.0)
+    for computation, inst, runs in self._visit(self.entry, 1.0, True):
+      label = op_label(inst.attributes, inst.opcode)
+      out[label] = out.get(label, 0.0) + runs * self.instruction_bytes(computation, inst)
     return out
 
   def top_movers(self, count: int = 8) -> list[tuple[str, float]]:

@@ -22,9 +22,8 @@ def header(stage: str, slice_: Slice) -> str:
           "TFLOP: matmul work of one call, loops at their length, recomputation included; "
           "GB_acc: HBM bytes of the compiled program, loops at their trip counts; opt_ms1: "
           "the compiler's roofline time, loop bodies once; loops: the multiplicity of the "
-          "matmul FLOPs; "
-          "step_ms>= max(TFLOP / peak, opt_ms1, GB_acc / bandwidth); MFU<= model FLOPs / "
-          "(step_ms x peak).\n" + COLUMNS)
+          "matmul FLOPs; step_ms>= max(TFLOP / peak, opt_ms1, GB_acc / bandwidth); MFU<= "
+          "model FLOPs / (step_ms x peak).\n" + COLUMNS)
 
 
 def _optimal_ms(seconds: float) -> str:
