@@ -103,8 +103,9 @@ def row_spans(height: int, attention: bool) -> tuple[tuple[int, int], ...]:
 
 
 def _roll_in(buf: jax.Array, row: jax.Array) -> jax.Array:
-  """Drops the oldest row of buf [B, R, Wp, C] and appends row [B, Wp, C]."""
-  return jnp.concatenate([buf[:, 1:], row[:, None].astype(buf.dtype)], axis=1)
+  """Drops the oldest row of buf [..., B, R, Wp, C] and appends row [..., B, Wp, C]
+  (leading axes: a scanned prior's stacked layers)."""
+  return jnp.concatenate([buf[..., 1:, :, :], row[..., None, :, :].astype(buf.dtype)], -3)
 
 
 def _pad_cols(row: jax.Array, left: int, right: int) -> jax.Array:

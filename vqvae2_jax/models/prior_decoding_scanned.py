@@ -26,7 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from vqvae2_jax.models import causal
 from vqvae2_jax.models.prior_blocks import GatedLayer, attention_inputs
-from vqvae2_jax.models.prior_decoding import (DecodeCache, _conv_row, _pad_cols,
+from vqvae2_jax.models.prior_decoding import (DecodeCache, _conv_row, _pad_cols, _roll_in,
                                               _position_features, _span_start, row_spans,
                                               step_inputs)
 
@@ -144,11 +144,6 @@ def init_cache(m, shape: tuple[int, int, int], cond_codes, labels, sharding) -> 
       keys=() if attn is None else chunks(),
       values=() if attn is None else chunks(),
       shape=(b, hgt, wid))
-
-
-def _roll_in(buf: jax.Array, row: jax.Array) -> jax.Array:
-  """Drops the oldest row of buf [..., B, R, Wp, C] and appends row [..., B, Wp, C]."""
-  return jnp.concatenate([buf[..., 1:, :, :], row[..., None, :, :].astype(buf.dtype)], -3)
 
 
 def _row_layer(layer: GatedLayer, v, window, hin, row_kernel, c_row):
